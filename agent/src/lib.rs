@@ -1,1 +1,19 @@
+//! nixos-kexec: installs NixOS from a kexec'd minimal initrd.
+//!
+//! Data flows one way: kernel command line and initrd files -> [`config::Config`] ->
+//! [`facts::Facts`] -> [`plan::Plan`] -> [`steps`] -> report.
 
+pub mod app;
+pub mod blockdev;
+pub mod cmdline;
+pub mod config;
+pub mod console;
+pub mod error;
+pub mod facts;
+pub mod kmod;
+pub mod pid1;
+pub mod plan;
+pub mod runner;
+pub mod runtime_info;
+pub mod steps;
+pub mod templates;

@@ -1,0 +1,193 @@
+//! The installer from start to end: input -> config -> facts -> plan -> steps -> report.
+
+use crate::cmdline::Params;
+use crate::config::{After, Config};
+use crate::error::{as_user_error, one_line, user_error};
+use crate::facts::Facts;
+use crate::plan::{self, Plan, PlanIds, MIB};
+use crate::steps::{self, finish, Execution};
+use crate::{console, pid1};
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// Where the installer's input comes from.
+pub struct Input {
+    pub cmdline: String,
+    /// `--param KEY=VALUE` given on our own command line; they win over the kernel's.
+    pub extra_params: Vec<(String, String)>,
+    /// Root of the initrd files (`/` in production).
+    pub root: std::path::PathBuf,
+}
+
+impl Input {
+    pub fn from_system(
+        extra_params: Vec<(String, String)>,
+        cmdline_file: Option<&Path>,
+    ) -> Result<Input> {
+        let path = cmdline_file.unwrap_or(Path::new("/proc/cmdline"));
+        let cmdline =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Input {
+            cmdline,
+            extra_params,
+            root: "/".into(),
+        })
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        let mut params = Params::parse(&self.cmdline)?;
+        for (key, value) in &self.extra_params {
+            params.insert(key, value)?;
+        }
+        let file = Config::read_info_file(&self.root)?;
+        let config = Config::assemble(file, &params)?;
+        if let Some(url) = &config.config_url {
+            return Err(user_error(
+                format!("nixos_kexec.config_url={url} is not supported by this installer version yet."),
+                "pass the runtime info with nixos_kexec.info= or as /etc/nixos-kexec/runtime-info.json in an appended initrd.",
+            ));
+        }
+        Ok(config)
+    }
+}
+
+fn print_facts(facts: &Facts) {
+    console::line(&format!(
+        "firmware {:?}, {} MiB RAM, kernel {}",
+        facts.firmware,
+        facts.ram_bytes / MIB,
+        facts.kernel_release
+    ));
+    for disk in &facts.disks {
+        console::line(&format!(
+            "disk {}: {} MiB, {}-byte sectors, serial {}, by-id {}{}",
+            disk.dev_path,
+            disk.size_bytes / MIB,
+            disk.logical_sector,
+            disk.serial.as_deref().unwrap_or("-"),
+            disk.by_id.first().map(String::as_str).unwrap_or("-"),
+            if disk.mounted_at.is_empty() {
+                ""
+            } else {
+                " (mounted)"
+            }
+        ));
+    }
+}
+
+fn print_plan(plan: &Plan) -> Result<()> {
+    console::line(&format!(
+        "plan: install {} on {} ({} MiB, {}-byte sectors), {:?} firmware, layout {:?}",
+        plan.hostname,
+        plan.disk.dev_path,
+        plan.disk.size_bytes / MIB,
+        plan.disk.logical_sector,
+        plan.firmware,
+        plan.layout
+    ));
+    let steps: Vec<_> = plan.steps.iter().map(|s| s.name()).collect();
+    console::line(&format!("plan: steps {}", steps.join(", ")));
+    console::line(&format!(
+        "plan-json: {}",
+        serde_json::to_string(plan).context("serialising the plan")?
+    ));
+    Ok(())
+}
+
+/// Builds the plan from the input without touching any disk.
+pub fn make_plan(input: &Input) -> Result<(Config, Plan)> {
+    let config = input.config()?;
+    let facts = Facts::gather()?;
+    print_facts(&facts);
+    let plan = plan::make(&config, &facts, &PlanIds::random())?;
+    Ok((config, plan))
+}
+
+/// Runs the whole installer. Returns what to do with the machine afterwards.
+pub fn install(input: &Input, force_dry_run: bool) -> Result<Option<After>> {
+    let (config, plan) = make_plan(input)?;
+    print_plan(&plan)?;
+    if config.dry_run || force_dry_run {
+        console::line("dry run: nothing was written");
+        return Ok(config.after);
+    }
+    let mut execution = Execution::default();
+    if let Err(error) = steps::execute(&plan, &mut execution) {
+        let reason = one_line(&error);
+        if let Err(e) = finish::write_report(&plan, &mut execution, Some(&reason)) {
+            log::warn!("could not write the failure report: {e:#}");
+        }
+        if let Err(e) = finish::unmount_all(&mut execution) {
+            log::warn!("{e:#}");
+        }
+        return Err(error);
+    }
+    finish::unmount_all(&mut execution)?;
+    Ok(Some(config.after.unwrap_or(After::Reboot)))
+}
+
+/// Prints an error the way the operator needs it: user errors as one paragraph, anything else
+/// with its chain of context.
+pub fn print_error(error: &anyhow::Error) {
+    match as_user_error(error) {
+        Some(user) => {
+            console::line(&format!("error: {}", user.problem));
+            console::line(&format!("fix: {}", user.fix));
+        }
+        None => console::line(&format!("error: {error:#}")),
+    }
+}
+
+/// The last line of every run.
+pub fn print_result(result: &Result<Option<After>>) {
+    match result {
+        Ok(_) => console::line("result: success"),
+        Err(e) => console::line(&format!("result: failure: {}", one_line(e))),
+    }
+}
+
+/// Powers off, reboots or halts. Only PID 1's installer does this.
+pub fn finish_machine(after: After) -> Result<()> {
+    use nix::sys::reboot::{reboot, RebootMode};
+    nix::unistd::sync();
+    let mode = match after {
+        After::Reboot => RebootMode::RB_AUTOBOOT,
+        After::Poweroff => RebootMode::RB_POWER_OFF,
+        After::Halt => RebootMode::RB_HALT_SYSTEM,
+    };
+    reboot(mode).context("rebooting")?;
+    Ok(())
+}
+
+/// The agent as `/init`.
+pub fn init_main() -> ! {
+    if let Err(e) = pid1::mount_basics() {
+        eprintln!("nixos-kexec: error: {e:#}");
+    }
+    console::init_logging();
+    console::line(&format!(
+        "nixos-kexec {} starting as init",
+        env!("CARGO_PKG_VERSION")
+    ));
+    if let Err(e) = pid1::load_modules() {
+        log::warn!("{e:#}");
+    }
+    pid1::supervise(|| {
+        let result = Input::from_system(Vec::new(), None).and_then(|input| install(&input, false));
+        if let Err(e) = &result {
+            print_error(e);
+        }
+        print_result(&result);
+        match result {
+            Ok(Some(after)) => match finish_machine(after) {
+                Ok(()) => 0,
+                Err(e) => {
+                    print_error(&e);
+                    1
+                }
+            },
+            Ok(None) => 0,
+            Err(_) => 1,
+        }
+    })
+}

@@ -1,0 +1,124 @@
+//! Block device access without udev: exclusive opens, telling the kernel to re-read the
+//! partition table, waiting for the partition nodes, and mounts that undo themselves.
+
+use anyhow::{bail, Context, Result};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+nix::ioctl_none!(blkrrpart, 0x12, 95);
+nix::ioctl_none!(blkflsbuf, 0x12, 97);
+
+/// Opens a disk for writing with O_EXCL, which the kernel refuses while anything has it
+/// mounted or claimed; regular files (tests) are opened normally.
+pub fn open_exclusive(path: &str) -> Result<File> {
+    let is_block = std::fs::metadata(path)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false);
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    if is_block {
+        options.custom_flags(libc::O_EXCL);
+    }
+    options.open(path).with_context(|| {
+        format!("opening {path} for writing (exclusive: is it mounted or in use?)")
+    })
+}
+
+/// Flushes our writes and asks the kernel to re-read the partition table.
+pub fn reread_partitions(file: &File, path: &str) -> Result<()> {
+    file.sync_all()
+        .with_context(|| format!("flushing {path}"))?;
+    if !is_block_device(file) {
+        return Ok(());
+    }
+    // SAFETY: both ioctls take no argument and act on the open block device only.
+    unsafe { blkflsbuf(file.as_raw_fd()) }
+        .with_context(|| format!("flushing buffers of {path}"))?;
+    // The kernel can be briefly busy right after our writes; retry before giving up.
+    let mut last = None;
+    for _ in 0..10 {
+        // SAFETY: as above.
+        match unsafe { blkrrpart(file.as_raw_fd()) } {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(anyhow::anyhow!("{:?}", last))
+        .with_context(|| format!("telling the kernel to re-read the partition table of {path}"))
+}
+
+fn is_block_device(file: &File) -> bool {
+    file.metadata()
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false)
+}
+
+/// Waits until the kernel knows the partitions and devtmpfs has made their nodes.
+pub fn wait_for_nodes(devices: &[String], timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let missing: Vec<&String> = devices.iter().filter(|d| !Path::new(d).exists()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "partition device nodes {:?} did not appear within {}s (is devtmpfs mounted on /dev?)",
+                missing,
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A mounted filesystem, unmounted when dropped (including on errors) so the disk is never left
+/// half-used by a failed run.
+#[derive(Debug)]
+pub struct Mount {
+    target: PathBuf,
+    active: bool,
+}
+
+impl Mount {
+    pub fn new(source: &str, target: &Path, fstype: &str, options: &str) -> Result<Mount> {
+        std::fs::create_dir_all(target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        nix::mount::mount(
+            Some(source),
+            target,
+            Some(fstype),
+            nix::mount::MsFlags::empty(),
+            (!options.is_empty()).then_some(options),
+        )
+        .with_context(|| format!("mounting {source} ({fstype}) on {}", target.display()))?;
+        Ok(Mount {
+            target: target.to_path_buf(),
+            active: true,
+        })
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    pub fn unmount(mut self) -> Result<()> {
+        self.active = false;
+        nix::mount::umount(&self.target)
+            .with_context(|| format!("unmounting {}", self.target.display()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.active {
+            if let Err(e) = nix::mount::umount(&self.target) {
+                log::warn!("unmounting {}: {e}", self.target.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! One `Config`, filled from (lowest first) defaults, the runtime-info file in the initrd,
+//! `nixos_kexec.info=`/`info_deflate=`, then single `nixos_kexec.*` parameters.
+
+use crate::cmdline::{percent_decode, Params};
+use crate::error::user_error;
+use crate::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const RUNTIME_INFO_FILE: &str = "/etc/nixos-kexec/runtime-info.json";
+pub const DEFAULT_NIXPKGS: &str = "github:NixOS/nixpkgs/nixos-25.11";
+pub const DEFAULT_STATE_VERSION: &str = "25.11";
+pub const DEFAULT_HOSTNAME: &str = "nixos";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Wipe,
+    Partition,
+    Format,
+    Mount,
+    Keys,
+    Flake,
+    Install,
+    Finish,
+}
+
+impl Step {
+    pub const ALL: [Step; 8] = [
+        Step::Wipe,
+        Step::Partition,
+        Step::Format,
+        Step::Mount,
+        Step::Keys,
+        Step::Flake,
+        Step::Install,
+        Step::Finish,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Wipe => "wipe",
+            Step::Partition => "partition",
+            Step::Format => "format",
+            Step::Mount => "mount",
+            Step::Keys => "keys",
+            Step::Flake => "flake",
+            Step::Install => "install",
+            Step::Finish => "finish",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Step> {
+        Step::ALL
+            .into_iter()
+            .find(|s| s.name() == text)
+            .ok_or_else(|| {
+                let names: Vec<_> = Step::ALL.iter().map(|s| s.name()).collect();
+                user_error(
+                    format!("nixos_kexec.stop_before={text:?} names no step."),
+                    format!("use one of: {}.", names.join(", ")),
+                )
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum After {
+    Reboot,
+    Poweroff,
+    Halt,
+}
+
+impl After {
+    fn parse(text: &str) -> Result<After> {
+        match text {
+            "reboot" => Ok(After::Reboot),
+            "poweroff" => Ok(After::Poweroff),
+            "halt" => Ok(After::Halt),
+            _ => Err(user_error(
+                format!("nixos_kexec.after={text:?} is not an action."),
+                "use reboot, poweroff or halt.",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    Ext4,
+}
+
+impl Layout {
+    pub fn parse(text: &str) -> Result<Layout> {
+        match text {
+            "ext4" => Ok(Layout::Ext4),
+            _ => Err(user_error(
+                format!("Layout {text:?} is not supported by this installer."),
+                "use layout ext4 (more layouts are planned; see the README's layout table).",
+            )),
+        }
+    }
+}
+
+/// How the operator chose the target disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskChoice {
+    /// Nothing chosen: refuse to write, list the candidates.
+    Unspecified,
+    /// `disk=auto`: the only eligible disk, refuse when there are several.
+    Auto,
+    Selected(DiskSelector),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub hostname: String,
+    pub disk: DiskChoice,
+    pub layout: Layout,
+    pub ssh_authorized_keys: Vec<String>,
+    pub network: Option<Network>,
+    pub nixpkgs: String,
+    pub state_version: String,
+    pub dry_run: bool,
+    pub stop_before: Option<Step>,
+    /// `None`: reboot after an install; stay at the console after a dry run.
+    pub after: Option<After>,
+    pub config_url: Option<String>,
+    /// What the rescue side sent, merged; written to the target as runtime-info.json.
+    pub runtime_info: RuntimeInfo,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: DEFAULT_HOSTNAME.into(),
+            disk: DiskChoice::Unspecified,
+            layout: Layout::Ext4,
+            ssh_authorized_keys: Vec::new(),
+            network: None,
+            nixpkgs: DEFAULT_NIXPKGS.into(),
+            state_version: DEFAULT_STATE_VERSION.into(),
+            dry_run: false,
+            stop_before: None,
+            after: None,
+            config_url: None,
+            runtime_info: RuntimeInfo {
+                version: runtime_info::VERSION,
+                ..RuntimeInfo::default()
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Builds the config from an optional runtime-info file and the parsed parameters.
+    pub fn assemble(file: Option<RuntimeInfo>, params: &Params) -> Result<Config> {
+        let mut config = Config::default();
+        if let Some(info) = file {
+            config.apply_info(info);
+        }
+        if let Some(value) = params.get("info") {
+            config.apply_info(runtime_info::from_param(
+                value,
+                Source::Info,
+                params.possibly_truncated,
+            )?);
+        }
+        if let Some(value) = params.get("info_deflate") {
+            config.apply_info(runtime_info::from_param(
+                value,
+                Source::InfoDeflate,
+                params.possibly_truncated,
+            )?);
+        }
+        for (key, value) in params.iter() {
+            config.apply_param(key, value)?;
+        }
+        Ok(config)
+    }
+
+    /// Reads the runtime-info file under `root` (the initrd's `/`), if there is one.
+    pub fn read_info_file(root: &Path) -> Result<Option<RuntimeInfo>> {
+        let path = root.join(RUNTIME_INFO_FILE.trim_start_matches('/'));
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(runtime_info::parse_json(&bytes, Source::File, false)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    fn apply_info(&mut self, info: RuntimeInfo) {
+        let merged = &mut self.runtime_info;
+        if let Some(hostname) = &info.hostname {
+            self.hostname = hostname.clone();
+            merged.hostname = Some(hostname.clone());
+        }
+        if let Some(disk) = &info.disk {
+            self.disk = DiskChoice::Selected(disk.clone());
+            merged.disk = Some(disk.clone());
+        }
+        if let Some(layout) = &info.layout {
+            merged.layout = Some(layout.clone());
+        }
+        if !info.ssh_authorized_keys.is_empty() {
+            self.ssh_authorized_keys = info.ssh_authorized_keys.clone();
+            merged.ssh_authorized_keys = info.ssh_authorized_keys.clone();
+        }
+        if let Some(network) = &info.network {
+            self.network = Some(network.clone());
+            merged.network = Some(network.clone());
+        }
+        if let Some(nixpkgs) = &info.nixpkgs {
+            self.nixpkgs = nixpkgs.clone();
+            merged.nixpkgs = Some(nixpkgs.clone());
+        }
+        if let Some(version) = &info.state_version {
+            self.state_version = version.clone();
+            merged.state_version = Some(version.clone());
+        }
+    }
+
+    fn apply_param(&mut self, key: &str, value: &str) -> Result<()> {
+        match key {
+            "info" | "info_deflate" => {}
+            "disk" => {
+                self.disk = parse_disk_param(value)?;
+                if let DiskChoice::Selected(selector) = &self.disk {
+                    self.runtime_info.disk = Some(selector.clone());
+                }
+            }
+            "hostname" => {
+                runtime_info::validate_hostname(value)?;
+                self.hostname = value.to_string();
+                self.runtime_info.hostname = Some(value.to_string());
+            }
+            "config_url" => self.config_url = Some(value.to_string()),
+            "dry_run" => self.dry_run = parse_bool(key, value)?,
+            "stop_before" => self.stop_before = Some(Step::parse(value)?),
+            "after" => self.after = Some(After::parse(value)?),
+            "layout" => {
+                self.runtime_info.layout = Some(value.to_string());
+            }
+            "ssh_key" => {
+                let key = percent_decode(value)?;
+                runtime_info::validate_ssh_key(&key)?;
+                self.ssh_authorized_keys = vec![key.clone()];
+                self.runtime_info.ssh_authorized_keys = vec![key];
+            }
+            "nixpkgs" => {
+                runtime_info::validate_flake_ref(value)?;
+                self.nixpkgs = value.to_string();
+                self.runtime_info.nixpkgs = Some(value.to_string());
+            }
+            "state_version" => {
+                runtime_info::validate_state_version(value)?;
+                self.state_version = value.to_string();
+                self.runtime_info.state_version = Some(value.to_string());
+            }
+            other => {
+                return Err(user_error(
+                    format!("nixos_kexec.{other} is accepted but not handled."),
+                    "report this as a bug in nixos-kexec.",
+                ))
+            }
+        }
+        // Layout is parsed once at the end so runtime info and parameter give the same error.
+        if let Some(layout) = &self.runtime_info.layout {
+            self.layout = Layout::parse(layout)?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_disk_param(value: &str) -> Result<DiskChoice> {
+    if value == "auto" {
+        return Ok(DiskChoice::Auto);
+    }
+    if value.starts_with("/dev/") {
+        return Ok(DiskChoice::Selected(DiskSelector {
+            path: Some(value.to_string()),
+            ..DiskSelector::default()
+        }));
+    }
+    if let Some(serial) = value.strip_prefix("serial:") {
+        return Ok(DiskChoice::Selected(DiskSelector {
+            serial: Some(serial.to_string()),
+            ..DiskSelector::default()
+        }));
+    }
+    Err(user_error(
+        format!("nixos_kexec.disk={value:?} names no disk."),
+        "give a device path (/dev/vda, /dev/disk/by-id/...), serial:SERIAL, or auto (the only eligible disk).",
+    ))
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "" | "1" | "yes" | "true" => Ok(true),
+        "0" | "no" | "false" => Ok(false),
+        _ => Err(user_error(
+            format!("nixos_kexec.{key}={value:?} is not a yes/no value."),
+            format!("write nixos_kexec.{key} alone, or =1 / =0."),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    #[test]
+    fn single_parameters_override_runtime_info() {
+        let info = r#"{"version":1,"hostname":"from-info","disk":{"path":"/dev/vda"}}"#;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(info);
+        let params = Params::parse(&format!(
+            "nixos_kexec.info={encoded} nixos_kexec.hostname=from-param nixos_kexec.stop_before=install nixos_kexec.after=poweroff"
+        ))
+        .unwrap();
+        let file = RuntimeInfo {
+            version: 1,
+            hostname: Some("from-file".into()),
+            nixpkgs: Some("github:me/nixpkgs".into()),
+            ..RuntimeInfo::default()
+        };
+        let config = Config::assemble(Some(file), &params).unwrap();
+        assert_eq!(config.hostname, "from-param");
+        assert_eq!(config.nixpkgs, "github:me/nixpkgs");
+        assert_eq!(config.stop_before, Some(Step::Install));
+        assert_eq!(config.after, Some(After::Poweroff));
+        assert!(
+            matches!(config.disk, DiskChoice::Selected(ref d) if d.path.as_deref() == Some("/dev/vda"))
+        );
+    }
+
+    #[test]
+    fn disk_forms() {
+        assert_eq!(parse_disk_param("auto").unwrap(), DiskChoice::Auto);
+        assert!(
+            matches!(parse_disk_param("serial:ABC").unwrap(), DiskChoice::Selected(d) if d.serial.as_deref() == Some("ABC"))
+        );
+        assert!(parse_disk_param("vda").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_user_errors() {
+        for line in [
+            "nixos_kexec.stop_before=nope",
+            "nixos_kexec.after=explode",
+            "nixos_kexec.layout=zfs",
+            "nixos_kexec.dry_run=maybe",
+            "nixos_kexec.ssh_key=not-a-key",
+        ] {
+            let err = Params::parse(line)
+                .and_then(|p| Config::assemble(None, &p))
+                .unwrap_err();
+            assert!(crate::error::as_user_error(&err).is_some(), "{line}: {err}");
+        }
+    }
+}

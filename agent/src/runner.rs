@@ -1,0 +1,113 @@
+//! The one way external commands are run: the whole command line is logged and goes into the
+//! error together with the command's stderr.
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+pub fn describe(command: &Command) -> String {
+    let mut words = vec![command.get_program().to_string_lossy().into_owned()];
+    words.extend(command.get_args().map(|a| {
+        let a = a.to_string_lossy();
+        if a.contains(' ') || a.is_empty() {
+            format!("'{a}'")
+        } else {
+            a.into_owned()
+        }
+    }));
+    words.join(" ")
+}
+
+/// Runs a command to completion; its output is returned, and on failure put into the error.
+pub fn run(command: &mut Command) -> Result<String> {
+    let line = describe(command);
+    log::info!("running: {line}");
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting `{line}`"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        bail!(
+            "`{line}` failed ({}): {}{}",
+            output.status,
+            stderr.trim(),
+            if stderr.trim().is_empty() {
+                stdout.trim()
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(stdout)
+}
+
+/// Runs a long command, handing each line of its stdout and stderr to `on_line` as it comes,
+/// so the console shows progress and the log keeps everything.
+pub fn run_streaming(command: &mut Command, on_line: &(dyn Fn(&str) + Sync)) -> Result<()> {
+    let line = describe(command);
+    log::info!("running: {line}");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{line}`"))?;
+    let stdout = child.stdout.take().context("capturing stdout")?;
+    let stderr = child.stderr.take().context("capturing stderr")?;
+    let last_lines = std::sync::Mutex::new(Vec::<String>::new());
+    std::thread::scope(|scope| {
+        for stream in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let last_lines = &last_lines;
+            scope.spawn(move || {
+                for text in BufReader::new(stream).lines().map_while(Result::ok) {
+                    on_line(&text);
+                    if let Ok(mut lines) = last_lines.lock() {
+                        lines.push(text);
+                        let excess = lines.len().saturating_sub(5);
+                        lines.drain(..excess);
+                    }
+                }
+            });
+        }
+    });
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{line}`"))?;
+    if !status.success() {
+        let tail = last_lines.lock().map(|l| l.join(" | ")).unwrap_or_default();
+        bail!("`{line}` failed ({status}); last output: {tail}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_names_the_command_and_stderr() {
+        let err = run(Command::new("sh").args(["-c", "echo oops >&2; exit 3"])).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("sh -c 'echo oops >&2; exit 3'"), "{text}");
+        assert!(text.contains("oops"), "{text}");
+    }
+
+    #[test]
+    fn streaming_sees_every_line() {
+        let seen = std::sync::Mutex::new(Vec::new());
+        run_streaming(
+            Command::new("sh").args(["-c", "echo a; echo b >&2"]),
+            &|l| seen.lock().unwrap().push(l.to_string()),
+        )
+        .unwrap();
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        assert_eq!(seen, ["a", "b"]);
+        assert!(run_streaming(Command::new("false").arg("x"), &|_| {}).is_err());
+    }
+}

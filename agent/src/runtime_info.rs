@@ -1,0 +1,402 @@
+//! Runtime info, version 1: what a rescue system (or a PXE config server) tells the installer.
+//!
+//! Extra fields are accepted so that newer rescue-side tools keep working with this installer;
+//! the fields below must keep their meaning.
+
+use crate::error::user_error;
+use anyhow::Result;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    pub version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nixpkgs: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSelector {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Network {
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Interface {
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub dhcp: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    #[serde(default)]
+    pub onlink: bool,
+}
+
+/// Where a piece of runtime info came from, for error messages.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    Info,
+    InfoDeflate,
+    File,
+}
+
+impl Source {
+    fn describe(self) -> &'static str {
+        match self {
+            Source::Info => "nixos_kexec.info",
+            Source::InfoDeflate => "nixos_kexec.info_deflate",
+            Source::File => "/etc/nixos-kexec/runtime-info.json",
+        }
+    }
+}
+
+/// Base64 as rescue-side tools write it: standard or URL-safe alphabet, padding optional.
+pub fn decode_base64(text: &str, source: Source, truncated: bool) -> Result<Vec<u8>> {
+    let cleaned: String = text
+        .trim()
+        .trim_end_matches('=')
+        .chars()
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(cleaned.as_bytes())
+        .map_err(|e| {
+            user_error(
+                format!(
+                    "{} is not valid base64 ({e}).{}",
+                    source.describe(),
+                    truncation_hint(truncated)
+                ),
+                "encode the runtime info JSON with `base64 -w0` (standard or URL-safe alphabet).",
+            )
+        })
+}
+
+fn truncation_hint(truncated: bool) -> &'static str {
+    if truncated {
+        " The kernel command line is at its 2047-byte limit, so the value was probably cut off."
+    } else {
+        ""
+    }
+}
+
+const TOO_LONG_FIX: &str = "send large runtime info as /etc/nixos-kexec/runtime-info.json in an initrd cpio appended at kexec time (nixos-kexec run does this by itself), or use nixos_kexec.info_deflate";
+
+/// Decodes `nixos_kexec.info=` / `nixos_kexec.info_deflate=`.
+pub fn from_param(value: &str, source: Source, truncated: bool) -> Result<RuntimeInfo> {
+    let raw = decode_base64(value, source, truncated)?;
+    let json = match source {
+        Source::InfoDeflate => miniz_oxide::inflate::decompress_to_vec_with_limit(&raw, 1 << 20)
+            .map_err(|e| {
+                user_error(
+                    format!(
+                        "nixos_kexec.info_deflate does not inflate ({:?}).{}",
+                        e.status,
+                        truncation_hint(truncated)
+                    ),
+                    "compress the JSON with raw deflate (no zlib or gzip header) before base64.",
+                )
+            })?,
+        _ => raw,
+    };
+    parse_json(&json, source, truncated)
+}
+
+pub fn parse_json(json: &[u8], source: Source, truncated: bool) -> Result<RuntimeInfo> {
+    let info: RuntimeInfo = serde_json::from_slice(json).map_err(|e| {
+        let fix = if truncated || e.is_eof() {
+            TOO_LONG_FIX.to_string()
+        } else {
+            "check it against the runtime-info format in the README (version 1).".to_string()
+        };
+        user_error(
+            format!(
+                "{} is not valid runtime-info JSON: {e}.{}",
+                source.describe(),
+                truncation_hint(truncated)
+            ),
+            fix,
+        )
+    })?;
+    info.validate(source)?;
+    Ok(info)
+}
+
+impl RuntimeInfo {
+    /// Every check that needs no disk, so that bad input stops the run before anything is written.
+    pub fn validate(&self, source: Source) -> Result<()> {
+        let from = source.describe();
+        if self.version != VERSION {
+            return Err(user_error(
+                format!(
+                    "{from} has version {}; this installer reads version {VERSION}.",
+                    self.version
+                ),
+                "set \"version\": 1, or use an installer bundle as new as the tool that wrote it.",
+            ));
+        }
+        if let Some(hostname) = &self.hostname {
+            validate_hostname(hostname)?;
+        }
+        if let Some(disk) = &self.disk {
+            if disk.path.is_none() && disk.serial.is_none() {
+                return Err(user_error(
+                    format!("{from}: \"disk\" names neither \"path\" nor \"serial\"."),
+                    "give the target disk as {\"path\": \"/dev/disk/by-id/...\"} or {\"serial\": \"...\"}.",
+                ));
+            }
+        }
+        for key in &self.ssh_authorized_keys {
+            validate_ssh_key(key)?;
+        }
+        if let Some(network) = &self.network {
+            for interface in &network.interfaces {
+                validate_mac(&interface.mac)?;
+                for address in &interface.addresses {
+                    parse_cidr(address)?;
+                }
+                for route in &interface.routes {
+                    if route.to != "default" {
+                        parse_cidr(&route.to)?;
+                    }
+                    if let Some(via) = &route.via {
+                        parse_ip(via)?;
+                    }
+                }
+            }
+            for server in &network.nameservers {
+                parse_ip(server)?;
+            }
+        }
+        if let Some(nixpkgs) = &self.nixpkgs {
+            validate_flake_ref(nixpkgs)?;
+        }
+        if let Some(version) = &self.state_version {
+            validate_state_version(version)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn validate_hostname(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(user_error(
+            format!("Hostname {name:?} is not a valid host name."),
+            "use 1 to 63 letters, digits and dashes, not starting or ending with a dash.",
+        ))
+    }
+}
+
+pub fn validate_ssh_key(key: &str) -> Result<()> {
+    ssh_key::PublicKey::from_openssh(key.trim())
+        .map(|_| ())
+        .map_err(|e| {
+            let start: String = key.chars().take(24).collect();
+            user_error(
+                format!(
+                    "SSH authorized key starting {start:?} is not an OpenSSH public key ({e})."
+                ),
+                "pass the whole line of an id_*.pub file, e.g. \"ssh-ed25519 AAAA... me@host\".",
+            )
+        })
+}
+
+pub fn validate_mac(mac: &str) -> Result<()> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    if parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
+    {
+        Ok(())
+    } else {
+        Err(user_error(
+            format!("{mac:?} is not a MAC address."),
+            "write MAC addresses as six hex pairs, e.g. 52:54:00:12:34:56.",
+        ))
+    }
+}
+
+pub fn parse_ip(text: &str) -> Result<IpAddr> {
+    text.parse().map_err(|_| {
+        user_error(
+            format!("{text:?} is not an IP address."),
+            "write addresses like 192.0.2.10 or 2001:db8::1.",
+        )
+    })
+}
+
+pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8)> {
+    let bad = || {
+        user_error(
+            format!("{text:?} is not an address with prefix length."),
+            "write addresses as CIDR, e.g. 192.0.2.10/32 or 2001:db8::1/64.",
+        )
+    };
+    let (ip, prefix) = text.split_once('/').ok_or_else(bad)?;
+    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if prefix > max {
+        return Err(bad());
+    }
+    Ok((ip, prefix))
+}
+
+pub fn validate_flake_ref(text: &str) -> Result<()> {
+    let ok = !text.is_empty()
+        && !text
+            .chars()
+            .any(|c| c.is_whitespace() || c == '"' || c == '\\' || c == '$');
+    if ok {
+        Ok(())
+    } else {
+        Err(user_error(
+            format!("{text:?} is not a flake reference."),
+            "use a flake reference such as github:NixOS/nixpkgs/nixos-25.05.",
+        ))
+    }
+}
+
+pub fn validate_state_version(text: &str) -> Result<()> {
+    let ok = text.split_once('.').is_some_and(|(y, m)| {
+        y.len() == 2 && m.len() == 2 && y.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit())
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(user_error(
+            format!("state_version {text:?} is not a NixOS release like \"25.05\"."),
+            "set it to the NixOS release the machine is first installed with, e.g. \"25.05\".",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD me@host";
+
+    fn example() -> String {
+        format!(
+            r#"{{"version":1,"hostname":"web1","disk":{{"serial":"S1","size_bytes":1024}},
+            "ssh_authorized_keys":["{KEY}"],
+            "network":{{"interfaces":[{{"mac":"52:54:00:12:34:56","name":"eth0",
+              "addresses":["192.0.2.10/32","2001:db8::2/64"],
+              "routes":[{{"to":"default","via":"172.31.1.1","onlink":true}},{{"to":"default","via":"fe80::1"}}],
+              "dhcp":false}}],"nameservers":["185.12.64.1"]}},
+            "nixpkgs":"github:NixOS/nixpkgs/nixos-25.05","state_version":"25.05","future_field":1}}"#
+        )
+    }
+
+    #[test]
+    fn parses_version_1_with_extra_fields() {
+        let info = parse_json(example().as_bytes(), Source::File, false).unwrap();
+        assert_eq!(info.hostname.as_deref(), Some("web1"));
+        assert!(info.network.unwrap().interfaces[0].routes[0].onlink);
+    }
+
+    #[test]
+    fn base64_variants_and_deflate_agree() {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        let json = example();
+        let a = from_param(&STANDARD.encode(&json), Source::Info, false).unwrap();
+        let b = from_param(&URL_SAFE_NO_PAD.encode(&json), Source::Info, false).unwrap();
+        let deflated = miniz_oxide::deflate::compress_to_vec(json.as_bytes(), 9);
+        let c = from_param(
+            &URL_SAFE_NO_PAD.encode(deflated),
+            Source::InfoDeflate,
+            false,
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+    }
+
+    #[test]
+    fn truncated_value_mentions_the_limit() {
+        use base64::engine::general_purpose::STANDARD;
+        let encoded = STANDARD.encode(example());
+        let err = from_param(&encoded[..encoded.len() / 2], Source::Info, true).unwrap_err();
+        let text = crate::error::one_line(&err);
+        assert!(text.contains("2047-byte limit"), "{text}");
+        assert!(text.contains("runtime-info.json"), "{text}");
+    }
+
+    #[test]
+    fn rejects_bad_fields_with_the_value() {
+        for (bad, needle) in [
+            (
+                example().replace("52:54:00:12:34:56", "52:54:00:12:34"),
+                "MAC",
+            ),
+            (
+                example().replace("192.0.2.10/32", "192.0.2.10/33"),
+                "prefix",
+            ),
+            (example().replace("\"web1\"", "\"-web\""), "Hostname"),
+            (
+                example().replace("\"version\":1", "\"version\":2"),
+                "version 2",
+            ),
+            (
+                example().replace("ssh-ed25519 AAAA", "ssh-ed25519 BBBB"),
+                "SSH authorized key",
+            ),
+        ] {
+            let err = parse_json(bad.as_bytes(), Source::File, false).unwrap_err();
+            assert!(crate::error::one_line(&err).contains(needle), "{err}");
+        }
+    }
+}

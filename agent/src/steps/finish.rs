@@ -1,0 +1,52 @@
+//! The end of a run: report and log on the target, unmount, sync.
+
+use super::Execution;
+use crate::console;
+use crate::plan::Plan;
+use anyhow::{Context, Result};
+use serde_json::json;
+
+pub const REPORT_DIR: &str = "var/log/nixos-kexec";
+
+/// Writes report.json and install.log under the target root, if it is mounted.
+pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str>) -> Result<()> {
+    let Some(dir) = execution.target_path(REPORT_DIR) else {
+        log::info!("the target is not mounted; no report written to it");
+        return Ok(());
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let report = json!({
+        "result": if failure.is_some() { "failure" } else { "success" },
+        "failure": failure,
+        "nixos_kexec_version": env!("CARGO_PKG_VERSION"),
+        "hostname": plan.hostname,
+        "firmware": plan.firmware,
+        "layout": plan.layout,
+        "disk": plan.disk,
+        "partitions": plan.partitions,
+        "filesystems": plan.filesystems,
+        "host_key_fingerprints": execution.host_key_fingerprints,
+        "steps": execution.records,
+        "stopped_before": plan.stop_before,
+    });
+    let text = serde_json::to_string_pretty(&report).context("serialising the report")? + "\n";
+    std::fs::write(dir.join("report.json"), text)
+        .with_context(|| format!("writing {}/report.json", dir.display()))?;
+    if failure.is_none() {
+        console::line(&format!(
+            "report written to /{REPORT_DIR}/report.json on the target"
+        ));
+    }
+    std::fs::write(dir.join("install.log"), console::log_text())
+        .with_context(|| format!("writing {}/install.log", dir.display()))?;
+    Ok(())
+}
+
+/// Unmounts in reverse order and flushes everything to the disk.
+pub fn unmount_all(execution: &mut Execution) -> Result<()> {
+    while let Some(mount) = execution.mounts.pop() {
+        mount.unmount()?;
+    }
+    nix::unistd::sync();
+    Ok(())
+}

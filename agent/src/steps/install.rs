@@ -1,0 +1,44 @@
+//! Runs `nixos-install` on the prepared target, streaming its output to the console and log.
+
+use super::Execution;
+use crate::console;
+use crate::error::user_error;
+use crate::plan::Plan;
+use crate::runner;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
+    let root = execution
+        .target_root()
+        .context("the target root is not mounted")?
+        .to_path_buf();
+    let Some((program, args)) = plan.install_command.split_first() else {
+        anyhow::bail!("the plan has no install command");
+    };
+    if find_in_path(program).is_none() {
+        return Err(user_error(
+            format!("{program} is not in this installer bundle, so NixOS cannot be installed from it (the dev bundle carries no Nix)."),
+            "boot the Nix-built bundle (nix build .#kexec-bundle), or pass nixos_kexec.stop_before=install to stop once the disk and host flake are ready.",
+        ));
+    }
+    // The store and temporary files go to the target disk, not to RAM: a 1 GB machine has no room.
+    let tmp = root.join("tmp");
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env("TMPDIR", &tmp)
+        .env("NIX_CONFIG", "experimental-features = nix-command flakes");
+    runner::run_streaming(&mut command, &|line| {
+        console::line(&format!("install: {line}"));
+    })
+}

@@ -1,0 +1,82 @@
+//! Executing a plan: one module per step, run in order, each timed and reported.
+
+pub mod finish;
+pub mod flake;
+pub mod format;
+pub mod install;
+pub mod keys;
+pub mod mount;
+pub mod partition;
+pub mod wipe;
+
+use crate::blockdev::Mount;
+use crate::config::Step;
+use crate::console;
+use crate::plan::Plan;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub step: Step,
+    pub seconds: f64,
+    pub ok: bool,
+}
+
+/// State the steps share: mounts (unmounted on drop) and what the report needs.
+#[derive(Default)]
+pub struct Execution {
+    pub mounts: Vec<Mount>,
+    pub records: Vec<StepRecord>,
+    pub host_key_fingerprints: Vec<String>,
+}
+
+impl Execution {
+    pub fn target_root(&self) -> Option<&Path> {
+        self.mounts.first().map(Mount::target)
+    }
+
+    pub fn target_path(&self, relative: &str) -> Option<PathBuf> {
+        self.target_root()
+            .map(|root| root.join(relative.trim_start_matches('/')))
+    }
+}
+
+/// Runs every planned step; stops at the first failure and returns it.
+pub fn execute(plan: &Plan, execution: &mut Execution) -> Result<()> {
+    let total = plan.steps.len();
+    for (index, step) in plan.steps.iter().enumerate() {
+        console::line(&format!("[{}/{total}] {} ...", index + 1, step.name()));
+        let start = Instant::now();
+        let result =
+            run_step(*step, plan, execution).with_context(|| format!("step {}", step.name()));
+        let seconds = start.elapsed().as_secs_f64();
+        execution.records.push(StepRecord {
+            step: *step,
+            seconds,
+            ok: result.is_ok(),
+        });
+        result?;
+        console::line(&format!(
+            "[{}/{total}] {} done in {seconds:.1}s",
+            index + 1,
+            step.name()
+        ));
+    }
+    Ok(())
+}
+
+fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
+    match step {
+        Step::Wipe => wipe::run(plan),
+        Step::Partition => partition::run(plan),
+        Step::Format => format::run(plan),
+        Step::Mount => mount::run(plan, execution),
+        Step::Keys => keys::run(plan, execution),
+        Step::Flake => flake::run(plan, execution),
+        Step::Install => install::run(plan, execution),
+        Step::Finish => finish::write_report(plan, execution, None),
+    }
+}

@@ -1,0 +1,18 @@
+# Hardware nixos-kexec found during the install, in the form nixos-generate-config writes.
+# Regenerate with `nixos-generate-config` rather than editing when the hardware changes.
+{ config, lib, pkgs, modulesPath, ... }:
+
+{
+  boot.initrd.availableKernelModules = [ /*@initrd_modules@*/ ];
+  boot.initrd.kernelModules = [ ];
+  boot.kernelModules = [ ];
+  boot.extraModulePackages = [ ];
+
+  /*@file_systems@*/
+
+  swapDevices = [ ];
+
+  networking.useDHCP = lib.mkDefault true;
+
+  nixpkgs.hostPlatform = lib.mkDefault "@system@";
+}
