@@ -1,0 +1,104 @@
+//! Property tests: the input parsers never panic, and the partition planner never produces a
+//! layout that overlaps, is misaligned or leaves the disk, for any disk size and both sector sizes.
+
+use nixos_kexec::cmdline::Params;
+use nixos_kexec::config::Config;
+use nixos_kexec::facts::{Disk, Transport};
+use nixos_kexec::plan::{layout_partitions, PlanIds, ALIGNMENT, MIB};
+use nixos_kexec::runtime_info::{self, Source};
+use proptest::prelude::*;
+
+fn disk(size: u64, sector: u32) -> Disk {
+    Disk {
+        name: "nvme0n1".into(),
+        dev_path: "/dev/nvme0n1".into(),
+        size_bytes: size,
+        logical_sector: sector,
+        physical_sector: sector,
+        transport: Transport::Nvme,
+        model: None,
+        serial: None,
+        wwn: None,
+        by_id: vec![],
+        removable: false,
+        read_only: false,
+        partitions: vec![],
+        holders: vec![],
+        mounted_at: vec![],
+        modules: vec![],
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn cmdline_never_panics(line in ".{0,300}") {
+        if let Ok(params) = Params::parse(&line) {
+            let _ = Config::assemble(None, &params);
+        }
+    }
+
+    #[test]
+    fn our_parameters_with_arbitrary_values_never_panic(
+        key in prop::sample::select(nixos_kexec::cmdline::KNOWN_KEYS.to_vec()),
+        value in "[ -~]{0,200}",
+    ) {
+        let line = format!("console=ttyS0 nixos_kexec.{key}=\"{value}\"");
+        if let Ok(params) = Params::parse(&line) {
+            let _ = Config::assemble(None, &params);
+        }
+    }
+
+    #[test]
+    fn runtime_info_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+        let _ = runtime_info::parse_json(&bytes, Source::File, false);
+        let text = String::from_utf8_lossy(&bytes);
+        let _ = runtime_info::from_param(&text, Source::Info, true);
+        let _ = runtime_info::from_param(&text, Source::InfoDeflate, false);
+    }
+
+    #[test]
+    fn runtime_info_never_panics_on_json_shaped_input(
+        version in any::<u32>(),
+        hostname in ".{0,70}",
+        mac in "[0-9a-fA-F:]{0,20}",
+        address in "[0-9a-f.:/]{0,45}",
+        size in any::<u64>(),
+    ) {
+        let json = serde_json::json!({
+            "version": version, "hostname": hostname,
+            "disk": {"serial": hostname, "size_bytes": size},
+            "network": {"interfaces": [{"mac": mac, "addresses": [address],
+                "routes": [{"to": address, "via": address, "onlink": true}]}],
+                "nameservers": [address]},
+        });
+        let _ = runtime_info::parse_json(json.to_string().as_bytes(), Source::File, false);
+    }
+
+    #[test]
+    fn planner_stays_aligned_inside_and_disjoint(
+        size in 0u64..(64u64 << 40),
+        big_sector in any::<bool>(),
+    ) {
+        let sector = if big_sector { 4096 } else { 512 };
+        // Real disks are a whole number of sectors.
+        let size = size / sector as u64 * sector as u64;
+        let Ok(parts) = layout_partitions(&disk(size, sector), &PlanIds::random()) else {
+            // Refused: must be because it is too small.
+            prop_assert!(size < 1600 * MIB);
+            return Ok(());
+        };
+        let backup = 33 * 512u64.max(sector as u64);
+        let mut end = MIB;
+        for p in &parts {
+            prop_assert_eq!(p.start_bytes % ALIGNMENT, 0);
+            prop_assert_eq!(p.size_bytes % ALIGNMENT, 0);
+            prop_assert!(p.size_bytes > 0);
+            prop_assert!(p.start_bytes >= end, "overlap at {}", p.number);
+            end = p.start_bytes + p.size_bytes;
+        }
+        prop_assert!(end + backup.min(20 * 1024) <= size, "layout runs into the backup GPT");
+        prop_assert!(size - end < 2 * MIB + backup, "more than 2 MiB wasted at the end");
+    }
+}
