@@ -20,13 +20,9 @@ pub struct Input {
 }
 
 impl Input {
-    pub fn from_system(
-        extra_params: Vec<(String, String)>,
-        cmdline_file: Option<&Path>,
-    ) -> Result<Input> {
+    pub fn from_system(extra_params: Vec<(String, String)>, cmdline_file: Option<&Path>) -> Result<Input> {
         let path = cmdline_file.unwrap_or(Path::new("/proc/cmdline"));
-        let cmdline =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cmdline = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Ok(Input {
             cmdline,
             extra_params,
@@ -40,7 +36,8 @@ impl Input {
             params.insert(key, value)?;
         }
         let file = Config::read_info_file(&self.root)?;
-        let config = Config::assemble(file, &params)?;
+        let mut config = Config::assemble(file, &params)?;
+        config.find_secrets(&self.root);
         if let Some(url) = &config.config_url {
             return Err(user_error(
                 format!("nixos_kexec.config_url={url} is not supported by this installer version yet."),
@@ -110,6 +107,19 @@ pub fn install(input: &Input, force_dry_run: bool) -> Result<Option<After>> {
     if config.dry_run || force_dry_run {
         console::line("dry run: nothing was written");
         return Ok(config.after);
+    }
+    if config.disk_passphrase_given {
+        // No layout here encrypts yet; the passphrase must not outlive its use.
+        console::line(&format!(
+            "a disk passphrase was supplied, but layout {:?} does not encrypt; it was discarded",
+            plan.layout
+        ));
+        steps::keys::wipe_file(
+            &input
+                .root
+                .join(crate::config::SECRETS_DIR.trim_start_matches('/'))
+                .join("disk-passphrase"),
+        );
     }
     let mut execution = Execution::default();
     if let Err(error) = steps::execute(&plan, &mut execution) {

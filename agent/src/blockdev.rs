@@ -22,21 +22,19 @@ pub fn open_exclusive(path: &str) -> Result<File> {
     if is_block {
         options.custom_flags(libc::O_EXCL);
     }
-    options.open(path).with_context(|| {
-        format!("opening {path} for writing (exclusive: is it mounted or in use?)")
-    })
+    options
+        .open(path)
+        .with_context(|| format!("opening {path} for writing (exclusive: is it mounted or in use?)"))
 }
 
 /// Flushes our writes and asks the kernel to re-read the partition table.
 pub fn reread_partitions(file: &File, path: &str) -> Result<()> {
-    file.sync_all()
-        .with_context(|| format!("flushing {path}"))?;
+    file.sync_all().with_context(|| format!("flushing {path}"))?;
     if !is_block_device(file) {
         return Ok(());
     }
     // SAFETY: both ioctls take no argument and act on the open block device only.
-    unsafe { blkflsbuf(file.as_raw_fd()) }
-        .with_context(|| format!("flushing buffers of {path}"))?;
+    unsafe { blkflsbuf(file.as_raw_fd()) }.with_context(|| format!("flushing buffers of {path}"))?;
     // The kernel can be briefly busy right after our writes; retry before giving up.
     let mut last = None;
     for _ in 0..10 {
@@ -86,8 +84,7 @@ pub struct Mount {
 
 impl Mount {
     pub fn new(source: &str, target: &Path, fstype: &str, options: &str) -> Result<Mount> {
-        std::fs::create_dir_all(target)
-            .with_context(|| format!("creating {}", target.display()))?;
+        std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
         nix::mount::mount(
             Some(source),
             target,
@@ -108,8 +105,7 @@ impl Mount {
 
     pub fn unmount(mut self) -> Result<()> {
         self.active = false;
-        nix::mount::umount(&self.target)
-            .with_context(|| format!("unmounting {}", self.target.display()))
+        nix::mount::umount(&self.target).with_context(|| format!("unmounting {}", self.target.display()))
     }
 }
 

@@ -57,8 +57,7 @@ impl Params {
     /// Parses a whole kernel command line, keeping only `nixos_kexec.*` parameters.
     pub fn parse(cmdline: &str) -> Result<Params> {
         let mut params = Params {
-            possibly_truncated: cmdline.trim_end_matches(['\n', '\0']).len()
-                >= COMMAND_LINE_SIZE - 1,
+            possibly_truncated: cmdline.trim_end_matches(['\n', '\0']).len() >= COMMAND_LINE_SIZE - 1,
             ..Params::default()
         };
         for word in split(cmdline) {

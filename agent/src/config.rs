@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub const RUNTIME_INFO_FILE: &str = "/etc/nixos-kexec/runtime-info.json";
+pub const SECRETS_DIR: &str = "/etc/nixos-kexec/secrets";
+pub const HOST_KEY_TYPES: [&str; 3] = ["ed25519", "rsa", "ecdsa"];
 pub const DEFAULT_NIXPKGS: &str = "github:NixOS/nixpkgs/nixos-25.11";
 pub const DEFAULT_STATE_VERSION: &str = "25.11";
 pub const DEFAULT_HOSTNAME: &str = "nixos";
@@ -52,16 +54,13 @@ impl Step {
     }
 
     pub fn parse(text: &str) -> Result<Step> {
-        Step::ALL
-            .into_iter()
-            .find(|s| s.name() == text)
-            .ok_or_else(|| {
-                let names: Vec<_> = Step::ALL.iter().map(|s| s.name()).collect();
-                user_error(
-                    format!("nixos_kexec.stop_before={text:?} names no step."),
-                    format!("use one of: {}.", names.join(", ")),
-                )
-            })
+        Step::ALL.into_iter().find(|s| s.name() == text).ok_or_else(|| {
+            let names: Vec<_> = Step::ALL.iter().map(|s| s.name()).collect();
+            user_error(
+                format!("nixos_kexec.stop_before={text:?} names no step."),
+                format!("use one of: {}.", names.join(", ")),
+            )
+        })
     }
 }
 
@@ -132,6 +131,10 @@ pub struct Config {
     pub config_url: Option<String>,
     /// What the rescue side sent, merged; written to the target as runtime-info.json.
     pub runtime_info: RuntimeInfo,
+    /// Paths of host private keys found in the secrets archive.
+    pub provided_host_keys: Vec<String>,
+    /// Whether a disk passphrase came in the secrets archive (its value is never kept here).
+    pub disk_passphrase_given: bool,
 }
 
 impl Default for Config {
@@ -152,6 +155,8 @@ impl Default for Config {
                 version: runtime_info::VERSION,
                 ..RuntimeInfo::default()
             },
+            provided_host_keys: Vec::new(),
+            disk_passphrase_given: false,
         }
     }
 }
@@ -191,6 +196,18 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
+    }
+
+    /// Notes which secrets the initrd carries under `root`, without reading their values.
+    pub fn find_secrets(&mut self, root: &Path) {
+        let dir = root.join(SECRETS_DIR.trim_start_matches('/'));
+        self.provided_host_keys = HOST_KEY_TYPES
+            .iter()
+            .map(|kind| dir.join(format!("ssh_host_{kind}_key")))
+            .filter(|path| path.is_file())
+            .map(|path| path.to_string_lossy().into_owned())
+            .collect();
+        self.disk_passphrase_given = dir.join("disk-passphrase").is_file();
     }
 
     fn apply_info(&mut self, info: RuntimeInfo) {
@@ -333,9 +350,7 @@ mod tests {
         assert_eq!(config.nixpkgs, "github:me/nixpkgs");
         assert_eq!(config.stop_before, Some(Step::Install));
         assert_eq!(config.after, Some(After::Poweroff));
-        assert!(
-            matches!(config.disk, DiskChoice::Selected(ref d) if d.path.as_deref() == Some("/dev/vda"))
-        );
+        assert!(matches!(config.disk, DiskChoice::Selected(ref d) if d.path.as_deref() == Some("/dev/vda")));
     }
 
     #[test]

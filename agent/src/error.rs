@@ -29,8 +29,7 @@ pub fn user_error(problem: impl Into<String>, fix: impl Into<String>) -> anyhow:
 
 /// Finds a `UserError` anywhere in the chain, so context added on the way up does not hide it.
 pub fn as_user_error(err: &anyhow::Error) -> Option<&UserError> {
-    err.chain()
-        .find_map(|cause| cause.downcast_ref::<UserError>())
+    err.chain().find_map(|cause| cause.downcast_ref::<UserError>())
 }
 
 /// One line for the console's final `result: failure: ...` line.

@@ -100,8 +100,7 @@ impl Facts {
         } else {
             Firmware::Bios
         };
-        let kernel_release =
-            read_trimmed(&root.join("proc/sys/kernel/osrelease")).unwrap_or_default();
+        let kernel_release = read_trimmed(&root.join("proc/sys/kernel/osrelease")).unwrap_or_default();
         Ok(Facts {
             firmware,
             ram_bytes: 0,
@@ -205,8 +204,7 @@ fn read_disk(dir: &Path, name: &str, mounts: &Mounts) -> Result<Option<Disk>> {
 
     let mut partitions = Vec::new();
     let mut holders = list_dir(&dir.join("holders")).unwrap_or_default();
-    let mut mounted_at =
-        mounts.points_of(&read_trimmed(&dir.join("dev")).unwrap_or_default(), name);
+    let mut mounted_at = mounts.points_of(&read_trimmed(&dir.join("dev")).unwrap_or_default(), name);
     for entry in list_dir(dir)? {
         let part_dir = dir.join(&entry);
         if !entry.starts_with(name) || !part_dir.join("partition").exists() {
@@ -219,10 +217,7 @@ fn read_disk(dir: &Path, name: &str, mounts: &Mounts) -> Result<Option<Disk>> {
             size_bytes: read_u64(&part_dir.join("size")).unwrap_or(0) * 512,
         });
         holders.extend(list_dir(&part_dir.join("holders")).unwrap_or_default());
-        mounted_at.extend(mounts.points_of(
-            &read_trimmed(&part_dir.join("dev")).unwrap_or_default(),
-            &entry,
-        ));
+        mounted_at.extend(mounts.points_of(&read_trimmed(&part_dir.join("dev")).unwrap_or_default(), &entry));
     }
 
     let by_id = by_id_names(
@@ -270,9 +265,7 @@ fn transport_of(name: &str) -> Transport {
 fn vpd_serial(path: &Path) -> Option<String> {
     let bytes = fs::read(path).ok()?;
     let len = *bytes.get(3)? as usize;
-    let serial = String::from_utf8_lossy(bytes.get(4..4 + len)?)
-        .trim()
-        .to_string();
+    let serial = String::from_utf8_lossy(bytes.get(4..4 + len)?).trim().to_string();
     (!serial.is_empty()).then_some(serial)
 }
 

@@ -23,8 +23,8 @@ pub fn module_name(path_or_name: &str) -> String {
 impl ModuleIndex {
     pub fn load(dir: &Path) -> Result<ModuleIndex> {
         let dep_path = dir.join("modules.dep");
-        let text = std::fs::read_to_string(&dep_path)
-            .with_context(|| format!("reading {}", dep_path.display()))?;
+        let text =
+            std::fs::read_to_string(&dep_path).with_context(|| format!("reading {}", dep_path.display()))?;
         let mut entries = BTreeMap::new();
         for line in text.lines() {
             let Some((module, deps)) = line.split_once(':') else {
@@ -65,8 +65,7 @@ impl ModuleIndex {
     pub fn insert(&self, name: &str) -> Result<()> {
         for relative in self.load_order(name)? {
             let path = self.dir.join(&relative);
-            let file = std::fs::File::open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
             let no_params = CString::default();
             match nix::kmod::finit_module(&file, &no_params, nix::kmod::ModuleInitFlags::empty()) {
                 Ok(()) | Err(nix::errno::Errno::EEXIST) => {}

@@ -13,6 +13,7 @@ pub mod facts;
 pub mod kmod;
 pub mod pid1;
 pub mod plan;
+pub mod rescue;
 pub mod runner;
 pub mod runtime_info;
 pub mod steps;

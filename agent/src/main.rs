@@ -1,4 +1,6 @@
 use clap::{Parser, Subcommand};
+use nixos_kexec::rescue::gather::Gathered;
+use nixos_kexec::rescue::run::RunOptions;
 use nixos_kexec::{app, console, facts::Facts, pid1};
 use std::path::PathBuf;
 
@@ -31,6 +33,51 @@ enum Command {
     Install(InputArgs),
     /// Print what the installer sees on this machine (disks, firmware, NICs) as JSON.
     Facts,
+    /// Print runtime info about this (rescue) system as JSON: network, disks, keys, firmware.
+    Gather,
+    /// Gather, merge the options below, and kexec into the installer bundle.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Directory holding the installer's bzImage and initrd.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Target disk: /dev/disk/by-id/..., /dev/sdX, or serial:SERIAL.
+    #[arg(long)]
+    disk: Option<String>,
+    /// Hostname of the installed system (default: this system's).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// nixpkgs flake reference for the host flake.
+    #[arg(long)]
+    nixpkgs: Option<String>,
+    /// SSH public keys for root (default: root's authorized_keys here); repeatable.
+    #[arg(long = "ssh-key-file")]
+    ssh_key_files: Vec<PathBuf>,
+    /// File with the disk encryption passphrase; travels only in the appended initrd archive.
+    #[arg(long)]
+    disk_key_file: Option<PathBuf>,
+    /// Directory with pre-made ssh_host_<type>_key files to install instead of new ones.
+    #[arg(long)]
+    host_keys: Option<PathBuf>,
+    /// Installer parameter KEY=VALUE (KEY without the nixos_kexec. prefix); repeatable.
+    #[arg(long = "param", value_parser = parse_param)]
+    params: Vec<(String, String)>,
+    /// Print the command line, the appended archive (secrets masked) and the plan; load nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Prints to stdout, tolerating a closed pipe (`nixos-kexec gather | head`).
+fn print_stdout(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{text}");
+}
+
+fn gather(facts: &Facts) -> anyhow::Result<Gathered> {
+    nixos_kexec::rescue::gather::gather(facts, None)
 }
 
 fn parse_param(text: &str) -> Result<(String, String), String> {
@@ -51,14 +98,53 @@ fn main() {
             eprintln!("nixos-kexec: nothing to do; see --help");
             2
         }
-        Some(Command::Facts) => {
-            match Facts::gather().and_then(|f| Ok(serde_json::to_string_pretty(&f)?)) {
+        Some(Command::Facts) => match Facts::gather().and_then(|f| Ok(serde_json::to_string_pretty(&f)?)) {
+            Ok(json) => {
+                print_stdout(&json);
+                0
+            }
+            Err(e) => {
+                app::print_error(&e);
+                1
+            }
+        },
+        Some(Command::Gather) => match Facts::gather().and_then(|f| gather(&f)) {
+            Ok(gathered) => match serde_json::to_string_pretty(&gathered) {
                 Ok(json) => {
-                    println!("{json}");
+                    print_stdout(&json);
                     0
                 }
                 Err(e) => {
+                    app::print_error(&e.into());
+                    1
+                }
+            },
+            Err(e) => {
+                app::print_error(&e);
+                1
+            }
+        },
+        Some(Command::Run(args)) => {
+            let options = RunOptions {
+                bundle: args.bundle,
+                disk: args.disk,
+                hostname: args.hostname,
+                nixpkgs: args.nixpkgs,
+                ssh_key_files: args.ssh_key_files,
+                disk_key_file: args.disk_key_file,
+                host_keys: args.host_keys,
+                params: args.params,
+                dry_run: args.dry_run,
+            };
+            let result = Facts::gather().and_then(|facts| {
+                let gathered = gather(&facts)?;
+                nixos_kexec::rescue::run::run(&options, &facts, gathered)
+            });
+            match result {
+                Ok(()) => 0,
+                Err(e) => {
                     app::print_error(&e);
+                    console::line(&format!("result: failure: {}", nixos_kexec::error::one_line(&e)));
                     1
                 }
             }
@@ -69,7 +155,7 @@ fn main() {
                 .and_then(|(_, plan)| Ok(serde_json::to_string_pretty(&plan)?));
             match result {
                 Ok(json) => {
-                    println!("{json}");
+                    print_stdout(&json);
                     0
                 }
                 Err(e) => {

@@ -26,13 +26,7 @@ pub fn mount_basics() -> Result<()> {
         ("tmpfs", "/tmp", "tmpfs", Some("mode=1777")),
     ] {
         std::fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
-        match mount(
-            Some(source),
-            target,
-            Some(fstype),
-            MsFlags::MS_NOSUID,
-            options,
-        ) {
+        match mount(Some(source), target, Some(fstype), MsFlags::MS_NOSUID, options) {
             Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
             Err(e) => return Err(e).with_context(|| format!("mounting {fstype} on {target}")),
         }
@@ -47,10 +41,7 @@ pub fn mount_basics() -> Result<()> {
             unsafe { libc::dup2(console.as_raw_fd(), fd) };
         }
     }
-    std::env::set_var(
-        "PATH",
-        "/bin:/sbin:/usr/bin:/usr/sbin:/run/current-system/sw/bin",
-    );
+    std::env::set_var("PATH", "/bin:/sbin:/usr/bin:/usr/sbin:/run/current-system/sw/bin");
     std::env::set_var("HOME", "/root");
     Ok(())
 }

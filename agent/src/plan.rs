@@ -117,6 +117,8 @@ pub struct Plan {
     pub install_command: Vec<String>,
     /// What the rescue side sent, written to the target as /etc/nixos/runtime-info.json.
     pub runtime_info: RuntimeInfo,
+    /// Host private keys the operator supplied in the secrets archive; empty: generate.
+    pub provided_host_keys: Vec<String>,
 }
 
 pub const TYPE_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
@@ -190,6 +192,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         ],
         mount_root,
         runtime_info: config.runtime_info.clone(),
+        provided_host_keys: config.provided_host_keys.clone(),
         steps,
         stop_before: config.stop_before,
         after: config.after,
@@ -229,11 +232,7 @@ fn list(disks: &[&Disk]) -> String {
     if disks.is_empty() {
         return "none".into();
     }
-    disks
-        .iter()
-        .map(|d| describe(d))
-        .collect::<Vec<_>>()
-        .join("; ")
+    disks.iter().map(|d| describe(d)).collect::<Vec<_>>().join("; ")
 }
 
 /// Why a disk must not be written, if it must not.
@@ -370,19 +369,18 @@ pub fn layout_partitions(disk: &Disk, ids: &PlanIds) -> Result<Vec<PlannedPartit
             "choose a larger disk.",
         ));
     }
-    let part =
-        |number: u32, role, name: &str, type_guid: &str, start_bytes: u64, size_bytes: u64| {
-            PlannedPartition {
-                number,
-                role,
-                name: name.into(),
-                type_guid: type_guid.into(),
-                guid: ids.partition_guids[number as usize - 1].clone(),
-                start_bytes,
-                size_bytes,
-                device: partition_device(&disk.dev_path, number),
-            }
-        };
+    let part = |number: u32, role, name: &str, type_guid: &str, start_bytes: u64, size_bytes: u64| {
+        PlannedPartition {
+            number,
+            role,
+            name: name.into(),
+            type_guid: type_guid.into(),
+            guid: ids.partition_guids[number as usize - 1].clone(),
+            start_bytes,
+            size_bytes,
+            device: partition_device(&disk.dev_path, number),
+        }
+    };
     Ok(vec![
         part(
             1,
@@ -498,14 +496,9 @@ pub mod tests {
             disk("vda", 4 * GIB, 512, "A"),
             disk("vdb", 4 * GIB, 512, "B"),
         ]);
+        assert_eq!(select_disk(&choose(None, Some("B")), &f).unwrap().name, "vdb");
         assert_eq!(
-            select_disk(&choose(None, Some("B")), &f).unwrap().name,
-            "vdb"
-        );
-        assert_eq!(
-            select_disk(&choose(Some("/dev/vda"), None), &f)
-                .unwrap()
-                .name,
+            select_disk(&choose(Some("/dev/vda"), None), &f).unwrap().name,
             "vda"
         );
         assert_eq!(
@@ -526,10 +519,7 @@ pub mod tests {
         ]);
         let err = select_disk(&Config::default(), &f).unwrap_err();
         let text = crate::error::one_line(&err);
-        assert!(
-            text.contains("/dev/vda") && text.contains("/dev/vdb"),
-            "{text}"
-        );
+        assert!(text.contains("/dev/vda") && text.contains("/dev/vdb"), "{text}");
         let auto = Config {
             disk: DiskChoice::Auto,
             ..Config::default()
@@ -560,9 +550,7 @@ pub mod tests {
         );
         // Named explicitly, a removable disk is a clear choice.
         assert_eq!(
-            select_disk(&choose(Some("/dev/sdb"), None), &f)
-                .unwrap()
-                .name,
+            select_disk(&choose(Some("/dev/sdb"), None), &f).unwrap().name,
             "sdb"
         );
         let mut sized = choose(None, Some("U"));
@@ -576,12 +564,7 @@ pub mod tests {
     fn plan_is_serialisable_and_stops_before() {
         let mut config = choose(Some("/dev/vda"), None);
         config.stop_before = Some(Step::Install);
-        let plan = make(
-            &config,
-            &facts(vec![disk("vda", 4 * GIB, 512, "A")]),
-            &ids(),
-        )
-        .unwrap();
+        let plan = make(&config, &facts(vec![disk("vda", 4 * GIB, 512, "A")]), &ids()).unwrap();
         assert!(!plan.steps.contains(&Step::Install));
         assert_eq!(plan.steps.last(), Some(&Step::Finish));
         assert_eq!(plan.filesystems[1].uuid, "1A2B-3C4D");

@@ -75,9 +75,7 @@ pub fn run_streaming(command: &mut Command, on_line: &(dyn Fn(&str) + Sync)) -> 
             });
         }
     });
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for `{line}`"))?;
+    let status = child.wait().with_context(|| format!("waiting for `{line}`"))?;
     if !status.success() {
         let tail = last_lines.lock().map(|l| l.join(" | ")).unwrap_or_default();
         bail!("`{line}` failed ({status}); last output: {tail}");
@@ -100,10 +98,9 @@ mod tests {
     #[test]
     fn streaming_sees_every_line() {
         let seen = std::sync::Mutex::new(Vec::new());
-        run_streaming(
-            Command::new("sh").args(["-c", "echo a; echo b >&2"]),
-            &|l| seen.lock().unwrap().push(l.to_string()),
-        )
+        run_streaming(Command::new("sh").args(["-c", "echo a; echo b >&2"]), &|l| {
+            seen.lock().unwrap().push(l.to_string())
+        })
         .unwrap();
         let mut seen = seen.into_inner().unwrap();
         seen.sort();

@@ -128,8 +128,8 @@ const TOO_LONG_FIX: &str = "send large runtime info as /etc/nixos-kexec/runtime-
 pub fn from_param(value: &str, source: Source, truncated: bool) -> Result<RuntimeInfo> {
     let raw = decode_base64(value, source, truncated)?;
     let json = match source {
-        Source::InfoDeflate => miniz_oxide::inflate::decompress_to_vec_with_limit(&raw, 1 << 20)
-            .map_err(|e| {
+        Source::InfoDeflate => {
+            miniz_oxide::inflate::decompress_to_vec_with_limit(&raw, 1 << 20).map_err(|e| {
                 user_error(
                     format!(
                         "nixos_kexec.info_deflate does not inflate ({:?}).{}",
@@ -138,7 +138,8 @@ pub fn from_param(value: &str, source: Source, truncated: bool) -> Result<Runtim
                     ),
                     "compress the JSON with raw deflate (no zlib or gzip header) before base64.",
                 )
-            })?,
+            })?
+        }
         _ => raw,
     };
     parse_json(&json, source, truncated)
@@ -242,9 +243,7 @@ pub fn validate_ssh_key(key: &str) -> Result<()> {
         .map_err(|e| {
             let start: String = key.chars().take(24).collect();
             user_error(
-                format!(
-                    "SSH authorized key starting {start:?} is not an OpenSSH public key ({e})."
-                ),
+                format!("SSH authorized key starting {start:?} is not an OpenSSH public key ({e})."),
                 "pass the whole line of an id_*.pub file, e.g. \"ssh-ed25519 AAAA... me@host\".",
             )
         })
@@ -354,12 +353,7 @@ mod tests {
         let a = from_param(&STANDARD.encode(&json), Source::Info, false).unwrap();
         let b = from_param(&URL_SAFE_NO_PAD.encode(&json), Source::Info, false).unwrap();
         let deflated = miniz_oxide::deflate::compress_to_vec(json.as_bytes(), 9);
-        let c = from_param(
-            &URL_SAFE_NO_PAD.encode(deflated),
-            Source::InfoDeflate,
-            false,
-        )
-        .unwrap();
+        let c = from_param(&URL_SAFE_NO_PAD.encode(deflated), Source::InfoDeflate, false).unwrap();
         assert_eq!(a, b);
         assert_eq!(a, c);
     }
@@ -377,19 +371,10 @@ mod tests {
     #[test]
     fn rejects_bad_fields_with_the_value() {
         for (bad, needle) in [
-            (
-                example().replace("52:54:00:12:34:56", "52:54:00:12:34"),
-                "MAC",
-            ),
-            (
-                example().replace("192.0.2.10/32", "192.0.2.10/33"),
-                "prefix",
-            ),
+            (example().replace("52:54:00:12:34:56", "52:54:00:12:34"), "MAC"),
+            (example().replace("192.0.2.10/32", "192.0.2.10/33"), "prefix"),
             (example().replace("\"web1\"", "\"-web\""), "Hostname"),
-            (
-                example().replace("\"version\":1", "\"version\":2"),
-                "version 2",
-            ),
+            (example().replace("\"version\":1", "\"version\":2"), "version 2"),
             (
                 example().replace("ssh-ed25519 AAAA", "ssh-ed25519 BBBB"),
                 "SSH authorized key",

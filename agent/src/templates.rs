@@ -35,15 +35,12 @@ fn find_placeholder(text: &str) -> Option<usize> {
     let bytes = text.as_bytes();
     (0..bytes.len()).find(|&i| {
         bytes[i] == b'@'
-            && bytes[i + 1..]
-                .iter()
-                .position(|&b| b == b'@')
-                .is_some_and(|len| {
-                    len > 0
-                        && bytes[i + 1..i + 1 + len]
-                            .iter()
-                            .all(|b| b.is_ascii_lowercase() || *b == b'_')
-                })
+            && bytes[i + 1..].iter().position(|&b| b == b'@').is_some_and(|len| {
+                len > 0
+                    && bytes[i + 1..i + 1 + len]
+                        .iter()
+                        .all(|b| b.is_ascii_lowercase() || *b == b'_')
+            })
     })
 }
 

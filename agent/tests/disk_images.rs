@@ -84,10 +84,7 @@ fn gpt_on_512_and_4096_byte_sectors_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
         let size = 3 * GIB + 12345 * 4096;
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        std::fs::File::create(&image).unwrap().set_len(size).unwrap();
         let config = Config {
             disk: DiskChoice::Auto,
             ..Config::default()
@@ -121,10 +118,7 @@ fn gpt_on_512_and_4096_byte_sectors_verifies() {
             let size = found["size"].as_u64().unwrap() * sector as u64;
             assert_eq!((start, size), (planned.start_bytes, planned.size_bytes));
             assert_eq!(start % (1 << 20), 0);
-            assert_eq!(
-                found["type"].as_str().unwrap().to_uppercase(),
-                planned.type_guid
-            );
+            assert_eq!(found["type"].as_str().unwrap().to_uppercase(), planned.type_guid);
             assert_eq!(found["uuid"].as_str().unwrap().to_lowercase(), planned.guid);
         }
         // The protective MBR: one 0xEE entry from LBA 1.
@@ -140,10 +134,7 @@ fn esp_formats_as_fat32_that_fsck_accepts() {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("esp.img");
         let size = 512u64 << 20;
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        std::fs::File::create(&image).unwrap().set_len(size).unwrap();
         let fs = plan::Filesystem {
             device: image.to_string_lossy().into_owned(),
             kind: plan::FsKind::Vfat,
@@ -156,9 +147,6 @@ fn esp_formats_as_fat32_that_fsck_accepts() {
         tool("fsck.fat", &["-n", image.to_str().unwrap()]);
         let info = tool("file", &["-s", image.to_str().unwrap()]);
         assert!(info.contains("FAT (32 bit)"), "{info}");
-        assert!(
-            info.to_lowercase().contains("serial number 0x1234abcd"),
-            "{info}"
-        );
+        assert!(info.to_lowercase().contains("serial number 0x1234abcd"), "{info}");
     }
 }

@@ -52,10 +52,7 @@ pub fn render(plan: &Plan) -> Result<HostFlake> {
                     "initrd_modules",
                     Value::Block(templates::list_lines(&plan.initrd_modules, 0).replace('\n', " ")),
                 ),
-                (
-                    "file_systems",
-                    Value::Block(file_systems(&plan.filesystems)),
-                ),
+                ("file_systems", Value::Block(file_systems(&plan.filesystems))),
             ]),
         )?,
     })
@@ -97,8 +94,7 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
 pub fn write_all(dir: &Path, plan: &Plan, runtime_info: &RuntimeInfo) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let rendered = render(plan)?;
-    let info =
-        serde_json::to_string_pretty(runtime_info).context("serialising runtime info")? + "\n";
+    let info = serde_json::to_string_pretty(runtime_info).context("serialising runtime info")? + "\n";
     for (name, text) in [
         ("flake.nix", &rendered.flake),
         ("configuration.nix", &rendered.configuration),
@@ -122,29 +118,16 @@ mod tests {
         let mut config = crate::config::Config::default();
         config.disk = crate::config::DiskChoice::Auto;
         config.ssh_authorized_keys = vec!["ssh-ed25519 AAAA \"quoted\" ${x}".into()];
-        let plan = crate::plan::make(
-            &config,
-            &facts(vec![disk("vda", 8 << 30, 512, "A")]),
-            &ids(),
-        )
-        .unwrap();
+        let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         write_all(dir.path(), &plan, &config.runtime_info).unwrap();
-        let hardware =
-            std::fs::read_to_string(dir.path().join("hardware-configuration.nix")).unwrap();
-        assert!(
-            hardware.contains("\"/dev/disk/by-uuid/1A2B-3C4D\""),
-            "{hardware}"
-        );
+        let hardware = std::fs::read_to_string(dir.path().join("hardware-configuration.nix")).unwrap();
+        assert!(hardware.contains("\"/dev/disk/by-uuid/1A2B-3C4D\""), "{hardware}");
         assert!(
             hardware.contains("[ \"virtio_blk\" \"virtio_pci\" ]"),
             "{hardware}"
         );
-        for name in [
-            "flake.nix",
-            "configuration.nix",
-            "hardware-configuration.nix",
-        ] {
+        for name in ["flake.nix", "configuration.nix", "hardware-configuration.nix"] {
             let Ok(out) = std::process::Command::new("nix-instantiate")
                 .arg("--parse")
                 .arg(dir.path().join(name))

@@ -17,8 +17,7 @@ pub fn run(plan: &Plan) -> Result<()> {
             .with_context(|| format!("formatting {} as FAT32", fs.device))?,
             FsKind::Ext4 => {
                 runner::run(
-                    Command::new("mkfs.ext4")
-                        .args(["-F", "-q", "-L", &fs.label, "-U", &fs.uuid, &fs.device]),
+                    Command::new("mkfs.ext4").args(["-F", "-q", "-L", &fs.label, "-U", &fs.uuid, &fs.device]),
                 )?;
             }
         }
@@ -53,8 +52,7 @@ pub fn format_esp(fs: &Filesystem, volume_id: u32, sector: u32, size_bytes: u64)
     for (slot, byte) in label.iter_mut().zip(fs.label.bytes()) {
         *slot = byte.to_ascii_uppercase();
     }
-    let total_sectors =
-        u32::try_from(size_bytes / sector as u64).context("ESP too large for FAT32")?;
+    let total_sectors = u32::try_from(size_bytes / sector as u64).context("ESP too large for FAT32")?;
     let options = fatfs::FormatVolumeOptions::new()
         .fat_type(fatfs::FatType::Fat32)
         .bytes_per_sector(sector as u16)

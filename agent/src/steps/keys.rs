@@ -14,14 +14,70 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
         .target_path("etc/ssh")
         .context("the target root is not mounted")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let fingerprint = generate_ed25519(&dir, &format!("root@{}", plan.hostname))?;
-    console_fingerprint(&fingerprint);
-    execution.host_key_fingerprints.push(fingerprint);
+    let fingerprints = if plan.provided_host_keys.is_empty() {
+        vec![generate_ed25519(&dir, &format!("root@{}", plan.hostname))?]
+    } else {
+        install_provided(&plan.provided_host_keys, &dir)?
+    };
+    for fingerprint in fingerprints {
+        crate::console::line(&format!("host key: {fingerprint}"));
+        execution.host_key_fingerprints.push(fingerprint);
+    }
     Ok(())
 }
 
-fn console_fingerprint(fingerprint: &str) {
-    crate::console::line(&format!("host key: {fingerprint}"));
+/// Installs the operator's own host keys (from the secrets archive) so secrets encrypted to
+/// the host key (sops-nix, agenix) work at first boot; then wipes them from RAM.
+fn install_provided(private_keys: &[String], dir: &Path) -> Result<Vec<String>> {
+    let mut fingerprints = Vec::new();
+    for source in private_keys {
+        let source = Path::new(source);
+        let name = source.file_name().context("host key path without a file name")?;
+        let data = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
+        let key = PrivateKey::from_openssh(&data)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("parsing {}", source.display()))?;
+        let public = key
+            .public_key()
+            .to_openssh()
+            .map_err(|e| anyhow!("{e}"))
+            .context("encoding the public key")?;
+        write_file(&dir.join(name), &data, 0o600)?;
+        write_file(
+            &dir.join(format!("{}.pub", name.to_string_lossy())),
+            format!("{public}\n").as_bytes(),
+            0o644,
+        )?;
+        fingerprints.push(format!(
+            "{} {} {} ({})",
+            key_bits(&key),
+            key.fingerprint(HashAlg::Sha256),
+            key.comment(),
+            key.algorithm().as_str().trim_start_matches("ssh-").to_uppercase()
+        ));
+        wipe_file(source);
+    }
+    Ok(fingerprints)
+}
+
+fn key_bits(key: &PrivateKey) -> u32 {
+    match key.algorithm() {
+        Algorithm::Ed25519 => 256,
+        Algorithm::Ecdsa { curve } => match curve.as_str() {
+            "nistp384" => 384,
+            "nistp521" => 521,
+            _ => 256,
+        },
+        _ => 0,
+    }
+}
+
+/// Overwrites a secret in the initramfs before unlinking it, so its pages do not linger.
+pub fn wipe_file(path: &Path) {
+    if let Ok(meta) = std::fs::metadata(path) {
+        let _ = std::fs::write(path, vec![0u8; meta.len() as usize]);
+    }
+    let _ = std::fs::remove_file(path);
 }
 
 /// Writes `ssh_host_ed25519_key` (0600) and `.pub` (0644); returns `256 SHA256:... comment (ED25519)`
@@ -80,10 +136,7 @@ mod tests {
         let mode = std::fs::metadata(dir.path().join("ssh_host_ed25519_key"))
             .unwrap()
             .permissions();
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-            0o600
-        );
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
         let Ok(out) = std::process::Command::new("ssh-keygen")
             .args(["-l", "-f"])
             .arg(dir.path().join("ssh_host_ed25519_key"))
@@ -91,11 +144,7 @@ mod tests {
         else {
             panic!("ssh-keygen is needed for this test (Debian: openssh-client)");
         };
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), fingerprint);
     }
 }

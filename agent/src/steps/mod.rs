@@ -50,8 +50,7 @@ pub fn execute(plan: &Plan, execution: &mut Execution) -> Result<()> {
     for (index, step) in plan.steps.iter().enumerate() {
         console::line(&format!("[{}/{total}] {} ...", index + 1, step.name()));
         let start = Instant::now();
-        let result =
-            run_step(*step, plan, execution).with_context(|| format!("step {}", step.name()));
+        let result = run_step(*step, plan, execution).with_context(|| format!("step {}", step.name()));
         let seconds = start.elapsed().as_secs_f64();
         execution.records.push(StepRecord {
             step: *step,

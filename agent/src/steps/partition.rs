@@ -17,8 +17,7 @@ pub fn run(plan: &Plan) -> Result<()> {
     blockdev::reread_partitions(&disk, path)?;
     drop(disk);
     let devices: Vec<String> = plan.partitions.iter().map(|p| p.device.clone()).collect();
-    if std::fs::metadata(path)
-        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+    if std::fs::metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
     {
         blockdev::wait_for_nodes(&devices, Duration::from_secs(15))?;
     }
@@ -82,7 +81,6 @@ pub fn write_gpt(mut disk: std::fs::File, plan: &Plan) -> Result<std::fs::File> 
         .write()
         .map_err(|e| anyhow!("{e}"))
         .context("writing the GPT headers")?;
-    disk.sync_all()
-        .context("flushing the new partition table")?;
+    disk.sync_all().context("flushing the new partition table")?;
     Ok(disk)
 }

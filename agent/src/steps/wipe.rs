@@ -13,10 +13,7 @@ const BTRFS_MIRRORS: [u64; 2] = [64 * MIB, 256 << 30];
 
 pub fn ranges(plan: &Plan) -> Vec<(u64, u64)> {
     let size = plan.disk.size_bytes;
-    let mut ranges = vec![
-        (0, MIB.min(size)),
-        (size.saturating_sub(MIB), MIB.min(size)),
-    ];
+    let mut ranges = vec![(0, MIB.min(size)), (size.saturating_sub(MIB), MIB.min(size))];
     for &(start, len) in &plan.disk.old_partitions {
         ranges.push((start, MIB.min(len)));
         ranges.push((start + len.saturating_sub(MIB), MIB.min(len)));

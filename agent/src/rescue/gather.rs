@@ -1,0 +1,101 @@
+//! `nixos-kexec gather`: runtime info about the running system, read natively from sysfs and
+//! procfs (no ip, lsblk or udevadm needed).
+
+use crate::facts::{Disk, Facts, Firmware};
+use crate::runtime_info::{self, RuntimeInfo};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// What `gather` prints: runtime info plus the machine facts an operator wants to see.
+/// Only `info` travels to the installer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Gathered {
+    #[serde(flatten)]
+    pub info: RuntimeInfo,
+    pub machine: Machine,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub firmware: Firmware,
+    pub ram_bytes: u64,
+    pub arch: String,
+    pub dmi_vendor: Option<String>,
+    pub dmi_product: Option<String>,
+    pub disks: Vec<Disk>,
+    /// The disk that holds the running root filesystem, if any (a cloud image's own disk).
+    pub root_disk: Option<String>,
+}
+
+fn read_trimmed(path: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
+}
+
+/// Root's authorized keys, the keys the operator logs in with now.
+pub fn root_authorized_keys(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        // Lines with options (`from=... ssh-ed25519 ...`) keep only the key part.
+        .filter_map(|l| {
+            let start = l
+                .find("ssh-")
+                .or_else(|| l.find("ecdsa-"))
+                .or_else(|| l.find("sk-"))?;
+            let key = &l[start..];
+            runtime_info::validate_ssh_key(key).ok().map(|_| key.to_string())
+        })
+        .collect()
+}
+
+pub fn gather(facts: &Facts, network: Option<runtime_info::Network>) -> Result<Gathered> {
+    let hostname = read_trimmed("/proc/sys/kernel/hostname")
+        .map(|h| h.split('.').next().unwrap_or(&h).to_string())
+        .filter(|h| runtime_info::validate_hostname(h).is_ok());
+    let root_disk = facts
+        .disks
+        .iter()
+        .find(|d| d.mounted_at.iter().any(|m| m == "/"))
+        .map(|d| d.dev_path.clone());
+    Ok(Gathered {
+        info: RuntimeInfo {
+            version: runtime_info::VERSION,
+            hostname,
+            ssh_authorized_keys: root_authorized_keys(Path::new("/root/.ssh/authorized_keys")),
+            network,
+            ..RuntimeInfo::default()
+        },
+        machine: Machine {
+            firmware: facts.firmware,
+            ram_bytes: facts.ram_bytes,
+            arch: std::env::consts::ARCH.to_string(),
+            dmi_vendor: read_trimmed("/sys/class/dmi/id/sys_vendor"),
+            dmi_product: read_trimmed("/sys/class/dmi/id/product_name"),
+            disks: facts.disks.clone(),
+            root_disk,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorized_keys_with_options_and_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorized_keys");
+        std::fs::write(
+            &path,
+            "# comment\n\nfrom=\"10.0.0.0/8\",no-pty ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD me@host\ngarbage line\n",
+        )
+        .unwrap();
+        let keys = root_authorized_keys(&path);
+        assert_eq!(keys.len(), 1);
+        assert!(keys[0].starts_with("ssh-ed25519 AAAA"));
+    }
+}

@@ -1,0 +1,103 @@
+//! Loading the installer kernel and rebooting into it, natively (no kexec-tools needed), with
+//! a fallback to a `kexec` binary where the kernel only has the old kexec_load syscall.
+
+use crate::error::user_error;
+use crate::runner;
+use anyhow::{Context, Result};
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::process::Command;
+
+/// The combined initrd in anonymous memory, so the rescue system needs no writable disk space.
+pub fn memfd_with(parts: &[&[u8]]) -> Result<File> {
+    let name = CString::new("nixos-kexec-initrd").unwrap_or_default();
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; the fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("creating an in-memory file for the initrd");
+    }
+    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    for part in parts {
+        file.write_all(part).context("writing the initrd to memory")?;
+    }
+    Ok(file)
+}
+
+/// Pads an initrd to a 4-byte boundary so an appended archive starts where the kernel looks.
+pub fn pad4(mut initrd: Vec<u8>) -> Vec<u8> {
+    while initrd.len() % 4 != 0 {
+        initrd.push(0);
+    }
+    initrd
+}
+
+/// Loads kernel + initrd + command line with kexec_file_load. The kernel copies everything,
+/// so the files can be closed afterwards.
+pub fn load(kernel: &Path, initrd: &File, cmdline: &str) -> Result<()> {
+    let kernel_file = File::open(kernel).with_context(|| format!("opening {}", kernel.display()))?;
+    let cmdline_c = CString::new(cmdline).context("the kernel command line contains a NUL byte")?;
+    // The length passed must include the trailing NUL.
+    let len = cmdline_c.as_bytes_with_nul().len();
+    // SAFETY: the syscall reads the two descriptors and `len` bytes of the NUL-terminated line.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            kernel_file.as_raw_fd(),
+            initrd.as_raw_fd(),
+            len as libc::c_ulong,
+            cmdline_c.as_ptr(),
+            0 as libc::c_ulong,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    let reason = match error.raw_os_error() {
+        Some(libc::ENOSYS) => "this kernel has no kexec_file_load (CONFIG_KEXEC_FILE is off)",
+        Some(libc::EPERM) => "the kernel refused: not root, kexec disabled (kernel.kexec_load_disabled), or lockdown/Secure Boot",
+        Some(libc::EKEYREJECTED) | Some(libc::EBADMSG) | Some(libc::ENOKEY) => {
+            "the kernel requires a signed kernel image (Secure Boot / KEXEC_SIG)"
+        }
+        _ => "the kernel refused to load the installer",
+    };
+    Err(user_error(
+        format!("kexec_file_load failed: {reason} ({error})."),
+        fallback_hint(),
+    ))
+}
+
+fn fallback_hint() -> &'static str {
+    "install kexec-tools on the rescue system (a `kexec` binary is used automatically), disable Secure Boot, or boot the installer by PXE or GRUB instead (see the README)."
+}
+
+/// Loads with the `kexec` binary (kexec_load), for kernels without kexec_file_load.
+pub fn load_with_binary(kernel: &Path, initrd_path: &Path, cmdline: &str) -> Result<()> {
+    let kexec = ["/sbin/kexec", "/usr/sbin/kexec", "/bin/kexec", "/usr/bin/kexec"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or_else(|| {
+            user_error(
+                "No kexec_file_load and no kexec binary on this system.",
+                fallback_hint(),
+            )
+        })?;
+    let mut command = Command::new(kexec);
+    command
+        .arg("-l")
+        .arg(kernel)
+        .arg(format!("--initrd={}", initrd_path.display()))
+        .arg(format!("--command-line={cmdline}"));
+    runner::run(&mut command).map(|_| ())
+}
+
+/// Reboots into the loaded kernel. Does not return on success.
+pub fn reboot_into_loaded() -> Result<()> {
+    nix::unistd::sync();
+    nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC).context("reboot(RB_KEXEC)")?;
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! The rescue side: gather runtime info about the running system and kexec into the installer.
+
+pub mod cpio;
+pub mod gather;
+pub mod kexec;
+pub mod run;

@@ -1,0 +1,492 @@
+//! `nixos-kexec run`: gather, merge the operator's options, and kexec into the installer.
+//! Everything that can refuse does so before the kexec, while the operator can still act.
+
+use super::cpio::Archive;
+use super::gather::{self, Gathered};
+use super::kexec;
+use crate::cmdline::{Params, COMMAND_LINE_SIZE};
+use crate::config::Config;
+use crate::console;
+use crate::error::user_error;
+use crate::facts::{Disk, Facts};
+use crate::plan::{self, PlanIds, MIB};
+use crate::runtime_info::{self, DiskSelector, RuntimeInfo};
+use anyhow::{Context, Result};
+use base64::Engine;
+use std::path::{Path, PathBuf};
+
+use crate::config::{HOST_KEY_TYPES, SECRETS_DIR};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub bundle: PathBuf,
+    pub disk: Option<String>,
+    pub hostname: Option<String>,
+    pub nixpkgs: Option<String>,
+    pub ssh_key_files: Vec<PathBuf>,
+    pub disk_key_file: Option<PathBuf>,
+    pub host_keys: Option<PathBuf>,
+    pub params: Vec<(String, String)>,
+    pub dry_run: bool,
+}
+
+/// How the runtime info travels to the installer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    Cmdline,
+    CmdlineDeflated,
+    Cpio,
+}
+
+/// Everything `run` hands to the kernel, decided before anything irreversible happens.
+pub struct Handover {
+    pub cmdline: String,
+    pub carrier: Carrier,
+    pub archive: Archive,
+}
+
+/// Console parameters carried over from the running kernel, so the installer talks where the
+/// operator is looking; a serial and a screen console when there were none.
+fn console_params(running_cmdline: &str) -> Vec<String> {
+    let consoles: Vec<String> = crate::cmdline::split(running_cmdline)
+        .into_iter()
+        .filter(|w| w.starts_with("console="))
+        .collect();
+    if consoles.is_empty() {
+        vec!["console=tty0".into(), "console=ttyS0,115200".into()]
+    } else {
+        consoles
+    }
+}
+
+fn describe(disk: &Disk) -> String {
+    format!(
+        "{} ({} MiB, serial {})",
+        disk.dev_path,
+        disk.size_bytes / MIB,
+        disk.serial.as_deref().unwrap_or("none")
+    )
+}
+
+/// Resolves `--disk` on this machine and returns how the installer will recognise it: by serial
+/// when it has one, else by path cross-checked with a size no other disk has.
+pub fn identify_disk(choice: Option<&str>, facts: &Facts) -> Result<DiskSelector> {
+    let Some(choice) = choice else {
+        let list: Vec<String> = facts.disks.iter().map(describe).collect();
+        return Err(user_error(
+            format!("No target disk given. Disks here: {}.", list.join("; ")),
+            "pass --disk /dev/disk/by-id/... (or /dev/sdX, or serial:SERIAL).",
+        ));
+    };
+    let found: Vec<&Disk> = facts
+        .disks
+        .iter()
+        .filter(|d| match choice.strip_prefix("serial:") {
+            Some(serial) => d.serial.as_deref() == Some(serial),
+            None => match choice.strip_prefix("/dev/disk/by-id/") {
+                Some(id) => d.by_id.iter().any(|own| own == id),
+                None => d.dev_path == choice,
+            },
+        })
+        .collect();
+    let disk = match found.as_slice() {
+        [one] => *one,
+        [] => {
+            // by-id links on the rescue system may use names we do not derive; follow the link.
+            let resolved = std::fs::canonicalize(choice).ok();
+            match resolved.and_then(|p| facts.disks.iter().find(|d| Path::new(&d.dev_path) == p)) {
+                Some(disk) => disk,
+                None => {
+                    let list: Vec<String> = facts.disks.iter().map(describe).collect();
+                    return Err(user_error(
+                        format!(
+                            "Disk {choice} is not on this machine. Disks here: {}.",
+                            list.join("; ")
+                        ),
+                        "check the name with `nixos-kexec gather` and pass it with --disk.",
+                    ));
+                }
+            }
+        }
+        _ => {
+            return Err(user_error(
+                format!("Disk {choice} matches several disks."),
+                "pass a unique /dev/disk/by-id/... path.",
+            ))
+        }
+    };
+    if disk.read_only {
+        return Err(user_error(
+            format!("Disk {} is read-only.", describe(disk)),
+            "choose a writable disk.",
+        ));
+    }
+    if let Some(serial) = &disk.serial {
+        return Ok(DiskSelector {
+            path: None,
+            serial: Some(serial.clone()),
+            size_bytes: Some(disk.size_bytes),
+        });
+    }
+    let same_size = facts
+        .disks
+        .iter()
+        .filter(|d| d.size_bytes == disk.size_bytes)
+        .count();
+    if same_size > 1 {
+        return Err(user_error(
+            format!(
+                "Disk {} has no serial number and another disk has the same size, so the installer could not be sure to find the same disk after kexec (device names can change).",
+                describe(disk)
+            ),
+            "give the disk a serial (or use a provider volume that has one), or detach the other disk.",
+        ));
+    }
+    Ok(DiskSelector {
+        path: Some(disk.dev_path.clone()),
+        serial: None,
+        size_bytes: Some(disk.size_bytes),
+    })
+}
+
+fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let data = std::fs::read(path).with_context(|| format!("reading the {what} from {}", path.display()))?;
+    if data.is_empty() {
+        return Err(user_error(
+            format!("The {what} file {} is empty.", path.display()),
+            "put the secret in the file.",
+        ));
+    }
+    Ok(data)
+}
+
+/// Puts runtime info on the command line when it fits (deflated if that makes it fit),
+/// otherwise into the appended archive.
+pub fn hand_over(info: &RuntimeInfo, base_params: &[String], mut archive: Archive) -> Result<Handover> {
+    let json = serde_json::to_vec(info).context("serialising runtime info")?;
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let fits = |line: &str| line.len() < COMMAND_LINE_SIZE;
+    let join = |extra: Option<String>| {
+        let mut words = base_params.to_vec();
+        words.extend(extra);
+        words.join(" ")
+    };
+    let plain = join(Some(format!("nixos_kexec.info={}", encode(&json))));
+    if fits(&plain) {
+        return Ok(Handover {
+            cmdline: plain,
+            carrier: Carrier::Cmdline,
+            archive,
+        });
+    }
+    let deflated = join(Some(format!(
+        "nixos_kexec.info_deflate={}",
+        encode(&miniz_oxide::deflate::compress_to_vec(&json, 9))
+    )));
+    if fits(&deflated) {
+        return Ok(Handover {
+            cmdline: deflated,
+            carrier: Carrier::CmdlineDeflated,
+            archive,
+        });
+    }
+    archive.file(crate::config::RUNTIME_INFO_FILE, 0o644, json, false);
+    let cmdline = join(None);
+    if !fits(&cmdline) {
+        return Err(user_error(
+            format!(
+                "The installer's parameters alone are {} bytes, over the kernel's limit.",
+                cmdline.len()
+            ),
+            "pass fewer --param options.",
+        ));
+    }
+    Ok(Handover {
+        cmdline,
+        carrier: Carrier::Cpio,
+        archive,
+    })
+}
+
+/// RAM the installer needs: the compressed initrd and its unpacked copy (about 3x), the kernel,
+/// and room for mkfs and the agent.
+pub fn ram_needed(kernel_bytes: u64, initrd_bytes: u64) -> u64 {
+    kernel_bytes + initrd_bytes * 4 + 160 * MIB
+}
+
+pub fn prepare(
+    options: &RunOptions,
+    facts: &Facts,
+    gathered: Gathered,
+    running_cmdline: &str,
+) -> Result<Handover> {
+    let mut info = gathered.info;
+    if let Some(hostname) = &options.hostname {
+        runtime_info::validate_hostname(hostname)?;
+        info.hostname = Some(hostname.clone());
+    }
+    if let Some(nixpkgs) = &options.nixpkgs {
+        runtime_info::validate_flake_ref(nixpkgs)?;
+        info.nixpkgs = Some(nixpkgs.clone());
+    }
+    if !options.ssh_key_files.is_empty() {
+        info.ssh_authorized_keys.clear();
+        for file in &options.ssh_key_files {
+            let keys = gather::root_authorized_keys(file);
+            if keys.is_empty() {
+                return Err(user_error(
+                    format!("{} holds no SSH public key.", file.display()),
+                    "pass an id_*.pub or authorized_keys file with --ssh-key-file.",
+                ));
+            }
+            info.ssh_authorized_keys.extend(keys);
+        }
+    }
+    if info.ssh_authorized_keys.is_empty() {
+        return Err(user_error(
+            "No SSH key to put on the installed system: root has no authorized_keys here and none was given, so nobody could log in after the install.",
+            "pass --ssh-key-file ~/.ssh/id_ed25519.pub.",
+        ));
+    }
+    info.disk = Some(identify_disk(options.disk.as_deref(), facts)?);
+    info.validate(runtime_info::Source::Info)?;
+
+    let mut params = Params::default();
+    let mut base = console_params(running_cmdline);
+    for (key, value) in &options.params {
+        params.insert(key, value)?;
+        if matches!(key.replace('-', "_").as_str(), "info" | "info_deflate") {
+            return Err(user_error(
+                format!("--param {key} would replace the gathered runtime info."),
+                "drop it; run builds the runtime info itself.",
+            ));
+        }
+        base.push(if value.is_empty() {
+            format!("nixos_kexec.{key}")
+        } else {
+            format!("nixos_kexec.{key}={value}")
+        });
+    }
+
+    let mut archive = Archive::default();
+    if let Some(path) = &options.disk_key_file {
+        archive.file(
+            &format!("{SECRETS_DIR}/disk-passphrase"),
+            0o600,
+            read_secret(path, "disk passphrase")?,
+            true,
+        );
+    }
+    if let Some(dir) = &options.host_keys {
+        let mut found = 0;
+        for kind in HOST_KEY_TYPES {
+            let private = dir.join(format!("ssh_host_{kind}_key"));
+            if !private.exists() {
+                continue;
+            }
+            let data = read_secret(&private, "host key")?;
+            let text = String::from_utf8_lossy(&data);
+            ssh_key::PrivateKey::from_openssh(text.as_bytes()).map_err(|e| {
+                user_error(
+                    format!("{} is not an OpenSSH private key ({e}).", private.display()),
+                    "pass a directory with ssh_host_<type>_key files as ssh-keygen writes them, unencrypted.",
+                )
+            })?;
+            archive.file(&format!("{SECRETS_DIR}/ssh_host_{kind}_key"), 0o600, data, true);
+            found += 1;
+        }
+        if found == 0 {
+            return Err(user_error(
+                format!("{} holds no ssh_host_<type>_key file.", dir.display()),
+                "pass the directory that holds ssh_host_ed25519_key (and .pub).",
+            ));
+        }
+    }
+    hand_over(&info, &base, archive)
+}
+
+pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()> {
+    let running_cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let kernel = options.bundle.join("bzImage");
+    let initrd_path = options.bundle.join("initrd");
+    let kernel_bytes = std::fs::metadata(&kernel)
+        .with_context(|| format!("reading the bundle's kernel {}", kernel.display()))?
+        .len();
+    let initrd = std::fs::read(&initrd_path)
+        .with_context(|| format!("reading the bundle's initrd {}", initrd_path.display()))?;
+    let needed = ram_needed(kernel_bytes, initrd.len() as u64);
+    if facts.ram_bytes > 0 && facts.ram_bytes < needed {
+        return Err(user_error(
+            format!(
+                "This machine has {} MiB of RAM; the installer bundle needs about {} MiB.",
+                facts.ram_bytes / MIB,
+                needed / MIB
+            ),
+            "use a smaller bundle (the minimal Nix-built one), or add RAM.",
+        ));
+    }
+    let handover = prepare(options, facts, gathered, &running_cmdline)?;
+    match handover.carrier {
+        Carrier::Cmdline => console::line("runtime info travels on the kernel command line"),
+        Carrier::CmdlineDeflated => console::line("runtime info travels on the kernel command line, deflated"),
+        Carrier::Cpio => console::line(
+            "runtime info is too large for the kernel command line; it travels in the appended initrd archive",
+        ),
+    }
+    console::line(&format!(
+        "kernel command line ({} bytes): {}",
+        handover.cmdline.len(),
+        handover.cmdline
+    ));
+    for line in handover.archive.listing() {
+        console::line(&format!("appended archive: {line}"));
+    }
+    if options.dry_run {
+        // The installer sees the disk unmounted; plan as it will.
+        let mut after_kexec = facts.clone();
+        for disk in &mut after_kexec.disks {
+            disk.mounted_at.clear();
+            disk.holders.clear();
+        }
+        let params = Params::parse(&handover.cmdline)?;
+        let info_file = handover
+            .archive
+            .entries()
+            .iter()
+            .find(|e| e.path == crate::config::RUNTIME_INFO_FILE.trim_start_matches('/'))
+            .map(|e| runtime_info::parse_json(&e.data, runtime_info::Source::File, false))
+            .transpose()?;
+        let config = Config::assemble(info_file, &params)?;
+        let plan = plan::make(&config, &after_kexec, &PlanIds::random())?;
+        console::line(&format!("plan-json: {}", serde_json::to_string(&plan)?));
+        console::line("dry run: nothing was loaded");
+        return Ok(());
+    }
+    let mut initrd = kexec::pad4(initrd);
+    if !handover.archive.is_empty() {
+        initrd.extend(handover.archive.to_bytes());
+    }
+    let initrd_file = kexec::memfd_with(&[&initrd])?;
+    drop(initrd);
+    if let Err(native) = kexec::load(&kernel, &initrd_file, &handover.cmdline) {
+        console::line(&format!("{native:#}; trying a kexec binary"));
+        let fd_path = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&initrd_file)
+        ));
+        kexec::load_with_binary(&kernel, &fd_path, &handover.cmdline).context(native)?;
+    }
+    console::line("installer loaded; rebooting into it now");
+    kexec::reboot_into_loaded()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::tests::{disk, facts};
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD me@host";
+
+    fn info(keys: usize) -> RuntimeInfo {
+        RuntimeInfo {
+            version: 1,
+            hostname: Some("web1".into()),
+            ssh_authorized_keys: vec![KEY.to_string(); keys],
+            ..RuntimeInfo::default()
+        }
+    }
+
+    #[test]
+    fn small_info_goes_on_the_cmdline_and_decodes() {
+        let h = hand_over(&info(1), &["console=ttyS0".into()], Archive::default()).unwrap();
+        assert_eq!(h.carrier, Carrier::Cmdline);
+        let config = Config::assemble(None, &Params::parse(&h.cmdline).unwrap()).unwrap();
+        assert_eq!(config.hostname, "web1");
+    }
+
+    #[test]
+    fn repetitive_info_is_deflated_and_huge_info_goes_to_cpio() {
+        let h = hand_over(&info(20), &[], Archive::default()).unwrap();
+        assert_eq!(h.carrier, Carrier::CmdlineDeflated);
+        assert!(h.cmdline.len() < COMMAND_LINE_SIZE);
+        let config = Config::assemble(None, &Params::parse(&h.cmdline).unwrap()).unwrap();
+        assert_eq!(config.ssh_authorized_keys.len(), 20);
+
+        let mut big = info(0);
+        // Random keys do not compress: 60 distinct ones cannot fit in 2 KiB.
+        for _ in 0..60 {
+            let k = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519).unwrap();
+            big.ssh_authorized_keys.push(k.public_key().to_openssh().unwrap());
+        }
+        let h = hand_over(&big, &["console=ttyS0".into()], Archive::default()).unwrap();
+        assert_eq!(h.carrier, Carrier::Cpio);
+        assert_eq!(h.cmdline, "console=ttyS0");
+        let entry = &h
+            .archive
+            .entries()
+            .iter()
+            .find(|e| e.path.ends_with("runtime-info.json"))
+            .unwrap()
+            .data;
+        assert_eq!(
+            runtime_info::parse_json(entry, runtime_info::Source::File, false).unwrap(),
+            big
+        );
+    }
+
+    #[test]
+    fn disk_identity_prefers_serial_and_refuses_ambiguous_serialless() {
+        let f = facts(vec![disk("vda", 4 << 30, 512, "A")]);
+        let id = identify_disk(Some("/dev/vda"), &f).unwrap();
+        assert_eq!(id.serial.as_deref(), Some("A"));
+        assert_eq!(id.size_bytes, Some(4 << 30));
+        assert!(identify_disk(None, &f).is_err());
+        assert!(identify_disk(Some("/dev/vdz"), &f).is_err());
+
+        let mut a = disk("vda", 4 << 30, 512, "A");
+        let mut b = disk("vdb", 4 << 30, 512, "B");
+        a.serial = None;
+        b.serial = None;
+        assert!(identify_disk(Some("/dev/vda"), &facts(vec![a.clone(), b])).is_err());
+        let id = identify_disk(Some("/dev/vda"), &facts(vec![a])).unwrap();
+        assert_eq!(id.path.as_deref(), Some("/dev/vda"));
+    }
+
+    #[test]
+    fn secrets_stay_off_the_cmdline() {
+        let dir = tempfile::tempdir().unwrap();
+        let pass = dir.path().join("pass");
+        std::fs::write(&pass, "correct horse battery staple").unwrap();
+        let options = RunOptions {
+            disk: Some("/dev/vda".into()),
+            disk_key_file: Some(pass),
+            ssh_key_files: vec![],
+            ..RunOptions::default()
+        };
+        let f = facts(vec![disk("vda", 4 << 30, 512, "A")]);
+        let gathered = Gathered {
+            info: info(1),
+            machine: gather::Machine {
+                firmware: crate::facts::Firmware::Bios,
+                ram_bytes: 1 << 30,
+                arch: "x86_64".into(),
+                dmi_vendor: None,
+                dmi_product: None,
+                disks: vec![],
+                root_disk: None,
+            },
+        };
+        let h = prepare(
+            &options,
+            &f,
+            gathered,
+            "BOOT_IMAGE=/vmlinuz console=ttyS0,115200 quiet",
+        )
+        .unwrap();
+        assert!(!h.cmdline.contains("correct horse"));
+        assert!(h.cmdline.starts_with("console=ttyS0,115200 nixos_kexec.info="));
+        assert!(!h.archive.listing().join("\n").contains("correct horse"));
+        assert!(h.archive.to_bytes().windows(5).any(|w| w == b"horse"));
+    }
+}
