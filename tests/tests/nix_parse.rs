@@ -1,0 +1,254 @@
+//! Every `.nix` file of the repository must parse (`nix-instantiate --parse`), and `flake.nix`
+//! must be an attribute set with `description`, `inputs` and `outputs`.
+//!
+//! Nothing here builds or needs nixpkgs: this machine has neither nixpkgs nor a binary cache.
+//! `--parse` also resolves variables, so a misspelt name outside a `with` scope fails here.
+//! The commands run with `--store dummy://` (so no Nix store or daemon is needed, and they work
+//! as any user) and with HOME/XDG directories in a temporary directory.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const MIN_NIX_FILES: usize = 3;
+
+fn repo_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .expect("the tests crate lives in a directory of the repository")
+        .canonicalize()
+        .expect("the repository root exists")
+}
+
+/// All `*.nix` files under `dir`, sorted; skips `target/` and `.git/` and does not follow
+/// symlinks (a `result` link from `nix build` points into /nix/store).
+fn nix_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("reading directory {}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading directory {}", dir.display()))?;
+            let file_type = entry
+                .file_type()
+                .with_context(|| format!("inspecting {}", entry.path().display()))?;
+            let name = entry.file_name();
+            if file_type.is_dir() {
+                if name != "target" && name != ".git" {
+                    pending.push(entry.path());
+                }
+            } else if file_type.is_file() && Path::new(&name).extension().is_some_and(|e| e == "nix") {
+                found.push(entry.path());
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Runs nix-instantiate; how depends on what this machine's Nix accepts.
+struct NixInstantiate {
+    home: tempfile::TempDir,
+    store_args: Vec<&'static str>,
+}
+
+impl NixInstantiate {
+    fn new() -> Result<NixInstantiate> {
+        let home = tempfile::tempdir().context("creating a temporary HOME for nix-instantiate")?;
+        let mut tool = NixInstantiate {
+            home,
+            store_args: vec!["--store", "dummy://"],
+        };
+        // Very old Nix may not know the dummy store; then the default store has to do.
+        let probe = tool.run(&["--parse", "-E", "{ }"])?;
+        if !probe.status.success() {
+            tool.store_args.clear();
+            let probe = tool.run(&["--parse", "-E", "{ }"])?;
+            if !probe.status.success() {
+                bail!(
+                    "nix-instantiate cannot parse even `{{ }}` (neither with --store dummy:// nor with its default store):\n{}",
+                    String::from_utf8_lossy(&probe.stderr)
+                );
+            }
+        }
+        Ok(tool)
+    }
+
+    fn run(&self, args: &[&str]) -> Result<Output> {
+        let home = self.home.path();
+        let output = Command::new("nix-instantiate")
+            .args(&self.store_args)
+            .args(args)
+            .env("HOME", home)
+            .env("XDG_CACHE_HOME", home.join("cache"))
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_DATA_HOME", home.join("data"))
+            .env("XDG_STATE_HOME", home.join("state"))
+            .env_remove("NIX_PATH")
+            .output();
+        match output {
+            Ok(output) => Ok(output),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "nix-instantiate is not installed (or not in PATH), so the Nix files cannot be checked. \
+                 Install it: `apt-get install nix-bin` on Debian/Ubuntu, or any Nix from https://nixos.org/download"
+            ),
+            Err(e) => Err(e).context("running nix-instantiate"),
+        }
+    }
+}
+
+#[test]
+fn every_nix_file_parses() -> Result<()> {
+    let root = repo_root();
+    let files = nix_files(&root)?;
+    let relative = |p: &Path| p.strip_prefix(&root).unwrap_or(p).display().to_string();
+    if files.len() < MIN_NIX_FILES {
+        bail!(
+            "found only {} .nix file(s) under {} ({}); expected at least {} (flake.nix and nix/*.nix), \
+             so this test would prove nothing",
+            files.len(),
+            root.display(),
+            files.iter().map(|p| relative(p)).collect::<Vec<_>>().join(", "),
+            MIN_NIX_FILES
+        );
+    }
+
+    let nix = NixInstantiate::new()?;
+    let mut failures = Vec::new();
+    for file in &files {
+        let path = file
+            .to_str()
+            .with_context(|| format!("{} is not UTF-8", file.display()))?;
+        let output = nix.run(&["--parse", path])?;
+        if !output.status.success() {
+            failures.push(format!(
+                "{} ({}):\n{}",
+                relative(file),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim_end()
+            ));
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} .nix files do not parse with `nix-instantiate --parse`:\n\n{}",
+            failures.len(),
+            files.len(),
+            failures.join("\n\n")
+        );
+    }
+    eprintln!(
+        "{} .nix files parse: {}",
+        files.len(),
+        files.iter().map(|p| relative(p)).collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}
+
+#[test]
+fn flake_has_description_inputs_and_outputs() -> Result<()> {
+    let root = repo_root();
+    let flake = root.join("flake.nix");
+    if !flake.is_file() {
+        bail!(
+            "{} is missing: the repository needs a flake.nix at its root",
+            flake.display()
+        );
+    }
+    // Only the top level of flake.nix is evaluated: `outputs` stays an unapplied function, so
+    // no input (nixpkgs) is fetched or needed.
+    // The path travels as --argstr, so no quoting of it inside the expression is needed.
+    let expression = r#"{ flakePath }:
+        let flake = import flakePath; in
+        assert builtins.isAttrs flake;
+        {
+          names = builtins.attrNames flake;
+          description = flake.description;
+          inputs = builtins.attrNames flake.inputs;
+          nixpkgsUrl = flake.inputs.nixpkgs.url or null;
+          outputsIsFunction = builtins.isFunction flake.outputs;
+        }"#;
+    let flake_path = flake.to_str().context("the path of flake.nix is not UTF-8")?;
+    let nix = NixInstantiate::new()?;
+    let output = nix.run(&[
+        "--eval",
+        "--strict",
+        "--json",
+        "-E",
+        expression,
+        "--argstr",
+        "flakePath",
+        flake_path,
+    ])?;
+    if !output.status.success() {
+        bail!(
+            "evaluating the top level of flake.nix failed:\n{}",
+            String::from_utf8_lossy(&output.stderr).trim_end()
+        );
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("nix-instantiate --json printed no JSON")?;
+
+    let names: Vec<&str> = value["names"]
+        .as_array()
+        .context("attrNames is not a list")?
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    for required in ["description", "inputs", "outputs"] {
+        if !names.contains(&required) {
+            bail!("flake.nix has no `{required}` (it has: {})", names.join(", "));
+        }
+    }
+    let description = value["description"]
+        .as_str()
+        .context("flake.nix `description` is not a string")?;
+    if description.trim().is_empty() {
+        bail!("flake.nix has an empty description");
+    }
+    let inputs = value["inputs"]
+        .as_array()
+        .context("flake.nix `inputs` is not an attribute set")?;
+    if !inputs.iter().any(|i| i == "nixpkgs") {
+        bail!("flake.nix has no nixpkgs input (inputs: {inputs:?})");
+    }
+    if !value["nixpkgsUrl"]
+        .as_str()
+        .is_some_and(|url| url.starts_with("github:NixOS/nixpkgs/"))
+    {
+        bail!(
+            "the nixpkgs input of flake.nix is not a github:NixOS/nixpkgs/... URL: {}",
+            value["nixpkgsUrl"]
+        );
+    }
+    if value["outputsIsFunction"] != serde_json::Value::Bool(true) {
+        bail!("flake.nix `outputs` is not a function");
+    }
+    Ok(())
+}
+
+#[test]
+fn nix_file_walk_skips_target_and_git() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (path, text) in [
+        ("a.nix", "{ }"),
+        ("sub/b.nix", "{ }"),
+        ("sub/c.txt", "not nix"),
+        ("target/d.nix", "{"),
+        (".git/e.nix", "{"),
+        ("sub/target/f.nix", "{"),
+    ] {
+        let path = dir.path().join(path);
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        std::fs::write(&path, text)?;
+    }
+    std::os::unix::fs::symlink("/nonexistent", dir.path().join("result"))?;
+    let found: Vec<String> = nix_files(dir.path())?
+        .iter()
+        .map(|p| p.strip_prefix(dir.path()).unwrap().display().to_string())
+        .collect();
+    assert_eq!(found, vec!["a.nix", "sub/b.nix"]);
+    Ok(())
+}
