@@ -11,6 +11,7 @@ pub mod console;
 pub mod error;
 pub mod facts;
 pub mod kmod;
+pub mod network;
 pub mod pid1;
 pub mod plan;
 pub mod rescue;
