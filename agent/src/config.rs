@@ -18,6 +18,7 @@ pub const DEFAULT_HOSTNAME: &str = "nixos";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
+    Network,
     Wipe,
     Partition,
     Format,
@@ -29,7 +30,8 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 8] = [
+    pub const ALL: [Step; 9] = [
+        Step::Network,
         Step::Wipe,
         Step::Partition,
         Step::Format,
@@ -42,6 +44,7 @@ impl Step {
 
     pub fn name(self) -> &'static str {
         match self {
+            Step::Network => "network",
             Step::Wipe => "wipe",
             Step::Partition => "partition",
             Step::Format => "format",

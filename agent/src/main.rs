@@ -77,7 +77,8 @@ fn print_stdout(text: &str) {
 }
 
 fn gather(facts: &Facts) -> anyhow::Result<Gathered> {
-    nixos_kexec::rescue::gather::gather(facts, None)
+    let network = nixos_kexec::network::translate::gather_network()?;
+    nixos_kexec::rescue::gather::gather(facts, Some(network))
 }
 
 fn parse_param(text: &str) -> Result<(String, String), String> {

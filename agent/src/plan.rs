@@ -119,6 +119,8 @@ pub struct Plan {
     pub runtime_info: RuntimeInfo,
     /// Host private keys the operator supplied in the secrets archive; empty: generate.
     pub provided_host_keys: Vec<String>,
+    /// The network to bring up in the installer and to write for the installed system.
+    pub network: Option<crate::runtime_info::Network>,
 }
 
 pub const TYPE_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
@@ -152,6 +154,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
     let mut steps: Vec<Step> = Step::ALL
         .into_iter()
         .take_while(|step| Some(*step) != config.stop_before)
+        .filter(|step| *step != Step::Network || config.network.is_some())
         .collect();
     if config.stop_before.is_some_and(|step| step != Step::Finish) {
         steps.push(Step::Finish);
@@ -193,6 +196,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         mount_root,
         runtime_info: config.runtime_info.clone(),
         provided_host_keys: config.provided_host_keys.clone(),
+        network: config.network.clone(),
         steps,
         stop_before: config.stop_before,
         after: config.after,

@@ -253,6 +253,14 @@ pub fn prepare(
 
     let mut params = Params::default();
     let mut base = console_params(running_cmdline);
+    // The bundle's own parameters (the Nix bundle ships `kernel-params`), except consoles: the
+    // operator is watching the rescue system's.
+    let bundle_params = std::fs::read_to_string(options.bundle.join("kernel-params")).unwrap_or_default();
+    base.extend(
+        crate::cmdline::split(&bundle_params)
+            .into_iter()
+            .filter(|w| !w.starts_with("console=")),
+    );
     for (key, value) in &options.params {
         params.insert(key, value)?;
         if matches!(key.replace('-', "_").as_str(), "info" | "info_deflate") {

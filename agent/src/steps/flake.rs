@@ -2,6 +2,7 @@
 
 use super::Execution;
 use crate::facts::Firmware;
+use crate::network::{self, facts::NetworkFacts};
 use crate::plan::{Filesystem, FsKind, Plan};
 use crate::runtime_info::RuntimeInfo;
 use crate::templates::{self, Value};
@@ -12,9 +13,11 @@ pub struct HostFlake {
     pub flake: String,
     pub configuration: String,
     pub hardware: String,
+    /// `network.nix`, when the runtime info described the network.
+    pub network: Option<String>,
 }
 
-pub fn render(plan: &Plan) -> Result<HostFlake> {
+pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostFlake> {
     let firmware = match plan.firmware {
         Firmware::Uefi => "uefi",
         Firmware::Bios => "bios",
@@ -40,10 +43,20 @@ pub fn render(plan: &Plan) -> Result<HostFlake> {
         flake: templates::render(templates::FLAKE, &common(vec![]))?,
         configuration: templates::render(
             templates::CONFIGURATION,
-            &common(vec![(
-                "authorized_keys",
-                Value::Block(templates::list_lines(&plan.ssh_authorized_keys, 4)),
-            )]),
+            &common(vec![
+                (
+                    "authorized_keys",
+                    Value::Block(templates::list_lines(&plan.ssh_authorized_keys, 4)),
+                ),
+                (
+                    "imports",
+                    Value::Block(if plan.network.is_some() {
+                        "./network.nix".into()
+                    } else {
+                        String::new()
+                    }),
+                ),
+            ]),
         )?,
         hardware: templates::render(
             templates::HARDWARE,
@@ -55,6 +68,11 @@ pub fn render(plan: &Plan) -> Result<HostFlake> {
                 ("file_systems", Value::Block(file_systems(&plan.filesystems))),
             ]),
         )?,
+        network: plan
+            .network
+            .as_ref()
+            .map(|n| network::nixos::render(n, network_facts))
+            .transpose()?,
     })
 }
 
@@ -88,12 +106,21 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
     let dir = execution
         .target_path("etc/nixos")
         .context("the target root is not mounted")?;
-    write_all(&dir, plan, &plan.runtime_info)
+    write_all(&dir, plan, &plan.runtime_info, execution.network_facts.as_ref())
 }
 
-pub fn write_all(dir: &Path, plan: &Plan, runtime_info: &RuntimeInfo) -> Result<()> {
+pub fn write_all(
+    dir: &Path,
+    plan: &Plan,
+    runtime_info: &RuntimeInfo,
+    network_facts: Option<&NetworkFacts>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let rendered = render(plan)?;
+    let rendered = render(plan, network_facts)?;
+    if let Some(text) = &rendered.network {
+        let path = dir.join("network.nix");
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     let info = serde_json::to_string_pretty(runtime_info).context("serialising runtime info")? + "\n";
     for (name, text) in [
         ("flake.nix", &rendered.flake),
@@ -120,7 +147,7 @@ mod tests {
         config.ssh_authorized_keys = vec!["ssh-ed25519 AAAA \"quoted\" ${x}".into()];
         let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids()).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        write_all(dir.path(), &plan, &config.runtime_info).unwrap();
+        write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
         let hardware = std::fs::read_to_string(dir.path().join("hardware-configuration.nix")).unwrap();
         assert!(hardware.contains("\"/dev/disk/by-uuid/1A2B-3C4D\""), "{hardware}");
         assert!(

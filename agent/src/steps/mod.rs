@@ -29,6 +29,8 @@ pub struct StepRecord {
 #[derive(Default)]
 pub struct Execution {
     pub mounts: Vec<Mount>,
+    /// The installer's network as the kernel reports it after the network step.
+    pub network_facts: Option<crate::network::facts::NetworkFacts>,
     pub records: Vec<StepRecord>,
     pub host_key_fingerprints: Vec<String>,
 }
@@ -69,6 +71,7 @@ pub fn execute(plan: &Plan, execution: &mut Execution) -> Result<()> {
 
 fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
     match step {
+        Step::Network => network(plan, execution),
         Step::Wipe => wipe::run(plan),
         Step::Partition => partition::run(plan),
         Step::Format => format::run(plan),
@@ -78,4 +81,13 @@ fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
         Step::Install => install::run(plan, execution),
         Step::Finish => finish::write_report(plan, execution, None),
     }
+}
+
+/// Brings the installer's network up as the rescue system had it, interfaces matched by MAC.
+fn network(plan: &Plan, execution: &mut Execution) -> Result<()> {
+    let Some(network) = &plan.network else {
+        return Ok(());
+    };
+    execution.network_facts = Some(crate::network::apply::apply(network)?);
+    Ok(())
 }

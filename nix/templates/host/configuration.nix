@@ -8,6 +8,8 @@ let
   bootDisk = "@boot_disk@";
 in
 {
+  imports = [ /*@imports@*/ ];
+
   boot.loader.systemd-boot.enable = firmware == "uefi";
   boot.loader.efi.canTouchEfiVariables = firmware == "uefi";
   boot.loader.grub.enable = firmware == "bios";
