@@ -62,6 +62,7 @@ let
     "ext4"
     "vfat"
     "nls_cp437"
+    "nls_ascii"
     "nls_iso8859_1"
     "btrfs"
     "dm_crypt"

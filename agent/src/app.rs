@@ -93,6 +93,9 @@ fn print_plan(plan: &Plan) -> Result<()> {
 
 /// Builds the plan from the input without touching any disk.
 pub fn make_plan(input: &Input) -> Result<(Config, Plan)> {
+    // Secrets never travel on the command line, so it is safe to show; it is the first thing to
+    // check when a parameter seems to be ignored.
+    console::line(&format!("installer kernel command line: {}", input.cmdline.trim()));
     let config = input.config()?;
     let facts = Facts::gather()?;
     print_facts(&facts);

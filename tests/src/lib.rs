@@ -1,1 +1,138 @@
+//! Whole-system test harness for nixos-kexec: builds the development bundle
+//! (`kexec-bundle/build-dev`), boots it in QEMU under TCG with disks of chosen buses, sector
+//! sizes and serials, captures the serial console, and inspects the disk images afterwards
+//! with independent tools.
+//!
+//! ```no_run
+//! use nixos_kexec_tests::*;
+//! # fn main() -> anyhow::Result<()> {
+//! let bundle = dev_bundle()?;
+//! let out = Vm::new(&bundle)
+//!     .disk(DiskSpec::new(2 << 30, DiskBus::Virtio).sector(4096).serial("ROOTDISK"))
+//!     .param("nixos_kexec.disk=/dev/vda")
+//!     .param("nixos_kexec.after=poweroff")
+//!     .run()?;
+//! out.expect_success()?;
+//! sgdisk_verify(&out.disks[0])?;
+//! let root = extract_partition(&out.disks[0], 2)?;
+//! e2fsck(&root)?;
+//! let flake = ext4_read_file(&root, "/etc/nixos/flake.nix")?;
+//! # Ok(()) }
+//! ```
+//!
+//! Environment:
+//! - `NIXOS_KEXEC_BUNDLE=DIR`: use the bzImage/initrd in DIR as they are (no build).
+//! - `NIXOS_KEXEC_KEEP_VM=1`: keep each VM's temp dir (disk images, `serial.log`,
+//!   `qemu-command`) instead of deleting it.
+//! - `NIXOS_KEXEC_ECHO_INSPECT=1`: echo the console of the helper VM used to inspect
+//!   4096-byte-sector images.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+
+pub mod cpio;
+pub mod inspect;
+pub mod tool;
+pub mod vm;
+
+pub use cpio::{cpio_from_dir, Cpio};
+pub use inspect::*;
+pub use tool::{run_tool, run_tool_unchecked, tool, ToolOutput};
+pub use vm::{
+    AttachedDisk, Console, DiskBus, DiskSpec, Firmware, RunOutcome, Vm, BASE_CMDLINE, RESULT_PREFIX,
+};
+
+/// A kernel + initrd to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    pub bzimage: PathBuf,
+    pub initrd: PathBuf,
+    /// The directory holding them (and `run-installer`, `inspect-tools.cpio` when present).
+    pub dir: PathBuf,
+}
+
+impl Bundle {
+    /// The bundle in `dir` (`bzImage` and `initrd` must exist).
+    pub fn from_dir(dir: &Path) -> Result<Bundle> {
+        let b = Bundle {
+            bzimage: dir.join("bzImage"),
+            initrd: dir.join("initrd"),
+            dir: dir.to_path_buf(),
+        };
+        for f in [&b.bzimage, &b.initrd] {
+            if !f.is_file() {
+                bail!("bundle file {} does not exist", f.display());
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Cargo's target directory (`CARGO_TARGET_DIR` or `<workspace>/target`).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                workspace_root().join(d)
+            }
+        }
+        _ => workspace_root().join("target"),
+    }
+}
+
+/// The development bundle: with `NIXOS_KEXEC_BUNDLE=DIR` that directory as is; otherwise
+/// `kexec-bundle/build-dev <target>/dev-bundle`, run once per process and under an exclusive
+/// `flock(1)` on `<target>/dev-bundle.lock`, so test binaries running at the same time build
+/// it one after the other (a re-run with nothing changed takes a few seconds).
+pub fn dev_bundle() -> Result<Bundle> {
+    static BUNDLE: OnceLock<std::result::Result<Bundle, String>> = OnceLock::new();
+    BUNDLE
+        .get_or_init(|| build_dev_bundle().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn build_dev_bundle() -> Result<Bundle> {
+    if let Some(dir) = std::env::var_os("NIXOS_KEXEC_BUNDLE").filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        return Bundle::from_dir(&dir).with_context(|| format!("NIXOS_KEXEC_BUNDLE={}", dir.display()));
+    }
+    let root = workspace_root();
+    let script = root.join("kexec-bundle/build-dev");
+    let target = target_dir();
+    let out = target.join("dev-bundle");
+    let lock = target.join("dev-bundle.lock");
+    std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+    eprintln!(
+        "dev_bundle: running {} {} (under flock {})",
+        script.display(),
+        out.display(),
+        lock.display()
+    );
+    let start = std::time::Instant::now();
+    let result = run_tool(
+        Command::new("flock")
+            .arg(&lock)
+            .arg(&script)
+            .arg(&out)
+            .current_dir(&root),
+    )
+    .context("building the development bundle")?;
+    eprintln!("dev_bundle: done in {:.1}s", start.elapsed().as_secs_f64());
+    for line in result.stdout_str().lines() {
+        eprintln!("dev_bundle: {line}");
+    }
+    Bundle::from_dir(&out)
+}

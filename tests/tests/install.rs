@@ -1,0 +1,302 @@
+//! Boot scenarios of the installer core: a real kernel boots the dev bundle in QEMU, the agent
+//! reads its instructions from the kernel command line and prepares the disk; the results are
+//! checked from outside with sgdisk/sfdisk, fsck.fat, e2fsck, debugfs, blkid, ssh-keygen and
+//! nix-instantiate.
+//!
+//! The dev bundle carries no Nix, so these stop before `install` (nixos_kexec.stop_before), except
+//! `install_step_with_stand_in`, which appends a test double for nixos-install: the real one needs
+//! a Nix binary cache this machine cannot reach.
+
+use anyhow::{ensure, Context, Result};
+use nixos_kexec_tests::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop";
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn key_param() -> String {
+    format!("nixos_kexec.ssh_key={}", KEY.replace(' ', "+"))
+}
+
+/// Parameters every preparing scenario uses: stop before the Nix install, power off after.
+fn prepare_params(vm: Vm) -> Vm {
+    vm.param(key_param())
+        .param("nixos_kexec.stop_before=install")
+        .param("nixos_kexec.after=poweroff")
+}
+
+/// Everything a prepared disk must satisfy, checked by tools we did not write.
+fn check_prepared(out: &RunOutcome, disk: &Path, firmware: &str, hostname: &str) -> Result<Value> {
+    out.expect_success()?;
+    ensure!(out.exited_by_itself, "the VM should have powered off by itself");
+    sgdisk_verify(disk)?;
+    let parts = partitions(disk)?;
+    let layout: Vec<(u32, u64, u64)> = parts.iter().map(|(n, s, l, _)| (*n, *s, *l)).collect();
+    ensure!(layout.len() == 3, "expected 3 partitions, got {layout:?}");
+    ensure!(layout[0] == (1, MIB, MIB), "BIOS boot partition: {:?}", layout[0]);
+    ensure!(layout[1] == (2, 2 * MIB, 512 * MIB), "ESP: {:?}", layout[1]);
+    ensure!(layout[2].1 == 514 * MIB && layout[2].2 % MIB == 0, "root: {:?}", layout[2]);
+    let types: Vec<String> = parts.iter().map(|p| p.3["type"].as_str().unwrap_or("").to_uppercase()).collect();
+    ensure!(
+        types
+            == [
+                "21686148-6449-6E6F-744E-656564454649",
+                "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+                "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+            ],
+        "partition types {types:?}"
+    );
+
+    let esp = extract_partition(disk, 2)?;
+    fsck_fat(&esp)?;
+    let root = extract_partition(disk, 3)?;
+    e2fsck(&root)?;
+    let esp_id = blkid(&esp)?;
+    let root_id = blkid(&root)?;
+    ensure!(esp_id.get("TYPE").map(String::as_str) == Some("vfat"), "ESP blkid {esp_id:?}");
+    ensure!(root_id.get("TYPE").map(String::as_str) == Some("ext4"), "root blkid {root_id:?}");
+
+    let read = |path: &str| -> Result<String> { Ok(String::from_utf8(ext4_read_file(&root, path)?)?) };
+    let flake = read("/etc/nixos/flake.nix")?;
+    let configuration = read("/etc/nixos/configuration.nix")?;
+    let hardware = read("/etc/nixos/hardware-configuration.nix")?;
+    for (name, text) in [("flake.nix", &flake), ("configuration.nix", &configuration), ("hardware-configuration.nix", &hardware)] {
+        nix_parse_str(text).with_context(|| format!("parsing the generated {name}"))?;
+    }
+    ensure!(flake.contains(&format!("nixosConfigurations.\"{hostname}\"")), "flake.nix:\n{flake}");
+    ensure!(configuration.contains(&format!("firmware = \"{firmware}\"")), "configuration.nix:\n{configuration}");
+    ensure!(configuration.contains(KEY), "authorized key missing:\n{configuration}");
+    ensure!(configuration.contains(&format!("networking.hostName = \"{hostname}\"")), "{configuration}");
+    for id in [&esp_id, &root_id] {
+        let uuid = id.get("UUID").context("no UUID from blkid")?;
+        ensure!(hardware.contains(&format!("/dev/disk/by-uuid/{uuid}")), "UUID {uuid} not in hardware-configuration.nix:\n{hardware}");
+    }
+    ensure!(hardware.contains("virtio_pci") || hardware.contains("nvme"), "no disk driver in initrd modules:\n{hardware}");
+    let info: Value = serde_json::from_str(&read("/etc/nixos/runtime-info.json")?)?;
+    ensure!(info["version"] == 1, "runtime-info.json: {info}");
+
+    let key_stat = ext4_stat(&root, "/etc/ssh/ssh_host_ed25519_key")?;
+    ensure!(key_stat.mode & 0o777 == 0o600, "host key mode {:o}", key_stat.mode);
+    let key_file = out.dir.join("host_key");
+    std::fs::write(&key_file, ext4_read_file(&root, "/etc/ssh/ssh_host_ed25519_key")?)?;
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let fingerprint = ssh_keygen_fingerprint(&key_file)?;
+    ensure!(
+        out.contains(&format!("host key: {}", fingerprint.trim())),
+        "fingerprint `{}` not printed on the console",
+        fingerprint.trim()
+    );
+
+    let report: Value = serde_json::from_str(&read("/var/log/nixos-kexec/report.json")?)?;
+    ensure!(report["result"] == "success", "report: {report}");
+    ensure!(report["stopped_before"] == "install", "report: {report}");
+    let log = read("/var/log/nixos-kexec/install.log")?;
+    ensure!(log.contains("partition done in"), "install.log lacks step lines:\n{log}");
+    Ok(report)
+}
+
+/// SHA-256 of a whole image, to show a disk was not touched.
+fn digest(path: &Path) -> Result<String> {
+    Ok(tool("sha256sum", &[path.to_str().context("path")?])?.split_whitespace().next().unwrap_or("").to_string())
+}
+
+/// A disk image that already holds a partition table and data, like a machine's old disk.
+fn used_disk(dir: &Path, name: &str, size: u64) -> Result<PathBuf> {
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path)?;
+    file.set_len(size)?;
+    tool("sgdisk", &["-n", "1:2048:+100M", "-t", "1:8300", "-c", "1:old-data", path.to_str().context("path")?])?;
+    Ok(path)
+}
+
+#[test]
+fn bios_virtio_512_in_256_mib() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let out = prepare_params(Vm::new(&bundle))
+        .memory_mib(256)
+        .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("SYSDISK1"))
+        .param("nixos_kexec.disk=/dev/vda")
+        .param("nixos_kexec.hostname=web1")
+        .run()?;
+    check_prepared(&out, &out.disks[0], "bios", "web1")?;
+    Ok(())
+}
+
+#[test]
+fn uefi_nvme_4096_chosen_by_id() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let out = prepare_params(Vm::new(&bundle))
+        .firmware(Firmware::Uefi)
+        .disk(DiskSpec::new(4 * GIB, DiskBus::Nvme).sector(4096).serial("NV4K0001"))
+        .param("nixos_kexec.disk=/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_NV4K0001")
+        .run()?;
+    ensure!(gpt_sector_size(&out.disks[0])? == Some(4096), "the GPT was not written with 4096-byte sectors");
+    let report = check_prepared(&out, &out.disks[0], "uefi", "nixos")?;
+    ensure!(report["disk"]["logical_sector"] == 4096, "report: {report}");
+    Ok(())
+}
+
+#[test]
+fn two_disks_target_by_serial_other_untouched() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let other = used_disk(scratch.path(), "other.img", 3 * GIB)?;
+    let before = digest(&other)?;
+    let info = serde_json::json!({
+        "version": 1,
+        "hostname": "db1",
+        "disk": {"serial": "TARGET02", "size_bytes": 3 * GIB},
+        "ssh_authorized_keys": [KEY],
+    });
+    let encoded = base64_std(info.to_string().as_bytes());
+    let out = Vm::new(&bundle)
+        .disk_image(&other, DiskBus::Virtio, 512, "OTHER001")
+        .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("TARGET02"))
+        .param(format!("nixos_kexec.info={encoded}"))
+        .param("nixos_kexec.stop_before=install")
+        .param("nixos_kexec.after=poweroff")
+        .run()?;
+    check_prepared(&out, &out.disks[1], "bios", "db1")?;
+    ensure!(digest(&other)? == before, "the disk that was not chosen changed");
+    Ok(())
+}
+
+/// Each bad input stops the run with one clear error, before any disk is touched.
+#[test]
+fn bad_input_touches_no_disk() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let cases: [(&str, &[&str], &str); 3] = [
+        ("bad_base64", &["nixos_kexec.info=%%%not-base64%%%", "nixos_kexec.disk=/dev/vda"], "not valid base64"),
+        ("unknown_key", &["nixos_kexec.dsik=/dev/vda"], "Unknown parameter nixos_kexec.dsik"),
+        ("absent_disk", &["nixos_kexec.disk=serial:NOSUCHDISK"], "not on this machine"),
+    ];
+    for (name, params, expected) in cases {
+        let scratch = tempfile::tempdir()?;
+        let disk = used_disk(scratch.path(), "disk.img", 3 * GIB)?;
+        let before = digest(&disk)?;
+        let mut vm = Vm::new(&bundle).name(name).disk_image(&disk, DiskBus::Virtio, 512, "VICTIM01");
+        for p in params {
+            vm = vm.param(*p);
+        }
+        let out = vm.param("nixos_kexec.after=poweroff").grace(std::time::Duration::from_secs(3)).run()?;
+        let reason = out.expect_failure()?;
+        ensure!(reason.contains(expected), "{name}: reason `{reason}` lacks `{expected}`");
+        ensure!(out.contains("nixos-kexec: fix: "), "{name}: no fix was printed");
+        ensure!(!out.exited_by_itself, "{name}: a failed run must not reboot or power off");
+        ensure!(digest(&disk)? == before, "{name}: the disk changed");
+    }
+    Ok(())
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let disk = used_disk(scratch.path(), "disk.img", 5 * GIB)?;
+    let before = digest(&disk)?;
+    let out = Vm::new(&bundle)
+        .disk_image(&disk, DiskBus::Virtio, 512, "DRYRUN01")
+        .param("nixos_kexec.disk=serial:DRYRUN01")
+        .param("nixos_kexec.dry_run")
+        .param("nixos_kexec.after=poweroff")
+        .run()?;
+    out.expect_success()?;
+    let json = out
+        .lines_containing("nixos-kexec: plan-json: ")
+        .next()
+        .and_then(|l| l.split_once("plan-json: "))
+        .map(|(_, j)| j.to_string())
+        .context("no plan-json line")?;
+    let plan: Value = serde_json::from_str(&json)?;
+    ensure!(plan["disk"]["dev_path"] == "/dev/vda", "plan: {plan}");
+    ensure!(plan["partitions"].as_array().map(Vec::len) == Some(3), "plan: {plan}");
+    ensure!(plan["partitions"][2]["start_bytes"] == 514 * MIB, "plan: {plan}");
+    ensure!(digest(&disk)? == before, "a dry run changed the disk");
+    Ok(())
+}
+
+/// The install step itself, with a stand-in for nixos-install (a test double: the real one
+/// needs a Nix binary cache). Shows the arguments, the streamed output in the log, the report
+/// and the power-off afterwards.
+#[test]
+fn install_step_with_stand_in() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let stand_in = scratch.path().join("stand-in.cpio");
+    Cpio::new()
+        .file(
+            "bin/nixos-install",
+            0o755,
+            b"#!/bin/sh\n# TEST DOUBLE for nixos-install: the real one needs a Nix binary cache.\n\
+              echo \"stand-in nixos-install called with: $*\"\n\
+              test -f /mnt/etc/nixos/flake.nix || { echo 'no flake' >&2; exit 1; }\n\
+              echo 'building the system configuration...' >&2\n\
+              mkdir -p /mnt/nix/var/nixos-kexec-stand-in && echo \"$*\" > /mnt/nix/var/nixos-kexec-stand-in/args\n",
+        )
+        .write_to(&stand_in)?;
+    let out = Vm::new(&bundle)
+        .extra_initrd(&stand_in)
+        .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("INSTALL1"))
+        .param("nixos_kexec.disk=/dev/vda")
+        .param("nixos_kexec.hostname=box")
+        .param(key_param())
+        .param("nixos_kexec.after=poweroff")
+        .run()?;
+    out.expect_success()?;
+    ensure!(out.exited_by_itself, "the VM should have powered off");
+    ensure!(
+        out.contains("install: stand-in nixos-install called with: --root /mnt --flake /mnt/etc/nixos#box --no-root-passwd"),
+        "nixos-install was not called as expected"
+    );
+    let root = extract_partition(&out.disks[0], 3)?;
+    e2fsck(&root)?;
+    let args = String::from_utf8(ext4_read_file(&root, "/nix/var/nixos-kexec-stand-in/args")?)?;
+    ensure!(args.contains("--flake /mnt/etc/nixos#box"), "{args}");
+    let log = String::from_utf8(ext4_read_file(&root, "/var/log/nixos-kexec/install.log")?)?;
+    ensure!(log.contains("building the system configuration..."), "install.log lacks the install output:\n{log}");
+    let report: Value = serde_json::from_slice(&ext4_read_file(&root, "/var/log/nixos-kexec/report.json")?)?;
+    ensure!(report["result"] == "success" && report["stopped_before"].is_null(), "report: {report}");
+    let steps: Vec<&str> = report["steps"].as_array().context("steps")?.iter().filter_map(|s| s["step"].as_str()).collect();
+    ensure!(steps == ["wipe", "partition", "format", "mount", "keys", "flake", "install", "finish"], "steps {steps:?}");
+    Ok(())
+}
+
+/// Without Nix in the bundle and without stop_before, the run fails plainly, keeps its log and
+/// report on the target, and does not reboot.
+#[test]
+fn missing_nixos_install_fails_without_reboot() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let out = Vm::new(&bundle)
+        .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("NONIX001"))
+        .param("nixos_kexec.disk=/dev/vda")
+        .param(key_param())
+        .grace(std::time::Duration::from_secs(3))
+        .run()?;
+    let reason = out.expect_failure()?;
+    ensure!(reason.contains("nixos-install is not in this installer bundle"), "{reason}");
+    ensure!(reason.contains("stop_before=install"), "the fix is not named: {reason}");
+    ensure!(!out.exited_by_itself, "a failed install must not reboot");
+    let root = extract_partition(&out.disks[0], 3)?;
+    let report: Value = serde_json::from_slice(&ext4_read_file(&root, "/var/log/nixos-kexec/report.json")?)?;
+    ensure!(report["result"] == "failure", "report: {report}");
+    let log = String::from_utf8(ext4_read_file(&root, "/var/log/nixos-kexec/install.log")?)?;
+    ensure!(log.contains("nixos-install is not in this installer bundle"), "{log}");
+    Ok(())
+}
+
+fn base64_std(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    while out.len() % 4 != 0 {
+        out.push('=');
+    }
+    out
+}
