@@ -95,7 +95,10 @@ fn print_plan(plan: &Plan) -> Result<()> {
 pub fn make_plan(input: &Input) -> Result<(Config, Plan)> {
     // Secrets never travel on the command line, so it is safe to show; it is the first thing to
     // check when a parameter seems to be ignored.
-    console::line(&format!("installer kernel command line: {}", input.cmdline.trim()));
+    console::line(&format!(
+        "installer kernel command line: {}",
+        input.cmdline.trim()
+    ));
     let config = input.config()?;
     let facts = Facts::gather()?;
     print_facts(&facts);
@@ -103,8 +106,18 @@ pub fn make_plan(input: &Input) -> Result<(Config, Plan)> {
     Ok((config, plan))
 }
 
-/// Runs the whole installer. Returns what to do with the machine afterwards.
+/// Runs the whole installer and prints any error (once). Returns what to do with the machine
+/// afterwards.
 pub fn install(input: &Input, force_dry_run: bool) -> Result<Option<After>> {
+    let mut printed = false;
+    let result = install_inner(input, force_dry_run, &mut printed);
+    if let (Err(e), false) = (&result, printed) {
+        print_error(e);
+    }
+    result
+}
+
+fn install_inner(input: &Input, force_dry_run: bool, printed: &mut bool) -> Result<Option<After>> {
     let (config, plan) = make_plan(input)?;
     print_plan(&plan)?;
     if config.dry_run || force_dry_run {
@@ -126,6 +139,9 @@ pub fn install(input: &Input, force_dry_run: bool) -> Result<Option<After>> {
     }
     let mut execution = Execution::default();
     if let Err(error) = steps::execute(&plan, &mut execution) {
+        // Printed before the report is written, so install.log on the target has it too.
+        print_error(&error);
+        *printed = true;
         let reason = one_line(&error);
         if let Err(e) = finish::write_report(&plan, &mut execution, Some(&reason)) {
             log::warn!("could not write the failure report: {e:#}");
@@ -136,6 +152,9 @@ pub fn install(input: &Input, force_dry_run: bool) -> Result<Option<After>> {
         return Err(error);
     }
     finish::unmount_all(&mut execution)?;
+    if let Some(kib) = finish::peak_rss_kib() {
+        console::line(&format!("agent peak RSS: {kib} KiB"));
+    }
     Ok(Some(config.after.unwrap_or(After::Reboot)))
 }
 
@@ -186,10 +205,13 @@ pub fn init_main() -> ! {
         log::warn!("{e:#}");
     }
     pid1::supervise(|| {
-        let result = Input::from_system(Vec::new(), None).and_then(|input| install(&input, false));
-        if let Err(e) = &result {
-            print_error(e);
-        }
+        let result = match Input::from_system(Vec::new(), None) {
+            Ok(input) => install(&input, false),
+            Err(e) => {
+                print_error(&e);
+                Err(e)
+            }
+        };
         print_result(&result);
         match result {
             Ok(Some(after)) => match finish_machine(after) {

@@ -166,11 +166,13 @@ fn main() {
             }
         }
         Some(Command::Install(args)) => {
-            let result = app::Input::from_system(args.params, args.cmdline_file.as_deref())
-                .and_then(|input| app::install(&input, false));
-            if let Err(e) = &result {
-                app::print_error(e);
-            }
+            let result = match app::Input::from_system(args.params, args.cmdline_file.as_deref()) {
+                Ok(input) => app::install(&input, false),
+                Err(e) => {
+                    app::print_error(&e);
+                    Err(e)
+                }
+            };
             app::print_result(&result);
             i32::from(result.is_err())
         }

@@ -26,7 +26,8 @@ pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str
         "partitions": plan.partitions,
         "filesystems": plan.filesystems,
         "host_key_fingerprints": execution.host_key_fingerprints,
-        "steps": execution.records,
+        "steps": execution.records_so_far(),
+        "agent_peak_rss_kib": peak_rss_kib(),
         "stopped_before": plan.stop_before,
     });
     let text = serde_json::to_string_pretty(&report).context("serialising the report")? + "\n";
@@ -49,4 +50,11 @@ pub fn unmount_all(execution: &mut Execution) -> Result<()> {
     }
     nix::unistd::sync();
     Ok(())
+}
+
+/// The agent's own peak resident memory (children such as mkfs are not counted).
+pub fn peak_rss_kib() -> Option<i64> {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .ok()
+        .map(|usage| usage.max_rss())
 }

@@ -32,10 +32,26 @@ pub struct Execution {
     /// The installer's network as the kernel reports it after the network step.
     pub network_facts: Option<crate::network::facts::NetworkFacts>,
     pub records: Vec<StepRecord>,
+    /// The step running now, so a report written during it (finish, or after a failure)
+    /// includes it.
+    pub current: Option<(Step, Instant)>,
     pub host_key_fingerprints: Vec<String>,
 }
 
 impl Execution {
+    /// Finished steps plus the one in progress (not `ok` yet).
+    pub fn records_so_far(&self) -> Vec<StepRecord> {
+        let mut records = self.records.clone();
+        if let Some((step, start)) = self.current {
+            records.push(StepRecord {
+                step,
+                seconds: start.elapsed().as_secs_f64(),
+                ok: step == Step::Finish,
+            });
+        }
+        records
+    }
+
     pub fn target_root(&self) -> Option<&Path> {
         self.mounts.first().map(Mount::target)
     }
@@ -52,8 +68,10 @@ pub fn execute(plan: &Plan, execution: &mut Execution) -> Result<()> {
     for (index, step) in plan.steps.iter().enumerate() {
         console::line(&format!("[{}/{total}] {} ...", index + 1, step.name()));
         let start = Instant::now();
+        execution.current = Some((*step, start));
         let result = run_step(*step, plan, execution).with_context(|| format!("step {}", step.name()));
         let seconds = start.elapsed().as_secs_f64();
+        execution.current = None;
         execution.records.push(StepRecord {
             step: *step,
             seconds,
