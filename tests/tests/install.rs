@@ -12,7 +12,8 @@ use nixos_kexec_tests::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop";
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop";
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 
@@ -37,8 +38,15 @@ fn check_prepared(out: &RunOutcome, disk: &Path, firmware: &str, hostname: &str)
     ensure!(layout.len() == 3, "expected 3 partitions, got {layout:?}");
     ensure!(layout[0] == (1, MIB, MIB), "BIOS boot partition: {:?}", layout[0]);
     ensure!(layout[1] == (2, 2 * MIB, 512 * MIB), "ESP: {:?}", layout[1]);
-    ensure!(layout[2].1 == 514 * MIB && layout[2].2 % MIB == 0, "root: {:?}", layout[2]);
-    let types: Vec<String> = parts.iter().map(|p| p.3["type"].as_str().unwrap_or("").to_uppercase()).collect();
+    ensure!(
+        layout[2].1 == 514 * MIB && layout[2].2 % MIB == 0,
+        "root: {:?}",
+        layout[2]
+    );
+    let types: Vec<String> = parts
+        .iter()
+        .map(|p| p.3["type"].as_str().unwrap_or("").to_uppercase())
+        .collect();
     ensure!(
         types
             == [
@@ -55,30 +63,62 @@ fn check_prepared(out: &RunOutcome, disk: &Path, firmware: &str, hostname: &str)
     e2fsck(&root)?;
     let esp_id = blkid(&esp)?;
     let root_id = blkid(&root)?;
-    ensure!(esp_id.get("TYPE").map(String::as_str) == Some("vfat"), "ESP blkid {esp_id:?}");
-    ensure!(root_id.get("TYPE").map(String::as_str) == Some("ext4"), "root blkid {root_id:?}");
+    ensure!(
+        esp_id.get("TYPE").map(String::as_str) == Some("vfat"),
+        "ESP blkid {esp_id:?}"
+    );
+    ensure!(
+        root_id.get("TYPE").map(String::as_str) == Some("ext4"),
+        "root blkid {root_id:?}"
+    );
 
     let read = |path: &str| -> Result<String> { Ok(String::from_utf8(ext4_read_file(&root, path)?)?) };
     let flake = read("/etc/nixos/flake.nix")?;
     let configuration = read("/etc/nixos/configuration.nix")?;
     let hardware = read("/etc/nixos/hardware-configuration.nix")?;
-    for (name, text) in [("flake.nix", &flake), ("configuration.nix", &configuration), ("hardware-configuration.nix", &hardware)] {
+    for (name, text) in [
+        ("flake.nix", &flake),
+        ("configuration.nix", &configuration),
+        ("hardware-configuration.nix", &hardware),
+    ] {
         nix_parse_str(text).with_context(|| format!("parsing the generated {name}"))?;
     }
-    ensure!(flake.contains(&format!("nixosConfigurations.\"{hostname}\"")), "flake.nix:\n{flake}");
-    ensure!(configuration.contains(&format!("firmware = \"{firmware}\"")), "configuration.nix:\n{configuration}");
-    ensure!(configuration.contains(KEY), "authorized key missing:\n{configuration}");
-    ensure!(configuration.contains(&format!("networking.hostName = \"{hostname}\"")), "{configuration}");
+    ensure!(
+        flake.contains(&format!("nixosConfigurations.\"{hostname}\"")),
+        "flake.nix:\n{flake}"
+    );
+    ensure!(
+        configuration.contains(&format!("firmware = \"{firmware}\"")),
+        "configuration.nix:\n{configuration}"
+    );
+    ensure!(
+        configuration.contains(KEY),
+        "authorized key missing:\n{configuration}"
+    );
+    ensure!(
+        configuration.contains(&format!("networking.hostName = \"{hostname}\"")),
+        "{configuration}"
+    );
     for id in [&esp_id, &root_id] {
         let uuid = id.get("UUID").context("no UUID from blkid")?;
-        ensure!(hardware.contains(&format!("/dev/disk/by-uuid/{uuid}")), "UUID {uuid} not in hardware-configuration.nix:\n{hardware}");
+        ensure!(
+            hardware.contains(&format!("/dev/disk/by-uuid/{uuid}")),
+            "UUID {uuid} not in hardware-configuration.nix:\n{hardware}"
+        );
     }
-    ensure!(hardware.contains("virtio_pci") || hardware.contains("nvme"), "no disk driver in initrd modules:\n{hardware}");
+    ensure!(
+        hardware.contains("virtio_pci") || hardware.contains("nvme"),
+        "no disk driver in initrd modules:\n{hardware}"
+    );
     let info: Value = serde_json::from_str(&read("/etc/nixos/runtime-info.json")?)?;
     ensure!(info["version"] == 1, "runtime-info.json: {info}");
 
     let key_stat = ext4_stat(&root, "/etc/ssh/ssh_host_ed25519_key")?;
-    ensure!(key_stat.mode & 0o777 == 0o600, "host key mode {:o}", key_stat.mode);
+    ensure!(
+        key_stat.mode & 0o777 == 0o600,
+        "host key mode {:o}",
+        key_stat.mode
+    );
     let key_file = out.dir.join("host_key");
     std::fs::write(&key_file, ext4_read_file(&root, "/etc/ssh/ssh_host_ed25519_key")?)?;
     std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
@@ -93,13 +133,20 @@ fn check_prepared(out: &RunOutcome, disk: &Path, firmware: &str, hostname: &str)
     ensure!(report["result"] == "success", "report: {report}");
     ensure!(report["stopped_before"] == "install", "report: {report}");
     let log = read("/var/log/nixos-kexec/install.log")?;
-    ensure!(log.contains("partition done in"), "install.log lacks step lines:\n{log}");
+    ensure!(
+        log.contains("partition done in"),
+        "install.log lacks step lines:\n{log}"
+    );
     Ok(report)
 }
 
 /// SHA-256 of a whole image, to show a disk was not touched.
 fn digest(path: &Path) -> Result<String> {
-    Ok(tool("sha256sum", &[path.to_str().context("path")?])?.split_whitespace().next().unwrap_or("").to_string())
+    Ok(tool("sha256sum", &[path.to_str().context("path")?])?
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string())
 }
 
 /// A disk image that already holds a partition table and data, like a machine's old disk.
@@ -107,7 +154,18 @@ fn used_disk(dir: &Path, name: &str, size: u64) -> Result<PathBuf> {
     let path = dir.join(name);
     let file = std::fs::File::create(&path)?;
     file.set_len(size)?;
-    tool("sgdisk", &["-n", "1:2048:+100M", "-t", "1:8300", "-c", "1:old-data", path.to_str().context("path")?])?;
+    tool(
+        "sgdisk",
+        &[
+            "-n",
+            "1:2048:+100M",
+            "-t",
+            "1:8300",
+            "-c",
+            "1:old-data",
+            path.to_str().context("path")?,
+        ],
+    )?;
     Ok(path)
 }
 
@@ -129,10 +187,17 @@ fn uefi_nvme_4096_chosen_by_id() -> Result<()> {
     let bundle = dev_bundle()?;
     let out = prepare_params(Vm::new(&bundle))
         .firmware(Firmware::Uefi)
-        .disk(DiskSpec::new(4 * GIB, DiskBus::Nvme).sector(4096).serial("NV4K0001"))
+        .disk(
+            DiskSpec::new(4 * GIB, DiskBus::Nvme)
+                .sector(4096)
+                .serial("NV4K0001"),
+        )
         .param("nixos_kexec.disk=/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_NV4K0001")
         .run()?;
-    ensure!(gpt_sector_size(&out.disks[0])? == Some(4096), "the GPT was not written with 4096-byte sectors");
+    ensure!(
+        gpt_sector_size(&out.disks[0])? == Some(4096),
+        "the GPT was not written with 4096-byte sectors"
+    );
     let report = check_prepared(&out, &out.disks[0], "uefi", "nixos")?;
     ensure!(report["disk"]["logical_sector"] == 4096, "report: {report}");
     Ok(())
@@ -168,23 +233,46 @@ fn two_disks_target_by_serial_other_untouched() -> Result<()> {
 fn bad_input_touches_no_disk() -> Result<()> {
     let bundle = dev_bundle()?;
     let cases: [(&str, &[&str], &str); 3] = [
-        ("bad_base64", &["nixos_kexec.info=%%%not-base64%%%", "nixos_kexec.disk=/dev/vda"], "not valid base64"),
-        ("unknown_key", &["nixos_kexec.dsik=/dev/vda"], "Unknown parameter nixos_kexec.dsik"),
-        ("absent_disk", &["nixos_kexec.disk=serial:NOSUCHDISK"], "not on this machine"),
+        (
+            "bad_base64",
+            &["nixos_kexec.info=%%%not-base64%%%", "nixos_kexec.disk=/dev/vda"],
+            "not valid base64",
+        ),
+        (
+            "unknown_key",
+            &["nixos_kexec.dsik=/dev/vda"],
+            "Unknown parameter nixos_kexec.dsik",
+        ),
+        (
+            "absent_disk",
+            &["nixos_kexec.disk=serial:NOSUCHDISK"],
+            "not on this machine",
+        ),
     ];
     for (name, params, expected) in cases {
         let scratch = tempfile::tempdir()?;
         let disk = used_disk(scratch.path(), "disk.img", 3 * GIB)?;
         let before = digest(&disk)?;
-        let mut vm = Vm::new(&bundle).name(name).disk_image(&disk, DiskBus::Virtio, 512, "VICTIM01");
+        let mut vm = Vm::new(&bundle)
+            .name(name)
+            .disk_image(&disk, DiskBus::Virtio, 512, "VICTIM01");
         for p in params {
             vm = vm.param(*p);
         }
-        let out = vm.param("nixos_kexec.after=poweroff").grace(std::time::Duration::from_secs(3)).run()?;
+        let out = vm
+            .param("nixos_kexec.after=poweroff")
+            .grace(std::time::Duration::from_secs(3))
+            .run()?;
         let reason = out.expect_failure()?;
-        ensure!(reason.contains(expected), "{name}: reason `{reason}` lacks `{expected}`");
+        ensure!(
+            reason.contains(expected),
+            "{name}: reason `{reason}` lacks `{expected}`"
+        );
         ensure!(out.contains("nixos-kexec: fix: "), "{name}: no fix was printed");
-        ensure!(!out.exited_by_itself, "{name}: a failed run must not reboot or power off");
+        ensure!(
+            !out.exited_by_itself,
+            "{name}: a failed run must not reboot or power off"
+        );
         ensure!(digest(&disk)? == before, "{name}: the disk changed");
     }
     Ok(())
@@ -211,7 +299,10 @@ fn dry_run_prints_the_plan_and_writes_nothing() -> Result<()> {
         .context("no plan-json line")?;
     let plan: Value = serde_json::from_str(&json)?;
     ensure!(plan["disk"]["dev_path"] == "/dev/vda", "plan: {plan}");
-    ensure!(plan["partitions"].as_array().map(Vec::len) == Some(3), "plan: {plan}");
+    ensure!(
+        plan["partitions"].as_array().map(Vec::len) == Some(3),
+        "plan: {plan}"
+    );
     ensure!(plan["partitions"][2]["start_bytes"] == 514 * MIB, "plan: {plan}");
     ensure!(digest(&disk)? == before, "a dry run changed the disk");
     Ok(())
@@ -255,11 +346,35 @@ fn install_step_with_stand_in() -> Result<()> {
     let args = String::from_utf8(ext4_read_file(&root, "/nix/var/nixos-kexec-stand-in/args")?)?;
     ensure!(args.contains("--flake /mnt/etc/nixos#box"), "{args}");
     let log = String::from_utf8(ext4_read_file(&root, "/var/log/nixos-kexec/install.log")?)?;
-    ensure!(log.contains("building the system configuration..."), "install.log lacks the install output:\n{log}");
+    ensure!(
+        log.contains("building the system configuration..."),
+        "install.log lacks the install output:\n{log}"
+    );
     let report: Value = serde_json::from_slice(&ext4_read_file(&root, "/var/log/nixos-kexec/report.json")?)?;
-    ensure!(report["result"] == "success" && report["stopped_before"].is_null(), "report: {report}");
-    let steps: Vec<&str> = report["steps"].as_array().context("steps")?.iter().filter_map(|s| s["step"].as_str()).collect();
-    ensure!(steps == ["wipe", "partition", "format", "mount", "keys", "flake", "install", "finish"], "steps {steps:?}");
+    ensure!(
+        report["result"] == "success" && report["stopped_before"].is_null(),
+        "report: {report}"
+    );
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .context("steps")?
+        .iter()
+        .filter_map(|s| s["step"].as_str())
+        .collect();
+    ensure!(
+        steps
+            == [
+                "wipe",
+                "partition",
+                "format",
+                "mount",
+                "keys",
+                "flake",
+                "install",
+                "finish"
+            ],
+        "steps {steps:?}"
+    );
     Ok(())
 }
 
@@ -275,14 +390,23 @@ fn missing_nixos_install_fails_without_reboot() -> Result<()> {
         .grace(std::time::Duration::from_secs(3))
         .run()?;
     let reason = out.expect_failure()?;
-    ensure!(reason.contains("nixos-install is not in this installer bundle"), "{reason}");
-    ensure!(reason.contains("stop_before=install"), "the fix is not named: {reason}");
+    ensure!(
+        reason.contains("nixos-install is not in this installer bundle"),
+        "{reason}"
+    );
+    ensure!(
+        reason.contains("stop_before=install"),
+        "the fix is not named: {reason}"
+    );
     ensure!(!out.exited_by_itself, "a failed install must not reboot");
     let root = extract_partition(&out.disks[0], 3)?;
     let report: Value = serde_json::from_slice(&ext4_read_file(&root, "/var/log/nixos-kexec/report.json")?)?;
     ensure!(report["result"] == "failure", "report: {report}");
     let log = String::from_utf8(ext4_read_file(&root, "/var/log/nixos-kexec/install.log")?)?;
-    ensure!(log.contains("nixos-install is not in this installer bundle"), "{log}");
+    ensure!(
+        log.contains("nixos-install is not in this installer bundle"),
+        "{log}"
+    );
     Ok(())
 }
 
@@ -290,7 +414,10 @@ fn base64_std(bytes: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
         for i in 0..=chunk.len() {
             out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
         }

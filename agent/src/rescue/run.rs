@@ -46,17 +46,23 @@ pub struct Handover {
 }
 
 /// Console parameters carried over from the running kernel, so the installer talks where the
-/// operator is looking; a serial and a screen console when there were none.
+/// operator is looking (and as verbosely); a serial and a screen console when there were none.
 fn console_params(running_cmdline: &str) -> Vec<String> {
-    let consoles: Vec<String> = crate::cmdline::split(running_cmdline)
-        .into_iter()
+    let words = crate::cmdline::split(running_cmdline);
+    let mut params: Vec<String> = words
+        .iter()
         .filter(|w| w.starts_with("console="))
+        .cloned()
         .collect();
-    if consoles.is_empty() {
-        vec!["console=tty0".into(), "console=ttyS0,115200".into()]
-    } else {
-        consoles
+    if params.is_empty() {
+        params = vec!["console=tty0".into(), "console=ttyS0,115200".into()];
     }
+    params.extend(
+        words
+            .into_iter()
+            .filter(|w| w.starts_with("loglevel=") || *w == "quiet"),
+    );
+    params
 }
 
 fn describe(disk: &Disk) -> String {
@@ -493,7 +499,12 @@ mod tests {
         )
         .unwrap();
         assert!(!h.cmdline.contains("correct horse"));
-        assert!(h.cmdline.starts_with("console=ttyS0,115200 nixos_kexec.info="));
+        assert!(
+            h.cmdline
+                .starts_with("console=ttyS0,115200 quiet nixos_kexec.info="),
+            "{}",
+            h.cmdline
+        );
         assert!(!h.archive.listing().join("\n").contains("correct horse"));
         assert!(h.archive.to_bytes().windows(5).any(|w| w == b"horse"));
     }
