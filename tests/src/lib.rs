@@ -35,6 +35,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod cpio;
 pub mod inspect;
+pub mod rescue;
 pub mod tool;
 pub mod vm;
 

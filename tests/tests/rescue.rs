@@ -5,80 +5,25 @@
 //! serial.
 
 use anyhow::{ensure, Context, Result};
+use nixos_kexec_tests::rescue::{rescue_cpio, rescue_vm, LAN_MAC, WAN_MAC};
 use nixos_kexec_tests::*;
 use serde_json::Value;
 use std::path::Path;
 
-const GIB: u64 = 1 << 30;
-const WAN_MAC: &str = "52:54:00:aa:00:01";
-const LAN_MAC: &str = "52:54:00:aa:00:02";
 const PASSPHRASE: &str = "Sup3r-Secret-Disk-Passphrase-7781";
-const OPERATOR_KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop";
-
-/// The rescue system: loads drivers, renames the NICs (the installer's kernel will call them
-/// eth0/eth1), sets up static addressing like Hetzner's, then hands over to nixos-kexec.
-fn rescue_init(run_args: &str) -> String {
-    format!(
-        r#"#!/bin/busybox sh
-export PATH=/bin:/sbin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in virtio_pci virtio_net virtio_blk; do modprobe $m; done
-sleep 1
-ip link set eth0 name wan0
-ip link set eth1 name lan0
-ip link set lo up; ip link set wan0 up; ip link set lan0 up
-ip addr add 203.0.113.10/32 dev wan0
-ip route add 172.31.1.1 dev wan0 scope link
-ip route add default via 172.31.1.1 dev wan0 onlink
-ip -6 addr add 2001:db8:c0de:1::1/64 dev wan0
-ip -6 route add default via fe80::1 dev wan0
-ip addr add 10.0.0.5/24 dev lan0
-echo "nameserver 185.12.64.1" > /etc/resolv.conf
-echo "nameserver 2a01:4ff:ff00::add:1" >> /etc/resolv.conf
-echo rescue-box > /proc/sys/kernel/hostname
-echo "rescue: network configured"
-ip addr
-echo "rescue: running nixos-kexec run"
-/bin/nixos-kexec run --bundle /bundle {run_args}
-echo "rescue: nixos-kexec run returned $?"
-sleep 3600
-"#
-    )
-}
+const OPERATOR_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop";
 
 struct Rescue {
     cpio: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
-fn rescue_cpio(bundle: &Bundle, run_args: &str, extra: &[(&str, u32, Vec<u8>)]) -> Result<Rescue> {
+fn rescue(bundle: &Bundle, run_args: &str, extra: &[(&str, u32, Vec<u8>)]) -> Result<Rescue> {
     let dir = tempfile::tempdir()?;
-    let mut cpio = Cpio::new()
-        .file("init", 0o755, rescue_init(run_args))
-        .file("bundle/bzImage", 0o644, std::fs::read(&bundle.bzimage)?)
-        .file("bundle/initrd", 0o644, std::fs::read(&bundle.initrd)?)
-        .file("root/.ssh/authorized_keys", 0o600, format!("{OPERATOR_KEY}\n"))
-        .file("root/disk-passphrase", 0o600, PASSPHRASE);
-    for (path, mode, data) in extra {
-        cpio = cpio.file(path, *mode, data);
-    }
-    let path = dir.path().join("rescue.cpio");
-    cpio.write_to(&path)?;
-    Ok(Rescue {
-        cpio: path,
-        _dir: dir,
-    })
-}
-
-fn rescue_vm(bundle: &Bundle, rescue: &Rescue) -> Vm {
-    Vm::new(bundle)
-        .memory_mib(1024)
-        .extra_initrd(&rescue.cpio)
-        .nic(WAN_MAC)
-        .nic(LAN_MAC)
-        .disk(DiskSpec::new(2 * GIB, DiskBus::Virtio).serial("RESCUE-OTHER"))
-        .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("TARGET-DISK"))
+    let mut files = vec![("root/disk-passphrase", 0o600, PASSPHRASE.as_bytes().to_vec())];
+    files.extend(extra.iter().cloned());
+    let cpio = rescue_cpio(bundle, dir.path(), run_args, OPERATOR_KEY, &files)?;
+    Ok(Rescue { cpio, _dir: dir })
 }
 
 /// The passphrase must appear nowhere but where it was put: not on the console, not in the
@@ -111,13 +56,13 @@ fn read_root_file(disk: &Path, path: &str) -> Result<String> {
 #[test]
 fn kexec_with_static_network_restored_by_mac() -> Result<()> {
     let bundle = dev_bundle()?;
-    let rescue = rescue_cpio(
+    let rescue = rescue(
         &bundle,
         "--disk serial:TARGET-DISK --hostname web1 --disk-key-file /root/disk-passphrase \
          --param stop_before=install --param after=poweroff",
         &[],
     )?;
-    let out = rescue_vm(&bundle, &rescue).run()?;
+    let out = rescue_vm(&bundle, &rescue.cpio).run()?;
     out.expect_success()?;
     ensure!(
         out.contains("runtime info travels on the kernel command line"),
@@ -214,12 +159,12 @@ fn large_runtime_info_travels_in_the_appended_cpio() -> Result<()> {
         )?;
         keys += &std::fs::read_to_string(path.with_extension("pub"))?;
     }
-    let rescue = rescue_cpio(
+    let rescue = rescue(
         &bundle,
         "--disk serial:TARGET-DISK --ssh-key-file /root/keys.pub --param stop_before=install --param after=poweroff",
         &[("root/keys.pub", 0o644, keys.clone().into_bytes())],
     )?;
-    let out = rescue_vm(&bundle, &rescue).run()?;
+    let out = rescue_vm(&bundle, &rescue.cpio).run()?;
     out.expect_success()?;
     ensure!(
         out.contains("it travels in the appended initrd archive"),

@@ -1,0 +1,106 @@
+//! The benchmark: sizes, the agent's peak RSS, time per step, the time from `nixos-kexec run`
+//! to the installer's first line, and the smallest QEMU memory the install scenario passes with.
+//! Prints a Markdown table (pasted into the README). Times are under QEMU TCG on this machine.
+
+use anyhow::{Context, Result};
+use nixos_kexec_tests::rescue::{rescue_cpio, rescue_vm, TARGET_SERIAL};
+use nixos_kexec_tests::*;
+use std::time::{Duration, Instant};
+
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD bench@operator";
+
+fn size(path: &std::path::Path) -> Result<u64> {
+    Ok(std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+/// One install scenario (BIOS, virtio, stop before install) with `memory` MiB of RAM.
+fn install_run(bundle: &Bundle, memory: u32) -> Result<RunOutcome> {
+    Vm::new(bundle)
+        .name(&format!("bench-{memory}mib"))
+        .echo(false)
+        .memory_mib(memory)
+        .timeout(Duration::from_secs(240))
+        .grace(Duration::from_secs(5))
+        .disk(DiskSpec::new(3 << 30, DiskBus::Virtio).serial("BENCH001"))
+        .param("nixos_kexec.disk=/dev/vda")
+        .param(format!("nixos_kexec.ssh_key={}", KEY.replace(' ', "+")))
+        .param("nixos_kexec.stop_before=install")
+        .param("nixos_kexec.after=poweroff")
+        .run()
+}
+
+fn main() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let agent = target_dir().join("x86_64-unknown-linux-musl/release/nixos-kexec");
+    let mut rows = vec![
+        ("agent binary (static musl, stripped)".to_string(), mib(size(&agent)?), "<= 4 MiB".to_string()),
+        ("dev bundle bzImage (Debian 6.1)".into(), mib(size(&bundle.bzimage)?), String::new()),
+        ("dev bundle initrd (zstd)".into(), mib(size(&bundle.initrd)?), String::new()),
+    ];
+
+    // The rescue path: time from `nixos-kexec run` to the installer's first line.
+    let scratch = tempfile::tempdir()?;
+    let run_args = format!("--disk serial:{TARGET_SERIAL} --param stop_before=install --param after=poweroff");
+    let cpio = rescue_cpio(&bundle, scratch.path(), &run_args, KEY, &[])?;
+    let mut to_installer = None;
+    let out = rescue_vm(&bundle, &cpio).name("bench-rescue").echo(false).run_with(|console| {
+        console.wait_for("rescue: running nixos-kexec run", Duration::from_secs(180))?;
+        let start = Instant::now();
+        console.wait_for("starting as init", Duration::from_secs(180))?;
+        to_installer = Some(start.elapsed());
+        Ok(())
+    })?;
+    out.expect_success()?;
+    if let Some(t) = to_installer {
+        rows.push((
+            "`nixos-kexec run` to the installer's first line (TCG)".into(),
+            format!("{:.1} s", t.as_secs_f64()),
+            String::new(),
+        ));
+    }
+
+    // Steps and peak RSS of a plain install run at 256 MiB.
+    let out = install_run(&bundle, 256)?;
+    out.expect_success()?;
+    let rss = out
+        .lines_containing("agent peak RSS: ")
+        .next()
+        .and_then(|l| l.split("agent peak RSS: ").nth(1))
+        .map(|v| v.trim().to_string())
+        .context("no peak RSS line")?;
+    rows.push(("agent peak RSS during an install run".into(), rss, "<= 16 MiB".into()));
+    for line in out.lines_containing(" done in ") {
+        if let Some((step, time)) = line.split_once("] ").and_then(|(_, rest)| rest.split_once(" done in ")) {
+            rows.push((format!("step `{step}` (3 GiB virtio disk, TCG)"), time.trim().to_string(), String::new()));
+        }
+    }
+    let boot = out.time_to_result.map(|t| format!("{:.1} s", t.as_secs_f64())).unwrap_or_default();
+    rows.push(("boot to result line, whole run (TCG)".into(), boot, String::new()));
+
+    // RAM floor: the smallest memory the install scenario still passes with.
+    let mut floor = None;
+    for memory in [256u32, 192, 160, 128, 112, 96, 80] {
+        let ok = install_run(&bundle, memory).map(|o| o.succeeded()).unwrap_or(false);
+        eprintln!("bench: {memory} MiB: {}", if ok { "passes" } else { "fails" });
+        if !ok {
+            break;
+        }
+        floor = Some(memory);
+    }
+    rows.push((
+        "smallest QEMU memory the install scenario passes with".into(),
+        floor.map(|m| format!("{m} MiB")).unwrap_or_else(|| "above 256 MiB".into()),
+        "<= 256 MiB".into(),
+    ));
+
+    println!("| measurement | value | budget |");
+    println!("|---|---|---|");
+    for (what, value, budget) in rows {
+        println!("| {what} | {value} | {budget} |");
+    }
+    Ok(())
+}
