@@ -193,14 +193,23 @@ pub fn finish_machine(after: After) -> Result<()> {
 
 /// The agent as `/init`.
 pub fn init_main() -> ! {
+    if let Err(e) = pid1::move_root_to_tmpfs() {
+        // Still usable for everything but building with Nix's sandbox; say so and go on.
+        eprintln!("nixos-kexec: could not move the root to a tmpfs ({e:#}); nixos-install may fail");
+    }
     if let Err(e) = pid1::mount_basics() {
         eprintln!("nixos-kexec: error: {e:#}");
     }
     console::init_logging();
+    // The kernel may have left a partial line (BIOS: "Probing EDD ... ok") on the console.
+    eprintln!();
     console::line(&format!(
         "nixos-kexec {} starting as init",
         env!("CARGO_PKG_VERSION")
     ));
+    if std::env::var_os("NIXOS_KEXEC_ROOT_MOVED").is_some() {
+        console::line("root moved from the initramfs to a tmpfs (Nix's build sandbox needs pivot_root)");
+    }
     if let Err(e) = pid1::load_modules() {
         log::warn!("{e:#}");
     }

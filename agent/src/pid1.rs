@@ -15,6 +15,82 @@ pub fn is_pid1() -> bool {
     std::process::id() == 1
 }
 
+/// Set in the environment of the re-executed init so the move happens once.
+const ROOT_MOVED: &str = "NIXOS_KEXEC_ROOT_MOVED";
+const NEW_ROOT: &str = "/.nixos-kexec-root";
+
+/// Moves the initramfs onto a tmpfs and re-executes `/init` there, as switch_root does.
+/// Nix's build sandbox calls pivot_root(2), which the kernel refuses while `/` is the
+/// initramfs (rootfs), so `nixos-install` could not build anything without this. Files are
+/// deleted from the initramfs as they are copied, so RAM use does not double.
+pub fn move_root_to_tmpfs() -> Result<()> {
+    if std::env::var_os(ROOT_MOVED).is_some() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(NEW_ROOT).with_context(|| format!("creating {NEW_ROOT}"))?;
+    mount(
+        Some("tmpfs"),
+        NEW_ROOT,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .with_context(|| format!("mounting a tmpfs on {NEW_ROOT}"))?;
+    move_tree(Path::new("/"), Path::new(NEW_ROOT), Path::new(NEW_ROOT))?;
+    std::env::set_current_dir(NEW_ROOT).with_context(|| format!("entering {NEW_ROOT}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("moving the new root onto /")?;
+    nix::unistd::chroot(".").context("chroot into the new root")?;
+    std::env::set_current_dir("/").context("entering the new root")?;
+    let init = std::ffi::CString::new("/init").unwrap_or_default();
+    let env: Vec<std::ffi::CString> = std::env::vars()
+        .chain([(ROOT_MOVED.to_string(), "1".to_string())])
+        .filter_map(|(k, v)| std::ffi::CString::new(format!("{k}={v}")).ok())
+        .collect();
+    nix::unistd::execve(&init, &[init.clone()], &env).context("re-executing /init on the new root")?;
+    Ok(())
+}
+
+/// Copies `from` into `to` (files, directories, symlinks, device nodes), removing each source
+/// entry once copied; `skip` (the destination itself) is left alone.
+pub fn move_tree(from: &Path, to: &Path, skip: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    for entry in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let entry = entry.with_context(|| format!("listing {}", from.display()))?;
+        let source = entry.path();
+        if source == skip {
+            continue;
+        }
+        let target = to.join(entry.file_name());
+        let meta =
+            std::fs::symlink_metadata(&source).with_context(|| format!("reading {}", source.display()))?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+            move_tree(&source, &target, skip)?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .with_context(|| format!("setting the mode of {}", target.display()))?;
+            let _ = std::fs::remove_dir(&source);
+        } else if kind.is_symlink() {
+            let link =
+                std::fs::read_link(&source).with_context(|| format!("reading link {}", source.display()))?;
+            std::os::unix::fs::symlink(&link, &target)
+                .with_context(|| format!("creating link {}", target.display()))?;
+            let _ = std::fs::remove_file(&source);
+        } else if kind.is_file() {
+            std::fs::copy(&source, &target).with_context(|| format!("copying {}", source.display()))?;
+            let _ = std::fs::remove_file(&source);
+        } else if kind.is_char_device() || kind.is_block_device() || kind.is_fifo() {
+            let mode = nix::sys::stat::Mode::from_bits_truncate(meta.mode());
+            let sflag = nix::sys::stat::SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
+            nix::sys::stat::mknod(&target, sflag, mode, meta.rdev())
+                .with_context(|| format!("creating node {}", target.display()))?;
+            let _ = std::fs::remove_file(&source);
+        }
+    }
+    Ok(())
+}
+
 /// Mounts proc, sys, dev, run and tmp, and attaches stdin/stdout/stderr to /dev/console
 /// (an initramfs without a /dev/console node starts init with none).
 pub fn mount_basics() -> Result<()> {
@@ -127,5 +203,44 @@ fn reap_forever(agent: Pid) -> ! {
             Ok(_) => {}
             Err(_) => std::thread::sleep(Duration::from_secs(3600)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn move_tree_moves_files_links_and_modes() {
+        let from = tempfile::tempdir().unwrap();
+        let to = tempfile::tempdir().unwrap();
+        let f = from.path();
+        std::fs::create_dir_all(f.join("bin")).unwrap();
+        std::fs::write(f.join("bin/busybox"), b"elf").unwrap();
+        std::fs::set_permissions(
+            f.join("bin/busybox"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("busybox", f.join("bin/sh")).unwrap();
+        std::fs::create_dir_all(f.join("tmp")).unwrap();
+        std::fs::set_permissions(
+            f.join("tmp"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+        )
+        .unwrap();
+        move_tree(f, to.path(), to.path()).unwrap();
+        let t = to.path();
+        assert_eq!(std::fs::read(t.join("bin/busybox")).unwrap(), b"elf");
+        assert_eq!(
+            std::fs::read_link(t.join("bin/sh")).unwrap(),
+            Path::new("busybox")
+        );
+        let mode = |p: &Path| {
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o7777
+        };
+        assert_eq!(mode(&t.join("bin/busybox")), 0o755);
+        assert_eq!(mode(&t.join("tmp")), 0o1777);
+        assert!(!f.join("bin").exists(), "sources are removed as they are copied");
     }
 }

@@ -324,6 +324,7 @@ fn install_step_with_stand_in() -> Result<()> {
               echo \"stand-in nixos-install called with: $*\"\n\
               test -f /mnt/etc/nixos/flake.nix || { echo 'no flake' >&2; exit 1; }\n\
               echo 'building the system configuration...' >&2\n\
+              unshare -m sh -c 'mkdir -p /tmp/nr && mount -t tmpfs nr /tmp/nr && mkdir /tmp/nr/old && cd /tmp/nr && pivot_root . old && echo sandbox-pivot-root-ok' || exit 1\n\
               mkdir -p /mnt/nix/var/nixos-kexec-stand-in && echo \"$*\" > /mnt/nix/var/nixos-kexec-stand-in/args\n",
         )
         .write_to(&stand_in)?;

@@ -11,7 +11,8 @@ use serde_json::Value;
 use std::path::Path;
 
 const PASSPHRASE: &str = "Sup3r-Secret-Disk-Passphrase-7781";
-const OPERATOR_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop";
+const OPERATOR_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop";
 
 struct Rescue {
     cpio: std::path::PathBuf,

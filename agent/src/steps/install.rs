@@ -37,6 +37,8 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
     command
         .args(args)
         .env("TMPDIR", &tmp)
+        // Nix's download and evaluation caches would otherwise grow in RAM under /root.
+        .env("XDG_CACHE_HOME", tmp.join(".cache"))
         .env("NIX_CONFIG", "experimental-features = nix-command flakes");
     runner::run_streaming(&mut command, &|line| {
         console::line(&format!("install: {line}"));

@@ -7,10 +7,13 @@ use nixos_kexec_tests::rescue::{rescue_cpio, rescue_vm, TARGET_SERIAL};
 use nixos_kexec_tests::*;
 use std::time::{Duration, Instant};
 
-const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD bench@operator";
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD bench@operator";
 
 fn size(path: &std::path::Path) -> Result<u64> {
-    Ok(std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len())
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len())
 }
 
 fn mib(bytes: u64) -> String {
@@ -37,23 +40,39 @@ fn main() -> Result<()> {
     let bundle = dev_bundle()?;
     let agent = target_dir().join("x86_64-unknown-linux-musl/release/nixos-kexec");
     let mut rows = vec![
-        ("agent binary (static musl, stripped)".to_string(), mib(size(&agent)?), "<= 4 MiB".to_string()),
-        ("dev bundle bzImage (Debian 6.1)".into(), mib(size(&bundle.bzimage)?), String::new()),
-        ("dev bundle initrd (zstd)".into(), mib(size(&bundle.initrd)?), String::new()),
+        (
+            "agent binary (static musl, stripped)".to_string(),
+            mib(size(&agent)?),
+            "<= 4 MiB".to_string(),
+        ),
+        (
+            "dev bundle bzImage (Debian 6.1)".into(),
+            mib(size(&bundle.bzimage)?),
+            String::new(),
+        ),
+        (
+            "dev bundle initrd (zstd)".into(),
+            mib(size(&bundle.initrd)?),
+            String::new(),
+        ),
     ];
 
     // The rescue path: time from `nixos-kexec run` to the installer's first line.
     let scratch = tempfile::tempdir()?;
-    let run_args = format!("--disk serial:{TARGET_SERIAL} --param stop_before=install --param after=poweroff");
+    let run_args =
+        format!("--disk serial:{TARGET_SERIAL} --param stop_before=install --param after=poweroff");
     let cpio = rescue_cpio(&bundle, scratch.path(), &run_args, KEY, &[])?;
     let mut to_installer = None;
-    let out = rescue_vm(&bundle, &cpio).name("bench-rescue").echo(false).run_with(|console| {
-        console.wait_for("rescue: running nixos-kexec run", Duration::from_secs(180))?;
-        let start = Instant::now();
-        console.wait_for("starting as init", Duration::from_secs(180))?;
-        to_installer = Some(start.elapsed());
-        Ok(())
-    })?;
+    let out = rescue_vm(&bundle, &cpio)
+        .name("bench-rescue")
+        .echo(false)
+        .run_with(|console| {
+            console.wait_for("rescue: running nixos-kexec run", Duration::from_secs(180))?;
+            let start = Instant::now();
+            console.wait_for("starting as init", Duration::from_secs(180))?;
+            to_installer = Some(start.elapsed());
+            Ok(())
+        })?;
     out.expect_success()?;
     if let Some(t) = to_installer {
         rows.push((
@@ -72,19 +91,35 @@ fn main() -> Result<()> {
         .and_then(|l| l.split("agent peak RSS: ").nth(1))
         .map(|v| v.trim().to_string())
         .context("no peak RSS line")?;
-    rows.push(("agent peak RSS during an install run".into(), rss, "<= 16 MiB".into()));
+    rows.push((
+        "agent peak RSS during an install run".into(),
+        rss,
+        "<= 16 MiB".into(),
+    ));
     for line in out.lines_containing(" done in ") {
-        if let Some((step, time)) = line.split_once("] ").and_then(|(_, rest)| rest.split_once(" done in ")) {
-            rows.push((format!("step `{step}` (3 GiB virtio disk, TCG)"), time.trim().to_string(), String::new()));
+        if let Some((step, time)) = line
+            .split_once("] ")
+            .and_then(|(_, rest)| rest.split_once(" done in "))
+        {
+            rows.push((
+                format!("step `{step}` (3 GiB virtio disk, TCG)"),
+                time.trim().to_string(),
+                String::new(),
+            ));
         }
     }
-    let boot = out.time_to_result.map(|t| format!("{:.1} s", t.as_secs_f64())).unwrap_or_default();
+    let boot = out
+        .time_to_result
+        .map(|t| format!("{:.1} s", t.as_secs_f64()))
+        .unwrap_or_default();
     rows.push(("boot to result line, whole run (TCG)".into(), boot, String::new()));
 
     // RAM floor: the smallest memory the install scenario still passes with.
     let mut floor = None;
     for memory in [256u32, 192, 160, 128, 112, 96, 80] {
-        let ok = install_run(&bundle, memory).map(|o| o.succeeded()).unwrap_or(false);
+        let ok = install_run(&bundle, memory)
+            .map(|o| o.succeeded())
+            .unwrap_or(false);
         eprintln!("bench: {memory} MiB: {}", if ok { "passes" } else { "fails" });
         if !ok {
             break;
@@ -93,7 +128,9 @@ fn main() -> Result<()> {
     }
     rows.push((
         "smallest QEMU memory the install scenario passes with".into(),
-        floor.map(|m| format!("{m} MiB")).unwrap_or_else(|| "above 256 MiB".into()),
+        floor
+            .map(|m| format!("{m} MiB"))
+            .unwrap_or_else(|| "above 256 MiB".into()),
         "<= 256 MiB".into(),
     ));
 

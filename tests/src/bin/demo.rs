@@ -19,7 +19,20 @@ fn main() -> Result<()> {
     let key_dir = scratch.path().join("key");
     std::fs::create_dir_all(&key_dir)?;
     let key_path = key_dir.join("id_ed25519");
-    tool("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C", "demo@operator", "-f", key_path.to_str().context("path")?])?;
+    tool(
+        "ssh-keygen",
+        [
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "demo@operator",
+            "-f",
+            key_path.to_str().context("path")?,
+        ],
+    )?;
     let public_key = std::fs::read_to_string(key_path.with_extension("pub"))?;
 
     let run_args = format!(
@@ -28,7 +41,9 @@ fn main() -> Result<()> {
     let cpio = rescue_cpio(&bundle, scratch.path(), &run_args, public_key.trim(), &[])?;
     section("booting a rescue VM; it runs `nixos-kexec run` and kexecs into the installer");
     println!("rescue system: nixos-kexec run --bundle /bundle {run_args}");
-    let out = rescue_vm(&bundle, &cpio).timeout(std::time::Duration::from_secs(600)).run()?;
+    let out = rescue_vm(&bundle, &cpio)
+        .timeout(std::time::Duration::from_secs(600))
+        .run()?;
     out.expect_success()?;
     let disk = &out.disks[1];
 
