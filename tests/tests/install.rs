@@ -351,6 +351,15 @@ fn install_step_with_stand_in() -> Result<()> {
         log.contains("building the system configuration..."),
         "install.log lacks the install output:\n{log}"
     );
+    // What Nix's build sandbox does first; the kernel refuses it on the initramfs itself.
+    ensure!(
+        log.contains("sandbox-pivot-root-ok"),
+        "pivot_root failed in the installer:\n{log}"
+    );
+    ensure!(
+        out.contains("root moved from the initramfs to a tmpfs"),
+        "the root was not moved"
+    );
     let report: Value = serde_json::from_slice(&ext4_read_file(&root, "/var/log/nixos-kexec/report.json")?)?;
     ensure!(
         report["result"] == "success" && report["stopped_before"].is_null(),
