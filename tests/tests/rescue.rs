@@ -130,6 +130,23 @@ fn kexec_with_static_network_restored_by_mac() -> Result<()> {
     let info: Value = serde_json::from_str(&read_root_file(disk, "/etc/nixos/runtime-info.json")?)?;
     ensure!(info["disk"]["serial"] == "TARGET-DISK", "runtime-info: {info}");
     ensure!(info["hostname"] == "web1", "runtime-info: {info}");
+    // The host key was made on the rescue side: the same fingerprint is printed before the
+    // kexec, by the installer, and is what ssh-keygen reads from the installed key.
+    let printed: Vec<&str> = out.lines_containing("nixos-kexec: host key: ").collect();
+    ensure!(
+        printed.len() == 2 && printed[0] == printed[1],
+        "host key lines: {printed:?}"
+    );
+    let root = extract_partition(disk, 3)?;
+    let key_file = out.dir.join("installed_host_key");
+    std::fs::write(&key_file, ext4_read_file(&root, "/etc/ssh/ssh_host_ed25519_key")?)?;
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let fingerprint = ssh_keygen_fingerprint(&key_file)?;
+    ensure!(
+        printed[0].ends_with(fingerprint.trim()),
+        "{} vs {fingerprint}",
+        printed[0]
+    );
     let report = read_root_file(disk, "/var/log/nixos-kexec/report.json")?;
     ensure!(!report.contains(PASSPHRASE), "passphrase in report");
     Ok(())
@@ -160,16 +177,54 @@ fn large_runtime_info_travels_in_the_appended_cpio() -> Result<()> {
         )?;
         keys += &std::fs::read_to_string(path.with_extension("pub"))?;
     }
+    // The operator's own host key (so secrets encrypted to it work at first boot).
+    let host_key = scratch.path().join("ssh_host_ed25519_key");
+    tool(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "premade",
+            "-f",
+            host_key.to_str().context("path")?,
+        ],
+    )?;
+    let host_key_bytes = std::fs::read(&host_key)?;
     let rescue = rescue(
         &bundle,
-        "--disk serial:TARGET-DISK --ssh-key-file /root/keys.pub --param stop_before=install --param after=poweroff",
-        &[("root/keys.pub", 0o644, keys.clone().into_bytes())],
+        "--disk serial:TARGET-DISK --ssh-key-file /root/keys.pub --host-keys /root/hostkeys \
+         --param stop_before=install --param after=poweroff",
+        &[
+            ("root/keys.pub", 0o644, keys.clone().into_bytes()),
+            (
+                "root/hostkeys/ssh_host_ed25519_key",
+                0o600,
+                host_key_bytes.clone(),
+            ),
+        ],
     )?;
     let out = rescue_vm(&bundle, &rescue.cpio).run()?;
     out.expect_success()?;
     ensure!(
         out.contains("it travels in the appended initrd archive"),
         "the cpio carrier was not used"
+    );
+    let root = extract_partition(&out.disks[1], 3)?;
+    ensure!(
+        ext4_read_file(&root, "/etc/ssh/ssh_host_ed25519_key")? == host_key_bytes,
+        "the installed host key is not the operator's"
+    );
+    let fingerprint = ssh_keygen_fingerprint(&host_key)?;
+    ensure!(
+        out.lines_containing("nixos-kexec: host key: ")
+            .filter(|l| l.ends_with(fingerprint.trim()))
+            .count()
+            == 2,
+        "the operator's key fingerprint was not printed on both sides"
     );
     let configuration = read_root_file(&out.disks[1], "/etc/nixos/configuration.nix")?;
     for key in keys.lines() {

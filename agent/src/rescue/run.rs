@@ -299,13 +299,16 @@ pub fn prepare(
                 continue;
             }
             let data = read_secret(&private, "host key")?;
-            let text = String::from_utf8_lossy(&data);
-            ssh_key::PrivateKey::from_openssh(text.as_bytes()).map_err(|e| {
+            let key = ssh_key::PrivateKey::from_openssh(&data).map_err(|e| {
                 user_error(
                     format!("{} is not an OpenSSH private key ({e}).", private.display()),
                     "pass a directory with ssh_host_<type>_key files as ssh-keygen writes them, unencrypted.",
                 )
             })?;
+            console::line(&format!(
+                "host key: {}",
+                crate::steps::keys::fingerprint_line(&key)
+            ));
             archive.file(&format!("{SECRETS_DIR}/ssh_host_{kind}_key"), 0o600, data, true);
             found += 1;
         }
@@ -315,6 +318,22 @@ pub fn prepare(
                 "pass the directory that holds ssh_host_ed25519_key (and .pub).",
             ));
         }
+    }
+    if options.host_keys.is_none() {
+        // Made here rather than in the installer, so the operator sees the fingerprint before
+        // the machine goes away and can pin it in known_hosts.
+        let hostname = info
+            .hostname
+            .as_deref()
+            .unwrap_or(crate::config::DEFAULT_HOSTNAME);
+        let (private, fingerprint) = crate::steps::keys::new_ed25519(&format!("root@{hostname}"))?;
+        archive.file(
+            &format!("{SECRETS_DIR}/ssh_host_ed25519_key"),
+            0o600,
+            private.as_bytes().to_vec(),
+            true,
+        );
+        console::line(&format!("host key: {fingerprint}"));
     }
     hand_over(&info, &base, archive)
 }

@@ -34,27 +34,8 @@ fn install_provided(private_keys: &[String], dir: &Path) -> Result<Vec<String>> 
         let source = Path::new(source);
         let name = source.file_name().context("host key path without a file name")?;
         let data = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
-        let key = PrivateKey::from_openssh(&data)
-            .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("parsing {}", source.display()))?;
-        let public = key
-            .public_key()
-            .to_openssh()
-            .map_err(|e| anyhow!("{e}"))
-            .context("encoding the public key")?;
-        write_file(&dir.join(name), &data, 0o600)?;
-        write_file(
-            &dir.join(format!("{}.pub", name.to_string_lossy())),
-            format!("{public}\n").as_bytes(),
-            0o644,
-        )?;
-        fingerprints.push(format!(
-            "{} {} {} ({})",
-            key_bits(&key),
-            key.fingerprint(HashAlg::Sha256),
-            key.comment(),
-            key.algorithm().as_str().trim_start_matches("ssh-").to_uppercase()
-        ));
+        let key = install_key(dir, &name.to_string_lossy(), &data)?;
+        fingerprints.push(fingerprint_line(&key));
         wipe_file(source);
     }
     Ok(fingerprints)
@@ -80,9 +61,9 @@ pub fn wipe_file(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
 
-/// Writes `ssh_host_ed25519_key` (0600) and `.pub` (0644); returns `256 SHA256:... comment (ED25519)`
-/// as `ssh-keygen -l` prints it.
-pub fn generate_ed25519(dir: &Path, comment: &str) -> Result<String> {
+/// A new ed25519 host key: the OpenSSH private key text and the fingerprint line as
+/// `ssh-keygen -l` prints it (`256 SHA256:... comment (ED25519)`).
+pub fn new_ed25519(comment: &str) -> Result<(zeroize::Zeroizing<String>, String)> {
     let mut key = PrivateKey::random(&mut rand_core::OsRng, Algorithm::Ed25519)
         .map_err(|e| anyhow!("{e}"))
         .context("generating an ed25519 host key")?;
@@ -91,21 +72,44 @@ pub fn generate_ed25519(dir: &Path, comment: &str) -> Result<String> {
         .to_openssh(LineEnding::LF)
         .map_err(|e| anyhow!("{e}"))
         .context("encoding the host key")?;
+    Ok((private, fingerprint_line(&key)))
+}
+
+/// The fingerprint line of a private key, as `ssh-keygen -l` prints it.
+pub fn fingerprint_line(key: &PrivateKey) -> String {
+    format!(
+        "{} {} {} ({})",
+        key_bits(key),
+        key.fingerprint(HashAlg::Sha256),
+        key.comment(),
+        key.algorithm().as_str().trim_start_matches("ssh-").to_uppercase()
+    )
+}
+
+/// Writes `ssh_host_ed25519_key` (0600) and `.pub` (0644); returns the fingerprint line.
+pub fn generate_ed25519(dir: &Path, comment: &str) -> Result<String> {
+    let (private, fingerprint) = new_ed25519(comment)?;
+    install_key(dir, "ssh_host_ed25519_key", private.as_bytes())?;
+    Ok(fingerprint)
+}
+
+/// Writes a private key (0600) and its public half (0644) into `dir`; returns the key.
+fn install_key(dir: &Path, name: &str, private: &[u8]) -> Result<PrivateKey> {
+    let key = PrivateKey::from_openssh(private)
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("parsing {name}"))?;
     let public = key
         .public_key()
         .to_openssh()
         .map_err(|e| anyhow!("{e}"))
         .context("encoding the public key")?;
-    write_file(&dir.join("ssh_host_ed25519_key"), private.as_bytes(), 0o600)?;
+    write_file(&dir.join(name), private, 0o600)?;
     write_file(
-        &dir.join("ssh_host_ed25519_key.pub"),
+        &dir.join(format!("{name}.pub")),
         format!("{public}\n").as_bytes(),
         0o644,
     )?;
-    Ok(format!(
-        "256 {} {comment} (ED25519)",
-        key.fingerprint(HashAlg::Sha256)
-    ))
+    Ok(key)
 }
 
 /// Creates a file with its final mode from the start, so a secret is never briefly readable.
