@@ -29,7 +29,7 @@ pub fn memfd_with(parts: &[&[u8]]) -> Result<File> {
 
 /// Pads an initrd to a 4-byte boundary so an appended archive starts where the kernel looks.
 pub fn pad4(mut initrd: Vec<u8>) -> Vec<u8> {
-    while initrd.len() % 4 != 0 {
+    while !initrd.len().is_multiple_of(4) {
         initrd.push(0);
     }
     initrd
