@@ -35,8 +35,11 @@ impl Input {
         for (key, value) in &self.extra_params {
             params.insert(key, value)?;
         }
-        let file = Config::read_info_file(&self.root)?;
-        let mut config = Config::assemble(file, &params)?;
+        let layers = [
+            Config::read_defaults_file(&self.root)?,
+            Config::read_info_file(&self.root)?,
+        ];
+        let mut config = Config::assemble_layers(layers.into_iter().flatten().collect(), &params)?;
         config.find_secrets(&self.root);
         if let Some(url) = &config.config_url {
             return Err(user_error(

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub const RUNTIME_INFO_FILE: &str = "/etc/nixos-kexec/runtime-info.json";
+pub const DEFAULTS_FILE: &str = "/etc/nixos-kexec/defaults.json";
 pub const SECRETS_DIR: &str = "/etc/nixos-kexec/secrets";
 pub const HOST_KEY_TYPES: [&str; 3] = ["ed25519", "rsa", "ecdsa"];
 pub const DEFAULT_NIXPKGS: &str = "github:NixOS/nixpkgs/nixos-25.11";
@@ -167,8 +168,14 @@ impl Default for Config {
 impl Config {
     /// Builds the config from an optional runtime-info file and the parsed parameters.
     pub fn assemble(file: Option<RuntimeInfo>, params: &Params) -> Result<Config> {
+        Config::assemble_layers(file.into_iter().collect(), params)
+    }
+
+    /// Like `assemble`, with several runtime-info files applied lowest first (the bundle's
+    /// defaults, then the runtime-info file).
+    pub fn assemble_layers(files: Vec<RuntimeInfo>, params: &Params) -> Result<Config> {
         let mut config = Config::default();
-        if let Some(info) = file {
+        for info in files {
             config.apply_info(info);
         }
         if let Some(value) = params.get("info") {
@@ -193,9 +200,18 @@ impl Config {
 
     /// Reads the runtime-info file under `root` (the initrd's `/`), if there is one.
     pub fn read_info_file(root: &Path) -> Result<Option<RuntimeInfo>> {
-        let path = root.join(RUNTIME_INFO_FILE.trim_start_matches('/'));
+        Config::read_json(root, RUNTIME_INFO_FILE, Source::File)
+    }
+
+    /// Reads the bundle's defaults under `root`, if there are any.
+    pub fn read_defaults_file(root: &Path) -> Result<Option<RuntimeInfo>> {
+        Config::read_json(root, DEFAULTS_FILE, Source::Defaults)
+    }
+
+    fn read_json(root: &Path, file: &str, source: Source) -> Result<Option<RuntimeInfo>> {
+        let path = root.join(file.trim_start_matches('/'));
         match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(runtime_info::parse_json(&bytes, Source::File, false)?)),
+            Ok(bytes) => Ok(Some(runtime_info::parse_json(&bytes, source, false)?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -354,6 +370,31 @@ mod tests {
         assert_eq!(config.stop_before, Some(Step::Install));
         assert_eq!(config.after, Some(After::Poweroff));
         assert!(matches!(config.disk, DiskChoice::Selected(ref d) if d.path.as_deref() == Some("/dev/vda")));
+    }
+
+    #[test]
+    fn bundle_defaults_are_the_lowest_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc/nixos-kexec")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/nixos-kexec/defaults.json"),
+            r#"{"version":1,"nixpkgs":"github:me/nixpkgs/mine","layout":"ext4"}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("etc/nixos-kexec/runtime-info.json"),
+            r#"{"version":1,"hostname":"h"}"#,
+        )
+        .unwrap();
+        let defaults = Config::read_defaults_file(dir.path()).unwrap().unwrap();
+        let file = Config::read_info_file(dir.path()).unwrap().unwrap();
+        let params = Params::parse("nixos_kexec.hostname=p").unwrap();
+        let config = Config::assemble_layers(vec![defaults.clone(), file.clone()], &params).unwrap();
+        assert_eq!(config.nixpkgs, "github:me/nixpkgs/mine");
+        assert_eq!(config.hostname, "p");
+        let params = Params::parse("nixos_kexec.nixpkgs=github:NixOS/nixpkgs/nixos-unstable").unwrap();
+        let config = Config::assemble_layers(vec![defaults, file], &params).unwrap();
+        assert_eq!(config.nixpkgs, "github:NixOS/nixpkgs/nixos-unstable");
     }
 
     #[test]

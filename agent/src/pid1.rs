@@ -47,7 +47,8 @@ pub fn move_root_to_tmpfs() -> Result<()> {
         .chain([(ROOT_MOVED.to_string(), "1".to_string())])
         .filter_map(|(k, v)| std::ffi::CString::new(format!("{k}={v}")).ok())
         .collect();
-    nix::unistd::execve(&init, std::slice::from_ref(&init), &env).context("re-executing /init on the new root")?;
+    nix::unistd::execve(&init, std::slice::from_ref(&init), &env)
+        .context("re-executing /init on the new root")?;
     Ok(())
 }
 

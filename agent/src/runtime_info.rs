@@ -76,6 +76,8 @@ pub enum Source {
     Info,
     InfoDeflate,
     File,
+    /// The bundle's defaults (nixosModules.installer's defaultNixpkgs, defaultLayout).
+    Defaults,
 }
 
 impl Source {
@@ -84,6 +86,7 @@ impl Source {
             Source::Info => "nixos_kexec.info",
             Source::InfoDeflate => "nixos_kexec.info_deflate",
             Source::File => "/etc/nixos-kexec/runtime-info.json",
+            Source::Defaults => "/etc/nixos-kexec/defaults.json",
         }
     }
 }
