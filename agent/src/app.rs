@@ -93,12 +93,14 @@ fn print_plan(plan: &Plan) -> Result<()> {
         ));
     }
     for m in &plan.mounts {
-        console::line(&format!(
-            "plan: mount {} {} on {} ({})",
-            m.fstype,
-            m.source,
-            m.mountpoint,
+        let options = if m.options.is_empty() {
+            "defaults".to_string()
+        } else {
             m.options.join(",")
+        };
+        console::line(&format!(
+            "plan: mount {} {} on {} ({options})",
+            m.fstype, m.source, m.mountpoint
         ));
     }
     for s in &plan.swaps {
