@@ -61,7 +61,7 @@ fn base64(bytes: &[u8]) -> String {
             out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
         }
     }
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push('=');
     }
     out
@@ -437,7 +437,7 @@ fn luks_btrfs_uefi_512_with_passphrase_and_network() -> Result<()> {
         .and_then(|m| m.trim().parse().ok())
         .context("no argon2 memory in luksDump")?;
     ensure!(
-        memory <= 256 * 1024 && memory >= 32 * 1024,
+        (32 * 1024..=256 * 1024).contains(&memory),
         "argon2id memory {memory} KiB"
     );
     ensure!(
@@ -854,10 +854,84 @@ fn declarative_storage_bios_512() -> Result<()> {
     Ok(())
 }
 
-/// Each of these stops with one clear error before any disk is touched.
-#[test]
-fn refusals_touch_no_disk() -> Result<()> {
+/// Boots with `params` on a used 2 GiB disk and expects one clear error with a fix, no
+/// power-off, and not one byte of the disk changed.
+fn refused(name: &str, firmware: Firmware, params: &[String], expected: &str) -> Result<()> {
     let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let disk = scratch.path().join("disk.img");
+    std::fs::File::create(&disk)?.set_len(2 * GIB)?;
+    tool(
+        "sgdisk",
+        [
+            "-n",
+            "1:2048:+100M",
+            "-c",
+            "1:old-data",
+            disk.to_str().context("path")?,
+        ],
+    )?;
+    let before = nonzero_blocks(&disk)?;
+    let mut vm = Vm::new(&bundle)
+        .name(name)
+        .firmware(firmware)
+        .disk_image(&disk, DiskBus::Virtio, 512, "VICTIM01")
+        .param("nixos_kexec.disk=/dev/vda")
+        .param(key_param())
+        .param("nixos_kexec.after=poweroff")
+        .grace(std::time::Duration::from_secs(3));
+    for p in params {
+        vm = vm.param(p.clone());
+    }
+    let out = vm.run()?;
+    let reason = out.expect_failure()?;
+    ensure!(
+        reason.contains(expected),
+        "{name}: reason `{reason}` lacks `{expected}`"
+    );
+    ensure!(out.contains("nixos-kexec: fix: "), "{name}: no fix was printed");
+    ensure!(!out.exited_by_itself, "{name}: a failed run must not power off");
+    ensure!(nonzero_blocks(&disk)? == before, "{name}: the disk changed");
+    Ok(())
+}
+
+#[test]
+fn zfs_is_refused() -> Result<()> {
+    refused("zfs", Firmware::Bios, &["nixos_kexec.layout=zfs".into()], "ZFS")
+}
+
+#[test]
+fn luks_without_passphrase_is_refused() -> Result<()> {
+    refused(
+        "luks_without_passphrase",
+        Firmware::Bios,
+        &["nixos_kexec.layout=luks-btrfs".into()],
+        "no disk passphrase came with the installer",
+    )
+}
+
+#[test]
+fn too_small_disk_is_refused() -> Result<()> {
+    refused(
+        "too_small",
+        Firmware::Bios,
+        &["nixos_kexec.layout=btrfs".into(), "nixos_kexec.swap=1G".into()],
+        "too small for this layout",
+    )
+}
+
+#[test]
+fn mbr_on_uefi_is_refused() -> Result<()> {
+    refused(
+        "mbr_on_uefi",
+        Firmware::Uefi,
+        &["nixos_kexec.table=mbr".into()],
+        "booted with UEFI",
+    )
+}
+
+#[test]
+fn overlapping_declarative_partitions_are_refused() -> Result<()> {
     let overlapping = serde_json::json!({
         "version": 1,
         "storage": {"partitions": [
@@ -865,78 +939,5 @@ fn refusals_touch_no_disk() -> Result<()> {
             {"size": "1G", "start": "1M", "filesystem": {"type": "ext4", "mountpoint": "/"}}
         ]}
     });
-    let cases: Vec<(&str, Firmware, u64, Vec<String>, &str)> = vec![
-        (
-            "zfs",
-            Firmware::Bios,
-            2 * GIB,
-            vec!["nixos_kexec.layout=zfs".into()],
-            "ZFS",
-        ),
-        (
-            "luks_without_passphrase",
-            Firmware::Bios,
-            2 * GIB,
-            vec!["nixos_kexec.layout=luks-btrfs".into()],
-            "no disk passphrase came with the installer",
-        ),
-        (
-            "too_small",
-            Firmware::Bios,
-            2 * GIB,
-            vec!["nixos_kexec.layout=btrfs".into(), "nixos_kexec.swap=1G".into()],
-            "too small for this layout",
-        ),
-        (
-            "mbr_on_uefi",
-            Firmware::Uefi,
-            2 * GIB,
-            vec!["nixos_kexec.table=mbr".into()],
-            "booted with UEFI",
-        ),
-        (
-            "overlap",
-            Firmware::Bios,
-            2 * GIB,
-            vec![info_param(&overlapping)],
-            "overlap",
-        ),
-    ];
-    for (name, firmware, size, params, expected) in cases {
-        let scratch = tempfile::tempdir()?;
-        let disk = scratch.path().join("disk.img");
-        std::fs::File::create(&disk)?.set_len(size)?;
-        tool(
-            "sgdisk",
-            &[
-                "-n",
-                "1:2048:+100M",
-                "-c",
-                "1:old-data",
-                disk.to_str().context("path")?,
-            ],
-        )?;
-        let before = nonzero_blocks(&disk)?;
-        let mut vm = Vm::new(&bundle)
-            .name(name)
-            .firmware(firmware)
-            .disk_image(&disk, DiskBus::Virtio, 512, "VICTIM01")
-            .param("nixos_kexec.disk=/dev/vda")
-            .param(key_param())
-            .param("nixos_kexec.after=poweroff")
-            .grace(std::time::Duration::from_secs(3));
-        for p in params {
-            vm = vm.param(p);
-        }
-        let out = vm.run()?;
-        let reason = out.expect_failure()?;
-        ensure!(
-            reason.contains(expected),
-            "{name}: reason `{reason}` lacks `{expected}`"
-        );
-        ensure!(out.contains("nixos-kexec: fix: "), "{name}: no fix was printed");
-        ensure!(!out.exited_by_itself, "{name}: a failed run must not power off");
-        ensure!(nonzero_blocks(&disk)? == before, "{name}: the disk changed");
-    }
-    Ok(())
+    refused("overlap", Firmware::Bios, &[info_param(&overlapping)], "overlap")
 }
