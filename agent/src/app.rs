@@ -77,14 +77,46 @@ fn print_facts(facts: &Facts) {
 
 fn print_plan(plan: &Plan) -> Result<()> {
     console::line(&format!(
-        "plan: install {} on {} ({} MiB, {}-byte sectors), {:?} firmware, layout {:?}",
+        "plan: install {} on {} ({} MiB, {}-byte sectors), {:?} firmware, layout {}, {} table",
         plan.hostname,
         plan.disk.dev_path,
         plan.disk.size_bytes / MIB,
         plan.disk.logical_sector,
         plan.firmware,
-        plan.layout
+        plan.layout.name(),
+        plan.table.name()
     ));
+    for p in &plan.partitions {
+        console::line(&format!(
+            "plan: partition {} {}: {} MiB at {} MiB",
+            p.number,
+            p.name,
+            p.size_bytes / MIB,
+            p.start_bytes / MIB
+        ));
+    }
+    for m in &plan.mounts {
+        let options = if m.options.is_empty() {
+            "defaults".to_string()
+        } else {
+            m.options.join(",")
+        };
+        console::line(&format!(
+            "plan: mount {} {} on {} ({options})",
+            m.fstype, m.source, m.mountpoint
+        ));
+    }
+    for s in &plan.swaps {
+        console::line(&format!(
+            "plan: swap on {}{}",
+            s.partition,
+            if s.random_encryption {
+                " (random key at every boot)"
+            } else {
+                ""
+            }
+        ));
+    }
     let steps: Vec<_> = plan.steps.iter().map(|s| s.name()).collect();
     console::line(&format!("plan: steps {}", steps.join(", ")));
     console::line(&format!(
@@ -121,26 +153,38 @@ pub fn install(input: &Input, force_dry_run: bool) -> Result<Option<After>> {
 }
 
 fn install_inner(input: &Input, force_dry_run: bool, printed: &mut bool) -> Result<Option<After>> {
-    let (config, plan) = make_plan(input)?;
+    let passphrase_file = input
+        .root
+        .join(crate::config::SECRETS_DIR.trim_start_matches('/'))
+        .join("disk-passphrase");
+    let (config, plan) = match make_plan(input) {
+        Ok(planned) => planned,
+        Err(e) => {
+            // Nothing will use it in this boot: a new attempt comes with a new kexec.
+            steps::keys::wipe_file(&passphrase_file);
+            return Err(e);
+        }
+    };
     print_plan(&plan)?;
     if config.dry_run || force_dry_run {
         console::line("dry run: nothing was written");
         return Ok(config.after);
     }
-    if config.disk_passphrase_given {
-        // No layout here encrypts yet; the passphrase must not outlive its use.
-        console::line(&format!(
-            "a disk passphrase was supplied, but layout {:?} does not encrypt; it was discarded",
-            plan.layout
-        ));
-        steps::keys::wipe_file(
-            &input
-                .root
-                .join(crate::config::SECRETS_DIR.trim_start_matches('/'))
-                .join("disk-passphrase"),
-        );
-    }
     let mut execution = Execution::default();
+    if config.disk_passphrase_given {
+        let path = passphrase_file;
+        if plan.luks.is_empty() {
+            // The passphrase must not outlive its use, and this layout has none.
+            console::line(&format!(
+                "a disk passphrase was supplied, but layout {} does not encrypt; it was discarded",
+                plan.layout.name()
+            ));
+            steps::keys::wipe_file(&path);
+        } else {
+            // Read and wiped before anything is written, so a bad one stops the run early.
+            execution.passphrase = Some(steps::crypt::take_passphrase(&path)?);
+        }
+    }
     if let Err(error) = steps::execute(&plan, &mut execution) {
         // Printed before the report is written, so install.log on the target has it too.
         print_error(&error);

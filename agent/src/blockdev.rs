@@ -10,6 +10,52 @@ use std::time::{Duration, Instant};
 
 nix::ioctl_none!(blkrrpart, 0x12, 95);
 nix::ioctl_none!(blkflsbuf, 0x12, 97);
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+
+/// The size of a block device (BLKGETSIZE64) or of a regular file (tests use image files).
+pub fn size_bytes(path: &str) -> Result<u64> {
+    let file = File::open(path).with_context(|| format!("opening {path}"))?;
+    if !is_block_device(&file) {
+        return Ok(file
+            .metadata()
+            .with_context(|| format!("reading the size of {path}"))?
+            .len());
+    }
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 into `size`, which outlives the call.
+    unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }
+        .with_context(|| format!("reading the size of {path} (BLKGETSIZE64)"))?;
+    Ok(size)
+}
+
+/// Splits fstab-style options into mount(2) flags and the filesystem's own options: `noatime`,
+/// `nodev` and the like are flags the kernel's filesystem parsers reject as data, and
+/// `defaults`, `nofail` and `x-*` are for mount(8) and systemd only.
+pub fn mount_flags(options: &[String]) -> (nix::mount::MsFlags, String) {
+    use nix::mount::MsFlags;
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for option in options {
+        match option.as_str() {
+            "defaults" | "auto" | "noauto" | "nofail" | "user" | "nouser" | "rw" | "_netdev" => {}
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "nodiratime" => flags |= MsFlags::MS_NODIRATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
+            "dirsync" => flags |= MsFlags::MS_DIRSYNC,
+            "lazytime" => flags |= MsFlags::MS_LAZYTIME,
+            "suid" | "dev" | "exec" | "async" | "atime" | "diratime" => {}
+            other if other.starts_with("x-") || other.starts_with("comment=") => {}
+            other => data.push(other.to_string()),
+        }
+    }
+    (flags, data.join(","))
+}
 
 /// Opens a disk for writing with O_EXCL, which the kernel refuses while anything has it
 /// mounted or claimed; regular files (tests) are opened normally.
@@ -83,16 +129,24 @@ pub struct Mount {
 }
 
 impl Mount {
-    pub fn new(source: &str, target: &Path, fstype: &str, options: &str) -> Result<Mount> {
+    /// Mounts with fstab-style `options` (see [`mount_flags`]).
+    pub fn new(source: &str, target: &Path, fstype: &str, options: &[String]) -> Result<Mount> {
         std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+        let (flags, data) = mount_flags(options);
         nix::mount::mount(
             Some(source),
             target,
             Some(fstype),
-            nix::mount::MsFlags::empty(),
-            (!options.is_empty()).then_some(options),
+            flags,
+            (!data.is_empty()).then_some(data.as_str()),
         )
-        .with_context(|| format!("mounting {source} ({fstype}) on {}", target.display()))?;
+        .with_context(|| {
+            format!(
+                "mounting {source} ({fstype}, options {:?}) on {}",
+                options.join(","),
+                target.display()
+            )
+        })?;
         Ok(Mount {
             target: target.to_path_buf(),
             active: true,
@@ -116,5 +170,30 @@ impl Drop for Mount {
                 log::warn!("unmounting {}: {e}", self.target.display());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fstab_options_split_into_flags_and_data() {
+        use nix::mount::MsFlags;
+        let options: Vec<String> = [
+            "defaults",
+            "subvol=@nix",
+            "compress=zstd",
+            "noatime",
+            "x-systemd.automount",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (flags, data) = mount_flags(&options);
+        assert_eq!(flags, MsFlags::MS_NOATIME);
+        assert_eq!(data, "subvol=@nix,compress=zstd");
+        let (_, data) = mount_flags(&["size=25%".into(), "mode=755".into()]);
+        assert_eq!(data, "size=25%,mode=755");
     }
 }

@@ -22,6 +22,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "ssh_key",
     "nixpkgs",
     "state_version",
+    "swap",
+    "table",
 ];
 
 /// Our parameters from one command line, keys normalised (`nixos-kexec.stop-before` is

@@ -4,6 +4,7 @@
 use crate::cmdline::{percent_decode, Params};
 use crate::error::user_error;
 use crate::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
+use crate::storage::{self, Storage, Table};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -90,21 +91,66 @@ impl After {
     }
 }
 
+/// The one-word disk layouts (README, "Disk layouts"); `Custom` is the declarative form given
+/// as `storage` in the runtime info.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum Layout {
     Ext4,
+    Btrfs,
+    BtrfsImpermanence,
+    LuksBtrfs,
+    LuksExt4,
+    Custom,
 }
 
 impl Layout {
-    pub fn parse(text: &str) -> Result<Layout> {
-        match text {
-            "ext4" => Ok(Layout::Ext4),
-            _ => Err(user_error(
-                format!("Layout {text:?} is not supported by this installer."),
-                "use layout ext4 (more layouts are planned; see the README's layout table).",
-            )),
+    pub const PRESETS: [Layout; 5] = [
+        Layout::Ext4,
+        Layout::Btrfs,
+        Layout::BtrfsImpermanence,
+        Layout::LuksBtrfs,
+        Layout::LuksExt4,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Ext4 => "ext4",
+            Layout::Btrfs => "btrfs",
+            Layout::BtrfsImpermanence => "btrfs-impermanence",
+            Layout::LuksBtrfs => "luks-btrfs",
+            Layout::LuksExt4 => "luks-ext4",
+            Layout::Custom => "custom",
         }
+    }
+
+    pub fn parse(text: &str) -> Result<Layout> {
+        let normalised = text.trim().to_ascii_lowercase().replace('_', "-");
+        if normalised.contains("zfs") {
+            return Err(crate::storage::zfs_refusal(&format!("Layout {text:?}")));
+        }
+        if let Some(layout) = Layout::PRESETS.into_iter().find(|l| l.name() == normalised) {
+            return Ok(layout);
+        }
+        if normalised == "custom" {
+            return Err(user_error(
+                "Layout custom needs the partitions described as \"storage\" in the runtime info.",
+                "add a \"storage\" object to the runtime info (see the README), or choose a preset layout.",
+            ));
+        }
+        let names: Vec<_> = Layout::PRESETS.iter().map(|l| l.name()).collect();
+        Err(user_error(
+            format!("Layout {text:?} is not supported by this installer."),
+            format!(
+                "use one of {} (see the README's layout table), or describe the partitions as \"storage\" in the runtime info.",
+                names.join(", ")
+            ),
+        ))
+    }
+
+    /// Whether the layout asks for a LUKS container (and so for a disk passphrase).
+    pub fn encrypts(self) -> bool {
+        matches!(self, Layout::LuksBtrfs | Layout::LuksExt4)
     }
 }
 
@@ -124,6 +170,12 @@ pub struct Config {
     pub hostname: String,
     pub disk: DiskChoice,
     pub layout: Layout,
+    /// Swap partition size for the preset layouts; 0 for none.
+    pub swap_bytes: u64,
+    /// Partition table for the preset layouts.
+    pub table: Table,
+    /// The declarative layout from the runtime info (`layout` is then `Custom`).
+    pub storage: Option<Storage>,
     pub ssh_authorized_keys: Vec<String>,
     pub network: Option<Network>,
     pub nixpkgs: String,
@@ -147,6 +199,9 @@ impl Default for Config {
             hostname: DEFAULT_HOSTNAME.into(),
             disk: DiskChoice::Unspecified,
             layout: Layout::Ext4,
+            swap_bytes: 0,
+            table: Table::Gpt,
+            storage: None,
             ssh_authorized_keys: Vec::new(),
             network: None,
             nixpkgs: DEFAULT_NIXPKGS.into(),
@@ -195,6 +250,8 @@ impl Config {
         for (key, value) in params.iter() {
             config.apply_param(key, value)?;
         }
+        // Parsed once at the end so runtime info and parameters give the same errors.
+        config.resolve_layout()?;
         Ok(config)
     }
 
@@ -242,6 +299,15 @@ impl Config {
         if let Some(layout) = &info.layout {
             merged.layout = Some(layout.clone());
         }
+        if let Some(swap) = &info.swap {
+            merged.swap = Some(swap.clone());
+        }
+        if let Some(table) = &info.table {
+            merged.table = Some(table.clone());
+        }
+        if let Some(storage) = &info.storage {
+            merged.storage = Some(storage.clone());
+        }
         if !info.ssh_authorized_keys.is_empty() {
             self.ssh_authorized_keys = info.ssh_authorized_keys.clone();
             merged.ssh_authorized_keys = info.ssh_authorized_keys.clone();
@@ -278,9 +344,9 @@ impl Config {
             "dry_run" => self.dry_run = parse_bool(key, value)?,
             "stop_before" => self.stop_before = Some(Step::parse(value)?),
             "after" => self.after = Some(After::parse(value)?),
-            "layout" => {
-                self.runtime_info.layout = Some(value.to_string());
-            }
+            "layout" => self.runtime_info.layout = Some(value.to_string()),
+            "swap" => self.runtime_info.swap = Some(value.to_string()),
+            "table" => self.runtime_info.table = Some(value.to_string()),
             "ssh_key" => {
                 let key = percent_decode(value)?;
                 runtime_info::validate_ssh_key(&key)?;
@@ -304,10 +370,33 @@ impl Config {
                 ))
             }
         }
-        // Layout is parsed once at the end so runtime info and parameter give the same error.
-        if let Some(layout) = &self.runtime_info.layout {
-            self.layout = Layout::parse(layout)?;
+        Ok(())
+    }
+
+    /// Settles the layout from the merged runtime info: a declarative `storage`, or a preset
+    /// with its `swap` and `table` options.
+    fn resolve_layout(&mut self) -> Result<()> {
+        let info = &self.runtime_info;
+        if let Some(storage) = &info.storage {
+            if let Some(layout) = info.layout.as_deref().filter(|l| *l != "custom") {
+                return Err(user_error(
+                    format!("Both layout {layout:?} and a declarative \"storage\" were given."),
+                    "drop the layout (or set it to custom) to use the storage description, or drop storage to use the preset.",
+                ));
+            }
+            if info.swap.is_some() || info.table.is_some() {
+                return Err(user_error(
+                    "swap and table options were given together with a declarative \"storage\", which describes the swap partition and the table itself.",
+                    "drop swap/table, and describe a swap partition and \"table\" in storage.",
+                ));
+            }
+            self.layout = Layout::Custom;
+            self.storage = Some(storage.clone());
+            return Ok(());
         }
+        self.layout = Layout::parse(info.layout.as_deref().unwrap_or("ext4"))?;
+        self.swap_bytes = storage::parse_swap(info.swap.as_deref().unwrap_or("0"))?;
+        self.table = Table::parse(info.table.as_deref().unwrap_or("gpt"))?;
         Ok(())
     }
 }
@@ -407,11 +496,80 @@ mod tests {
     }
 
     #[test]
+    fn layout_swap_and_table_from_parameters_or_runtime_info() {
+        let params =
+            Params::parse("nixos_kexec.layout=luks-btrfs nixos_kexec.swap=2G nixos_kexec.table=mbr").unwrap();
+        let config = Config::assemble(None, &params).unwrap();
+        assert_eq!(config.layout, Layout::LuksBtrfs);
+        assert_eq!(config.swap_bytes, 2 << 30);
+        assert_eq!(config.table, Table::Mbr);
+        // From the runtime info alone, without any parameter.
+        let info = RuntimeInfo {
+            version: 1,
+            layout: Some("btrfs_impermanence".into()),
+            swap: Some("512M".into()),
+            ..RuntimeInfo::default()
+        };
+        let config = Config::assemble(Some(info), &Params::default()).unwrap();
+        assert_eq!(config.layout, Layout::BtrfsImpermanence);
+        assert_eq!(config.swap_bytes, 512 << 20);
+        assert_eq!(
+            Config::assemble(None, &Params::default()).unwrap().layout,
+            Layout::Ext4
+        );
+    }
+
+    #[test]
+    fn zfs_is_refused_with_the_alternatives() {
+        for line in ["nixos_kexec.layout=zfs", "nixos_kexec.layout=luks-zfs"] {
+            let err = Params::parse(line)
+                .and_then(|p| Config::assemble(None, &p))
+                .unwrap_err();
+            let text = crate::error::one_line(&err);
+            assert!(text.contains("ZFS") && text.contains("not support"), "{text}");
+            assert!(text.contains("btrfs"), "{text}");
+        }
+    }
+
+    #[test]
+    fn declarative_storage_excludes_preset_options() {
+        let storage = crate::storage::Storage {
+            partitions: vec![crate::storage::PartitionSpec {
+                size: "rest".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let info = |layout: Option<&str>, swap: Option<&str>| RuntimeInfo {
+            version: 1,
+            layout: layout.map(Into::into),
+            swap: swap.map(Into::into),
+            storage: Some(storage.clone()),
+            ..RuntimeInfo::default()
+        };
+        let config = Config::assemble(Some(info(None, None)), &Params::default()).unwrap();
+        assert_eq!(config.layout, Layout::Custom);
+        assert_eq!(config.storage.as_ref(), Some(&storage));
+        assert!(Config::assemble(Some(info(Some("custom"), None)), &Params::default()).is_ok());
+        for bad in [info(Some("btrfs"), None), info(None, Some("1G"))] {
+            let err = Config::assemble(Some(bad), &Params::default()).unwrap_err();
+            assert!(crate::error::as_user_error(&err).is_some(), "{err}");
+        }
+        let err = Params::parse("nixos_kexec.layout=custom")
+            .and_then(|p| Config::assemble(None, &p))
+            .unwrap_err();
+        assert!(crate::error::one_line(&err).contains("storage"));
+    }
+
+    #[test]
     fn bad_values_are_user_errors() {
         for line in [
             "nixos_kexec.stop_before=nope",
             "nixos_kexec.after=explode",
             "nixos_kexec.layout=zfs",
+            "nixos_kexec.layout=xfs",
+            "nixos_kexec.swap=lots",
+            "nixos_kexec.table=apm",
             "nixos_kexec.dry_run=maybe",
             "nixos_kexec.ssh_key=not-a-key",
         ] {

@@ -5,17 +5,21 @@
 
 pub mod app;
 pub mod blockdev;
+pub mod btrfs;
 pub mod cmdline;
 pub mod config;
 pub mod console;
 pub mod error;
 pub mod facts;
 pub mod kmod;
+pub mod layout;
 pub mod network;
 pub mod pid1;
 pub mod plan;
+pub mod presets;
 pub mod rescue;
 pub mod runner;
 pub mod runtime_info;
 pub mod steps;
+pub mod storage;
 pub mod templates;

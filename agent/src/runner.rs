@@ -26,6 +26,10 @@ pub fn run(command: &mut Command) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("starting `{line}`"))?;
+    checked(&line, output)
+}
+
+fn checked(line: &str, output: std::process::Output) -> Result<String> {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -41,6 +45,29 @@ pub fn run(command: &mut Command) -> Result<String> {
         );
     }
     Ok(stdout)
+}
+
+/// Like [`run`], with `input` on the command's stdin: the way secrets reach a command (never its
+/// arguments, which /proc shows to everyone and the log keeps). Only the command line is logged.
+pub fn run_with_input(command: &mut Command, input: &[u8]) -> Result<String> {
+    use std::io::Write;
+    let line = describe(command);
+    log::info!("running: {line}");
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{line}`"))?;
+    let mut stdin = child.stdin.take().context("opening the command's stdin")?;
+    // A command that exits early closes the pipe; its status says why, so a write error here
+    // is not the interesting one.
+    let _ = stdin.write_all(input);
+    drop(stdin);
+    let output = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for `{line}`"))?;
+    checked(&line, output)
 }
 
 /// Runs a long command, handing each line of its stdout and stderr to `on_line` as it comes,
@@ -106,5 +133,13 @@ mod tests {
         seen.sort();
         assert_eq!(seen, ["a", "b"]);
         assert!(run_streaming(Command::new("false").arg("x"), &|_| {}).is_err());
+    }
+
+    #[test]
+    fn input_goes_to_stdin_not_the_error() {
+        let out = run_with_input(Command::new("sh").args(["-c", "cat"]), b"secret").unwrap();
+        assert_eq!(out, "secret");
+        let err = run_with_input(Command::new("sh").args(["-c", "exit 2"]), b"secret").unwrap_err();
+        assert!(!format!("{err:#}").contains("secret"), "{err:#}");
     }
 }

@@ -28,6 +28,15 @@ pub struct RuntimeInfo {
     pub nixpkgs: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_version: Option<String>,
+    /// Swap partition size for a preset layout (`2G`, `512M`; `0` for none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap: Option<String>,
+    /// Partition table for a preset layout: `gpt` (default) or `mbr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// A declarative disk layout, instead of a preset `layout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::storage::Storage>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,6 +228,12 @@ impl RuntimeInfo {
         }
         if let Some(version) = &self.state_version {
             validate_state_version(version)?;
+        }
+        if let Some(swap) = &self.swap {
+            crate::storage::parse_swap(swap)?;
+        }
+        if let Some(table) = &self.table {
+            crate::storage::Table::parse(table)?;
         }
         Ok(())
     }

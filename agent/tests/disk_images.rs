@@ -1,10 +1,11 @@
 //! The partition and format code on image files, checked with sgdisk, sfdisk and fsck.fat.
 //! (The kernel side of it, re-reading and mounting, is covered by the QEMU scenarios in tests/.)
 
-use nixos_kexec::config::{Config, DiskChoice};
+use nixos_kexec::config::{Config, DiskChoice, Layout};
 use nixos_kexec::facts::{Disk, Facts, Firmware, Transport};
 use nixos_kexec::plan::{self, PlanIds, GIB};
 use nixos_kexec::steps::{format, partition};
+use nixos_kexec::storage::Table;
 use std::process::Command;
 
 fn facts(size: u64, sector: u32) -> Facts {
@@ -138,15 +139,84 @@ fn esp_formats_as_fat32_that_fsck_accepts() {
         let fs = plan::Filesystem {
             device: image.to_string_lossy().into_owned(),
             kind: plan::FsKind::Vfat,
-            label: "ESP".into(),
+            label: Some("ESP".into()),
             uuid: plan::fat_uuid(0x1234abcd),
-            mountpoint: "/boot".into(),
-            mount_options: vec![],
+            volume_id: Some(0x1234abcd),
+            size_bytes: size,
+            subvolumes: vec![],
         };
-        format::format_esp(&fs, 0x1234abcd, sector, size).unwrap();
+        format::format_esp(&fs, sector).unwrap();
         tool("fsck.fat", &["-n", image.to_str().unwrap()]);
         let info = tool("file", &["-s", image.to_str().unwrap()]);
         assert!(info.contains("FAT (32 bit)"), "{info}");
         assert!(info.to_lowercase().contains("serial number 0x1234abcd"), "{info}");
     }
+}
+
+#[test]
+fn mbr_has_primary_partitions_and_one_boot_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let size = 5 * GIB;
+    std::fs::File::create(&image).unwrap().set_len(size).unwrap();
+    let mut facts = facts(size, 512);
+    facts.firmware = nixos_kexec::facts::Firmware::Bios;
+    let config = Config {
+        disk: DiskChoice::Auto,
+        layout: Layout::LuksExt4,
+        table: Table::Mbr,
+        swap_bytes: GIB,
+        disk_passphrase_given: true,
+        ..Config::default()
+    };
+    let mut plan = plan::make(&config, &facts, &PlanIds::random()).unwrap();
+    plan.disk.dev_path = image.to_string_lossy().into_owned();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    partition::write_mbr(file, &plan).unwrap();
+
+    let json: serde_json::Value =
+        serde_json::from_str(&tool("sfdisk", &["--json", image.to_str().unwrap()])).unwrap();
+    let table = &json["partitiontable"];
+    assert_eq!(table["label"], "dos");
+    assert_eq!(
+        u32::from_str_radix(table["id"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap(),
+        plan.mbr_signature
+    );
+    let parts = table["partitions"].as_array().unwrap();
+    let summary: Vec<(u64, u64, String, bool)> = parts
+        .iter()
+        .map(|p| {
+            (
+                p["start"].as_u64().unwrap() * 512,
+                p["size"].as_u64().unwrap() * 512,
+                p["type"].as_str().unwrap().to_string(),
+                p["bootable"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    // /boot (ext4, flagged: GRUB cannot read LUKS2), swap, LUKS root on the rest.
+    assert_eq!(
+        summary,
+        vec![
+            (1 << 20, GIB, "83".to_string(), true),
+            ((1 << 20) + GIB, GIB, "82".to_string(), false),
+            (
+                (1 << 20) + 2 * GIB,
+                size - (1 << 20) - 2 * GIB,
+                "83".to_string(),
+                false
+            ),
+        ]
+    );
+    // Nothing past the 4 primary entries: no extended partition, no EBR.
+    let dump = tool("sfdisk", &["--dump", image.to_str().unwrap()]);
+    assert_eq!(
+        dump.lines().filter(|l| l.contains(" : start=")).count(),
+        3,
+        "{dump}"
+    );
 }

@@ -3,9 +3,14 @@
 
 use nixos_kexec::cmdline::Params;
 use nixos_kexec::config::Config;
+use nixos_kexec::config::Layout;
+use nixos_kexec::facts::Firmware;
 use nixos_kexec::facts::{Disk, Transport};
-use nixos_kexec::plan::{layout_partitions, PlanIds, ALIGNMENT, MIB};
+use nixos_kexec::layout::place;
+use nixos_kexec::plan::{PlanIds, ALIGNMENT, MIB};
+use nixos_kexec::presets::storage_for;
 use nixos_kexec::runtime_info::{self, Source};
+use nixos_kexec::storage::Table;
 use proptest::prelude::*;
 
 fn disk(size: u64, sector: u32) -> Disk {
@@ -80,18 +85,32 @@ proptest! {
     fn planner_stays_aligned_inside_and_disjoint(
         size in 0u64..(64u64 << 40),
         big_sector in any::<bool>(),
+        layout in prop::sample::select(Layout::PRESETS.to_vec()),
+        mbr in any::<bool>(),
+        swap_mib in prop::sample::select(vec![0u64, 16, 512, 2048, 65536]),
     ) {
         let sector = if big_sector { 4096 } else { 512 };
         // Real disks are a whole number of sectors.
         let size = size / sector as u64 * sector as u64;
-        let Ok(parts) = layout_partitions(&disk(size, sector), &PlanIds::random()) else {
-            // Refused: must be because it is too small.
-            prop_assert!(size < 1600 * MIB);
-            return Ok(());
+        let table = if mbr { Table::Mbr } else { Table::Gpt };
+        let storage = storage_for(layout, table, swap_mib * MIB).unwrap();
+        let placed = match place(&storage, &disk(size, sector), Firmware::Bios, 1 << 30, &PlanIds::random()) {
+            Ok(placed) => placed,
+            Err(e) => {
+                // Refused: must be because it is too small, or too large for an MBR, and said so.
+                let text = nixos_kexec::error::one_line(&e);
+                prop_assert!(
+                    (text.contains("too small") && size < 2700 * MIB + (swap_mib * MIB))
+                        || (mbr && size > (sector as u64) << 32),
+                    "{}", text
+                );
+                return Ok(());
+            }
         };
-        let backup = 33 * 512u64.max(sector as u64);
+        let parts = &placed.partitions;
+        let backup = if mbr { 0 } else { 33 * 512u64.max(sector as u64) };
         let mut end = MIB;
-        for p in &parts {
+        for p in parts {
             prop_assert_eq!(p.start_bytes % ALIGNMENT, 0);
             prop_assert_eq!(p.size_bytes % ALIGNMENT, 0);
             prop_assert!(p.size_bytes > 0);
@@ -100,5 +119,6 @@ proptest! {
         }
         prop_assert!(end + backup.min(20 * 1024) <= size, "layout runs into the backup GPT");
         prop_assert!(size - end < 2 * MIB + backup, "more than 2 MiB wasted at the end");
+        prop_assert_eq!(placed.mounts.first().map(|m| m.mountpoint.as_str()), Some("/"));
     }
 }

@@ -155,29 +155,39 @@ pub fn copy_range_sparse(src: &Path, offset: u64, len: u64, dst: &Path) -> Resul
         "range {offset}+{len} is beyond the end of {} ({src_len} bytes)",
         src.display()
     );
-    input.seek(SeekFrom::Start(offset))?;
     let mut output = File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
     const CHUNK: usize = 1 << 20;
     let mut buf = vec![0u8; CHUNK];
-    let mut done = 0u64;
-    while done < len {
-        let n = ((len - done) as usize).min(CHUNK);
-        input
-            .read_exact(&mut buf[..n])
-            .with_context(|| format!("reading {} at {}", src.display(), offset + done))?;
-        // Write only the non-zero 4 KiB blocks.
-        let mut i = 0;
-        while i < n {
-            let e = (i + 4096).min(n);
-            if buf[i..e].iter().any(|&b| b != 0) {
-                output.seek(SeekFrom::Start(done + i as u64))?;
-                output
-                    .write_all(&buf[i..e])
-                    .with_context(|| format!("writing {}", dst.display()))?;
-            }
-            i = e;
+    // Only the allocated regions of the image can hold anything but zeros: reading gigabytes of
+    // holes (and looking at each byte) is what would make this slow.
+    let end = offset + len;
+    for (start, length) in data_regions(src)? {
+        let from = start.max(offset);
+        let to = (start + length).min(end);
+        if from >= to {
+            continue;
         }
-        done += n as u64;
+        // Whole 4 KiB blocks of the output, so the zero test below is per block.
+        let mut at = offset + (from - offset) / 4096 * 4096;
+        let stop = (to - offset).div_ceil(4096) * 4096 + offset;
+        let stop = stop.min(end);
+        input.seek(SeekFrom::Start(at))?;
+        while at < stop {
+            let n = ((stop - at) as usize).min(CHUNK);
+            input
+                .read_exact(&mut buf[..n])
+                .with_context(|| format!("reading {} at {at}", src.display()))?;
+            // Write only the non-zero 4 KiB blocks.
+            for (i, block) in buf[..n].chunks(4096).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    output.seek(SeekFrom::Start(at - offset + (i * 4096) as u64))?;
+                    output
+                        .write_all(block)
+                        .with_context(|| format!("writing {}", dst.display()))?;
+                }
+            }
+            at += n as u64;
+        }
     }
     output
         .set_len(len)
@@ -428,6 +438,229 @@ pub fn luks_dump(part: &Path) -> Result<String> {
     Ok(run_tool(Command::new("cryptsetup").arg("luksDump").arg(part))?.combined())
 }
 
+/// The allocated regions `(offset, length)` of a sparse image (lseek SEEK_DATA/SEEK_HOLE), so
+/// the tests read the few MiB an install wrote instead of gigabytes of holes.
+pub fn data_regions(path: &Path) -> Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = file.metadata()?.len();
+    let fd = file.as_raw_fd();
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    while offset < size {
+        // SAFETY: lseek on a file descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data after `offset`.
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        ensure!(hole >= data, "lseek SEEK_HOLE failed on {}", path.display());
+        regions.push((data as u64, (hole - data) as u64));
+        offset = hole as u64;
+    }
+    Ok(regions)
+}
+
+/// The 4 KiB blocks of an image that are not all zero, by offset: two images hold the same
+/// bytes exactly when these are equal (holes read as zeros). Reads allocated regions only.
+pub fn nonzero_blocks(path: &Path) -> Result<BTreeMap<u64, Vec<u8>>> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut blocks = BTreeMap::new();
+    for (start, len) in data_regions(path)? {
+        let first = start / 4096 * 4096;
+        let end = (start + len).div_ceil(4096) * 4096;
+        file.seek(SeekFrom::Start(first))?;
+        let mut buf = vec![0u8; (end - first) as usize];
+        let read = read_up_to(&mut file, &mut buf)?;
+        buf.truncate(read);
+        for (i, block) in buf.chunks(4096).enumerate() {
+            if block.iter().any(|&b| b != 0) {
+                blocks.insert(first + i as u64 * 4096, block.to_vec());
+            }
+        }
+    }
+    Ok(blocks)
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> Result<usize> {
+    let mut total = 0;
+    while total < buf.len() {
+        let n = file.read(&mut buf[total..])?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    Ok(total)
+}
+
+/// How often `needle` occurs in an image's bytes (in its allocated regions; holes are zeros).
+pub fn count_in_image(path: &Path, needle: &[u8]) -> Result<usize> {
+    ensure!(!needle.is_empty(), "empty needle");
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut count = 0;
+    for (start, len) in data_regions(path)? {
+        file.seek(SeekFrom::Start(start))?;
+        let mut buf = vec![0u8; len as usize];
+        let read = read_up_to(&mut file, &mut buf)?;
+        let hay = &buf[..read];
+        let mut at = 0;
+        while let Some(pos) = hay[at..].iter().position(|&b| b == needle[0]) {
+            let i = at + pos;
+            if hay[i..].starts_with(needle) {
+                count += 1;
+            }
+            at = i + 1;
+        }
+    }
+    Ok(count)
+}
+
+/// Whether `passphrase` opens the LUKS volume in `part` (`cryptsetup open --test-passphrase`,
+/// which reads the key slots on an image file and activates nothing, so no dm-crypt is needed).
+/// The passphrase goes in on stdin.
+pub fn luks_test_passphrase(part: &Path, passphrase: &[u8]) -> Result<bool> {
+    let out = crate::tool::run_tool_with_input(
+        Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file", "-"])
+            .arg(part),
+        passphrase,
+    )?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        // "No key available with this passphrase."
+        Some(2) => Ok(false),
+        _ => bail!("cryptsetup failed\n{}", out.describe()),
+    }
+}
+
+/// The subvolumes of a btrfs image as `(id, name)`, read from its root tree
+/// (`btrfs inspect-internal dump-tree -t root`: works on a file, nothing is mounted).
+pub fn btrfs_subvolumes(part: &Path) -> Result<Vec<(u64, String)>> {
+    let out = run_tool(
+        Command::new("btrfs")
+            .args(["inspect-internal", "dump-tree", "-t", "root"])
+            .arg(part),
+    )?;
+    let text = out.stdout_str();
+    let mut found = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        // item 4 key (FS_TREE ROOT_REF 256) itemoff 14927 itemsize 22
+        //     root ref key dirid 256 sequence 2 name @nix
+        let Some(rest) = line.split("(FS_TREE ROOT_REF ").nth(1) else {
+            continue;
+        };
+        let id: u64 = rest
+            .split(')')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .with_context(|| format!("no subvolume id in `{line}`"))?;
+        let name = lines
+            .next()
+            .and_then(|l| l.split(" name ").nth(1))
+            .with_context(|| format!("no name after `{line}` in `{}`", out.command))?;
+        found.push((id, name.trim().to_string()));
+    }
+    Ok(found)
+}
+
+/// Copies the files of btrfs subvolume `name` out of the image into `dest` with their modes
+/// (`btrfs restore -m -r ID`: works on a file, nothing is mounted).
+pub fn btrfs_restore(part: &Path, name: &str, dest: &Path) -> Result<()> {
+    let subvolumes = btrfs_subvolumes(part)?;
+    let (id, _) = subvolumes
+        .iter()
+        .find(|(_, n)| n == name)
+        .with_context(|| format!("{} has no subvolume {name} (has {subvolumes:?})", part.display()))?;
+    fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    run_tool(
+        Command::new("btrfs")
+            .args(["restore", "-m", "-r", &id.to_string()])
+            .arg(part)
+            .arg(dest),
+    )?;
+    Ok(())
+}
+
+/// Runs `script` (busybox sh) in a guest that boots the dev bundle with the test tools
+/// (`inspect-tools.cpio`: sgdisk, sfdisk, btrfs) and `files` added, with `disks` attached as
+/// virtio disks of the given sector size on a QEMU snapshot (the images do not change). The
+/// installer's own tools are there too (cryptsetup, e2fsck, busybox). Modules for virtio, NVMe,
+/// dm-crypt, ext4 and btrfs are loaded first. Returns what the script printed; fails when it
+/// exits non-zero. Use it to look where the host cannot: inside LUKS containers.
+pub fn guest_shell(disks: &[(&Path, u32)], files: &[(&str, u32, &[u8])], script: &str) -> Result<String> {
+    let bundle = crate::dev_bundle()?;
+    let tools = bundle.dir.join("inspect-tools.cpio");
+    ensure!(
+        tools.is_file(),
+        "{} is missing (made by kexec-bundle/build-dev)",
+        tools.display()
+    );
+    let dir = tempfile::tempdir().context("temp dir for the guest")?;
+    let init = format!(
+        r#"#!/bin/busybox sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin DM_DISABLE_UDEV=1
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmpfs /run
+# Kernel messages on the console would land in the middle of the script's output.
+dmesg -n 1
+for m in virtio_pci virtio_blk dm_crypt xts algif_skcipher ext4 btrfs vfat nls_ascii nls_cp437; do
+    modprobe $m 2>/dev/null
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+cat > /script.sh <<'NIXOS_KEXEC_TEST_SCRIPT'
+{script}
+NIXOS_KEXEC_TEST_SCRIPT
+echo "=== guest-shell begin ==="
+sh -e /script.sh 2>&1
+echo "=== guest-shell end rc=$? ==="
+poweroff -f
+"#
+    );
+    let mut cpio = crate::Cpio::new().file("init", 0o755, init);
+    for (path, mode, data) in files {
+        cpio = cpio.file(path, *mode, data);
+    }
+    let archive = dir.path().join("guest.cpio");
+    cpio.write_to(&archive)?;
+    let mut vm = crate::Vm::new(&bundle)
+        .name("guest-shell")
+        .extra_initrd(&tools)
+        .extra_initrd(&archive)
+        .qemu_args(["-snapshot"])
+        .echo(std::env::var_os("NIXOS_KEXEC_ECHO_INSPECT").is_some())
+        .timeout(Duration::from_secs(240));
+    for (i, (disk, sector)) in disks.iter().enumerate() {
+        vm = vm.disk_image(disk, crate::DiskBus::Virtio, *sector, &format!("GUEST{i}"));
+    }
+    let out = vm.run()?;
+    let (text, rc) = between(&out.log, "=== guest-shell begin ===", "=== guest-shell end rc=")
+        .with_context(|| format!("no output from the guest script\n{}", out.tail(60)))?;
+    ensure!(rc == 0, "the guest script failed (rc {rc}):\n{text}");
+    Ok(text.to_string())
+}
+
+/// The text between `=== NAME ===` and `=== end NAME ===` in `output` (what a guest script
+/// printed around a file it showed).
+pub fn section<'a>(output: &'a str, name: &str) -> Result<&'a str> {
+    let begin = format!("=== {name} ===\n");
+    let end = format!("\n=== end {name} ===");
+    let start = output
+        .find(&begin)
+        .with_context(|| format!("no section {name} in:\n{output}"))?
+        + begin.len();
+    let len = output[start..]
+        .find(&end)
+        .with_context(|| format!("section {name} does not end in:\n{output}"))?;
+    Ok(&output[start..start + len])
+}
+
 /// `ssh-keygen -l -f KEY` (fingerprint line); fails when it is not a key.
 pub fn ssh_keygen_fingerprint(key: &Path) -> Result<String> {
     Ok(run_tool(Command::new("ssh-keygen").arg("-l").arg("-f").arg(key))?
@@ -575,6 +808,22 @@ fn guest_report_uncached(disk: &Path) -> Result<GuestReport> {
 mod tests {
     use super::*;
     use std::process::Stdio;
+
+    #[test]
+    fn sparse_images_are_read_by_their_data() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let img = dir.path().join("sparse.img");
+        let mut f = File::create(&img)?;
+        f.set_len(1 << 30)?;
+        f.seek(SeekFrom::Start(300 << 20))?;
+        f.write_all(b"xx needle yy needle")?;
+        f.sync_all()?;
+        assert_eq!(count_in_image(&img, b"needle")?, 2);
+        assert_eq!(count_in_image(&img, b"absent")?, 0);
+        let blocks = nonzero_blocks(&img)?;
+        assert_eq!(blocks.keys().copied().collect::<Vec<_>>(), [300 << 20]);
+        Ok(())
+    }
 
     /// A 512-byte-sector GPT image made by the host tools: 1 = FAT32 ESP (64 MiB),
     /// 2 = ext4 populated from a directory.

@@ -41,7 +41,7 @@ pub mod vm;
 
 pub use cpio::{cpio_from_dir, Cpio};
 pub use inspect::*;
-pub use tool::{run_tool, run_tool_unchecked, tool, ToolOutput};
+pub use tool::{run_tool, run_tool_unchecked, run_tool_with_input, tool, ToolOutput};
 pub use vm::{
     AttachedDisk, Console, DiskBus, DiskSpec, Firmware, RunOutcome, Vm, BASE_CMDLINE, RESULT_PREFIX,
 };

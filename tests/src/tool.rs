@@ -109,6 +109,32 @@ pub fn run_tool_unchecked(cmd: &mut Command) -> Result<ToolOutput> {
     })
 }
 
+/// Like [`run_tool_unchecked`], with `input` written to the command's stdin (how secrets are
+/// handed to cryptsetup: never as arguments).
+pub fn run_tool_with_input(cmd: &mut Command, input: &[u8]) -> Result<ToolOutput> {
+    use std::io::Write;
+    let command = command_line(cmd);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{command}` (is it installed?)"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // An early exit closes the pipe; the exit status tells the story.
+        let _ = stdin.write_all(input);
+    }
+    let output = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for `{command}`"))?;
+    Ok(ToolOutput {
+        command,
+        status: output.status,
+        stdout: output.stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
 /// Shorthand: runs `program args...` and returns its stdout as a string.
 pub fn tool<I, S>(program: &str, args: I) -> Result<String>
 where

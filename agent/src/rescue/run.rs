@@ -374,23 +374,31 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
     for line in handover.archive.listing() {
         console::line(&format!("appended archive: {line}"));
     }
+    // Plan here as the installer will (it sees the disk unmounted), so a layout that does not
+    // fit, or an encrypted one without a passphrase, is refused while the operator can act.
+    let mut after_kexec = facts.clone();
+    for disk in &mut after_kexec.disks {
+        disk.mounted_at.clear();
+        disk.holders.clear();
+    }
+    let params = Params::parse(&handover.cmdline)?;
+    let info_file = handover
+        .archive
+        .entries()
+        .iter()
+        .find(|e| e.path == crate::config::RUNTIME_INFO_FILE.trim_start_matches('/'))
+        .map(|e| runtime_info::parse_json(&e.data, runtime_info::Source::File, false))
+        .transpose()?;
+    let mut config = Config::assemble(info_file, &params)?;
+    config.disk_passphrase_given = options.disk_key_file.is_some();
+    let plan = plan::make(&config, &after_kexec, &PlanIds::random())?;
+    console::line(&format!(
+        "the installer will write layout {} ({} table) to {}",
+        plan.layout.name(),
+        plan.table.name(),
+        plan.disk.dev_path
+    ));
     if options.dry_run {
-        // The installer sees the disk unmounted; plan as it will.
-        let mut after_kexec = facts.clone();
-        for disk in &mut after_kexec.disks {
-            disk.mounted_at.clear();
-            disk.holders.clear();
-        }
-        let params = Params::parse(&handover.cmdline)?;
-        let info_file = handover
-            .archive
-            .entries()
-            .iter()
-            .find(|e| e.path == crate::config::RUNTIME_INFO_FILE.trim_start_matches('/'))
-            .map(|e| runtime_info::parse_json(&e.data, runtime_info::Source::File, false))
-            .transpose()?;
-        let config = Config::assemble(info_file, &params)?;
-        let plan = plan::make(&config, &after_kexec, &PlanIds::random())?;
         console::line(&format!("plan-json: {}", serde_json::to_string(&plan)?));
         console::line("dry run: nothing was loaded");
         return Ok(());

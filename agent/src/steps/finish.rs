@@ -10,7 +10,7 @@ pub const REPORT_DIR: &str = "var/log/nixos-kexec";
 
 /// Writes report.json and install.log under the target root, if it is mounted.
 pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str>) -> Result<()> {
-    let Some(dir) = execution.target_path(REPORT_DIR) else {
+    let Some(dir) = execution.target_path(&plan.state_path(REPORT_DIR)) else {
         log::info!("the target is not mounted; no report written to it");
         return Ok(());
     };
@@ -23,8 +23,12 @@ pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str
         "firmware": plan.firmware,
         "layout": plan.layout,
         "disk": plan.disk,
+        "table": plan.table,
         "partitions": plan.partitions,
+        "luks": plan.luks,
         "filesystems": plan.filesystems,
+        "mounts": plan.mounts,
+        "swaps": plan.swaps,
         "host_key_fingerprints": execution.host_key_fingerprints,
         "steps": execution.records_so_far(),
         "agent_peak_rss_kib": peak_rss_kib(),
@@ -35,7 +39,8 @@ pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str
         .with_context(|| format!("writing {}/report.json", dir.display()))?;
     if failure.is_none() {
         console::line(&format!(
-            "report written to /{REPORT_DIR}/report.json on the target"
+            "report written to {}/report.json on the target",
+            plan.state_path(REPORT_DIR)
         ));
     }
     std::fs::write(dir.join("install.log"), console::log_text())
@@ -43,10 +48,19 @@ pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str
     Ok(())
 }
 
-/// Unmounts in reverse order and flushes everything to the disk.
+/// Switches swap off, unmounts in reverse order, closes the encrypted mappings and flushes
+/// everything to the disk.
 pub fn unmount_all(execution: &mut Execution) -> Result<()> {
+    while let Some(swap) = execution.swaps.pop() {
+        let device = swap.device().to_string();
+        swap.off()?;
+        console::line(&format!("swap off: {device}"));
+    }
     while let Some(mount) = execution.mounts.pop() {
         mount.unmount()?;
+    }
+    while let Some(opened) = execution.opened.pop() {
+        opened.close()?;
     }
     nix::unistd::sync();
     Ok(())

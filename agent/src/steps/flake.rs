@@ -3,7 +3,7 @@
 use super::Execution;
 use crate::facts::Firmware;
 use crate::network::{self, facts::NetworkFacts};
-use crate::plan::{Filesystem, FsKind, Plan};
+use crate::plan::{LuksVolume, Plan, PlannedMount, SwapArea};
 use crate::runtime_info::RuntimeInfo;
 use crate::templates::{self, Value};
 use anyhow::{Context, Result};
@@ -15,6 +15,10 @@ pub struct HostFlake {
     pub hardware: String,
     /// `network.nix`, when the runtime info described the network.
     pub network: Option<String>,
+    /// `persist.nix`, when `/` is a tmpfs.
+    pub persist: Option<String>,
+    /// `initrd-ssh.nix`, when the disk is encrypted and someone can log in to unlock it.
+    pub initrd_ssh: Option<String>,
 }
 
 pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostFlake> {
@@ -39,6 +43,49 @@ pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostF
         values.extend(extra);
         values
     };
+    let persist = plan
+        .root_is_tmpfs()
+        .then(|| {
+            templates::render(
+                templates::PERSIST,
+                &[
+                    ("persist", Value::Text(plan.state_dir.clone())),
+                    ("host_keys", Value::Block(host_keys(plan))),
+                ],
+            )
+        })
+        .transpose()?;
+    let initrd_ssh = plan
+        .initrd_ssh
+        .as_ref()
+        .map(|initrd| {
+            templates::render(
+                templates::INITRD_SSH,
+                &[
+                    ("port", Value::Text(initrd.port.to_string())),
+                    ("host_key", Value::Text(initrd.host_key.clone())),
+                    (
+                        "nic_modules",
+                        Value::Block(templates::list_lines(&initrd.nic_modules, 0).replace('\n', " ")),
+                    ),
+                    (
+                        "initrd_network",
+                        Value::Block(initrd_network(plan.network.is_some())),
+                    ),
+                ],
+            )
+        })
+        .transpose()?;
+    let mut imports = Vec::new();
+    if plan.network.is_some() {
+        imports.push("./network.nix");
+    }
+    if persist.is_some() {
+        imports.push("./persist.nix");
+    }
+    if initrd_ssh.is_some() {
+        imports.push("./initrd-ssh.nix");
+    }
     Ok(HostFlake {
         flake: templates::render(templates::FLAKE, &common(vec![]))?,
         configuration: templates::render(
@@ -48,14 +95,7 @@ pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostF
                     "authorized_keys",
                     Value::Block(templates::list_lines(&plan.ssh_authorized_keys, 4)),
                 ),
-                (
-                    "imports",
-                    Value::Block(if plan.network.is_some() {
-                        "./network.nix".into()
-                    } else {
-                        String::new()
-                    }),
-                ),
+                ("imports", Value::Block(imports.join(" "))),
             ]),
         )?,
         hardware: templates::render(
@@ -65,7 +105,9 @@ pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostF
                     "initrd_modules",
                     Value::Block(templates::list_lines(&plan.initrd_modules, 0).replace('\n', " ")),
                 ),
-                ("file_systems", Value::Block(file_systems(&plan.filesystems))),
+                ("file_systems", Value::Block(file_systems(&plan.mounts))),
+                ("luks_devices", Value::Block(luks_devices(&plan.luks))),
+                ("swap_devices", Value::Block(swap_devices(&plan.swaps))),
             ]),
         )?,
         network: plan
@@ -73,28 +115,29 @@ pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostF
             .as_ref()
             .map(|n| network::nixos::render(n, network_facts))
             .transpose()?,
+        persist,
+        initrd_ssh,
     })
 }
 
-fn file_systems(filesystems: &[Filesystem]) -> String {
-    filesystems
+fn file_systems(mounts: &[PlannedMount]) -> String {
+    mounts
         .iter()
-        .map(|fs| {
-            let fs_type = match fs.kind {
-                FsKind::Vfat => "vfat",
-                FsKind::Ext4 => "ext4",
-            };
+        .map(|m| {
             let mut text = format!(
                 "fileSystems.{} = {{\n    device = {};\n    fsType = {};\n",
-                templates::string(&fs.mountpoint),
-                templates::string(&format!("/dev/disk/by-uuid/{}", fs.uuid)),
-                templates::string(fs_type)
+                templates::string(&m.mountpoint),
+                templates::string(&m.nix_device),
+                templates::string(&m.fstype)
             );
-            if !fs.mount_options.is_empty() {
+            if !m.options.is_empty() {
                 text += &format!(
                     "    options = [ {} ];\n",
-                    templates::list_lines(&fs.mount_options, 0).replace('\n', " ")
+                    templates::list_lines(&m.options, 0).replace('\n', " ")
                 );
+            }
+            if m.needed_for_boot {
+                text += "    neededForBoot = true;\n";
             }
             text + "  };"
         })
@@ -102,9 +145,83 @@ fn file_systems(filesystems: &[Filesystem]) -> String {
         .join("\n\n  ")
 }
 
+/// `boot.initrd.luks.devices` (nixos/modules/system/boot/luksroot.nix): the initrd opens each
+/// container at /dev/mapper/<name> before it mounts the filesystems inside.
+fn luks_devices(luks: &[LuksVolume]) -> String {
+    luks.iter()
+        .map(|l| {
+            format!(
+                "boot.initrd.luks.devices.{}.device = {};",
+                templates::string(&l.name),
+                templates::string(&format!("/dev/disk/by-uuid/{}", l.uuid))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n  ")
+}
+
+/// `swapDevices` (nixos/modules/config/swap.nix); random encryption re-keys the partition at
+/// every boot, so it is found by PARTUUID, which is not inside it.
+fn swap_devices(swaps: &[SwapArea]) -> String {
+    swaps
+        .iter()
+        .map(|s| {
+            let mut text = format!("{{ device = {};", templates::string(&s.nix_device));
+            if s.random_encryption {
+                text += " randomEncryption.enable = true;";
+            }
+            text + " }"
+        })
+        .collect::<Vec<_>>()
+        .join("\n    ")
+}
+
+/// `services.openssh.hostKeys` entries for the keys the keys step puts under the persist path.
+fn host_keys(plan: &Plan) -> String {
+    let kinds: Vec<String> = if plan.provided_host_keys.is_empty() {
+        vec!["ed25519".into()]
+    } else {
+        plan.provided_host_keys
+            .iter()
+            .filter_map(|p| {
+                let name = Path::new(p).file_name()?.to_string_lossy().into_owned();
+                Some(name.strip_prefix("ssh_host_")?.strip_suffix("_key")?.to_string())
+            })
+            .collect()
+    };
+    kinds
+        .iter()
+        .map(|kind| {
+            format!(
+                "{{ path = {}; type = {}; }}",
+                templates::string(&plan.state_path(&format!("etc/ssh/ssh_host_{kind}_key"))),
+                templates::string(kind)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n    ")
+}
+
+/// The initrd's network: the system's own networkd networks (network.nix) when the runtime
+/// info described them (boot.initrd.systemd.network in nixos/modules/system/boot/networkd.nix
+/// takes the same options), else DHCP on every Ethernet NIC.
+fn initrd_network(described: bool) -> String {
+    if described {
+        "# The static network of network.nix, matched by MAC here too.\n  \
+         boot.initrd.systemd.network.networks = config.systemd.network.networks;"
+            .into()
+    } else {
+        "boot.initrd.systemd.network.networks.\"99-ethernet-dhcp\" = {\n    \
+         matchConfig.Name = \"en* eth*\";\n    \
+         networkConfig.DHCP = \"yes\";\n  \
+         };"
+        .into()
+    }
+}
+
 pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
     let dir = execution
-        .target_path("etc/nixos")
+        .target_path(&plan.state_path("etc/nixos"))
         .context("the target root is not mounted")?;
     write_all(&dir, plan, &plan.runtime_info, execution.network_facts.as_ref())
 }
@@ -117,9 +234,15 @@ pub fn write_all(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let rendered = render(plan, network_facts)?;
-    if let Some(text) = &rendered.network {
-        let path = dir.join("network.nix");
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    for (name, text) in [
+        ("network.nix", &rendered.network),
+        ("persist.nix", &rendered.persist),
+        ("initrd-ssh.nix", &rendered.initrd_ssh),
+    ] {
+        if let Some(text) = text {
+            let path = dir.join(name);
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     let info = serde_json::to_string_pretty(runtime_info).context("serialising runtime info")? + "\n";
     for (name, text) in [
@@ -138,35 +261,154 @@ pub fn write_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, DiskChoice, Layout};
     use crate::plan::tests::{disk, facts, ids};
+
+    fn parse(dir: &Path, name: &str) -> String {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let Ok(out) = std::process::Command::new("nix-instantiate")
+            .arg("--parse")
+            .arg(&path)
+            .output()
+        else {
+            panic!("nix-instantiate is needed for this test (Debian: nix-bin)");
+        };
+        assert!(
+            out.status.success(),
+            "{name}: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
 
     #[test]
     fn generated_nix_parses() {
-        let mut config = crate::config::Config::default();
-        config.disk = crate::config::DiskChoice::Auto;
-        config.ssh_authorized_keys = vec!["ssh-ed25519 AAAA \"quoted\" ${x}".into()];
+        let config = Config {
+            disk: DiskChoice::Auto,
+            ssh_authorized_keys: vec!["ssh-ed25519 AAAA \"quoted\" ${x}".into()],
+            ..Config::default()
+        };
         let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
-        let hardware = std::fs::read_to_string(dir.path().join("hardware-configuration.nix")).unwrap();
+        let hardware = parse(dir.path(), "hardware-configuration.nix");
         assert!(hardware.contains("\"/dev/disk/by-uuid/1A2B-3C4D\""), "{hardware}");
         assert!(
             hardware.contains("[ \"virtio_blk\" \"virtio_pci\" ]"),
             "{hardware}"
         );
-        for name in ["flake.nix", "configuration.nix", "hardware-configuration.nix"] {
-            let Ok(out) = std::process::Command::new("nix-instantiate")
-                .arg("--parse")
-                .arg(dir.path().join(name))
-                .output()
-            else {
-                panic!("nix-instantiate is needed for this test (Debian: nix-bin)");
-            };
-            assert!(
-                out.status.success(),
-                "{name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        for name in ["flake.nix", "configuration.nix"] {
+            parse(dir.path(), name);
+        }
+        assert!(!dir.path().join("persist.nix").exists());
+        assert!(!dir.path().join("initrd-ssh.nix").exists());
+    }
+
+    /// Every preset, with swap and an SSH key (and so initrd SSH when encrypted), writes Nix
+    /// that parses and says what the README's layout table says.
+    #[test]
+    fn every_preset_writes_its_configuration() {
+        for layout in Layout::PRESETS {
+            for with_network in [false, true] {
+                let mut config = Config {
+                    disk: DiskChoice::Auto,
+                    layout,
+                    swap_bytes: 1 << 30,
+                    disk_passphrase_given: true,
+                    ssh_authorized_keys: vec!["ssh-ed25519 AAAA op@laptop".into()],
+                    ..Config::default()
+                };
+                if with_network {
+                    config.network = Some(crate::runtime_info::Network {
+                        interfaces: vec![crate::runtime_info::Interface {
+                            mac: "52:54:00:12:34:56".into(),
+                            addresses: vec!["203.0.113.10/32".into()],
+                            ..Default::default()
+                        }],
+                        nameservers: vec![],
+                    });
+                }
+                let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 4096, "A")]), &ids())
+                    .unwrap();
+                let dir = tempfile::tempdir().unwrap();
+                write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
+                let hardware = parse(dir.path(), "hardware-configuration.nix");
+                let configuration = parse(dir.path(), "configuration.nix");
+                parse(dir.path(), "flake.nix");
+                let what = format!("{layout:?} network {with_network}");
+                match layout {
+                    Layout::Btrfs | Layout::LuksBtrfs => {
+                        for needle in [
+                            "fileSystems.\"/nix\"",
+                            "\"subvol=@home\"",
+                            "\"compress=zstd\" \"noatime\"",
+                            "fsType = \"btrfs\"",
+                        ] {
+                            assert!(hardware.contains(needle), "{what}: {needle}\n{hardware}");
+                        }
+                    }
+                    Layout::BtrfsImpermanence => {
+                        for needle in [
+                            "fsType = \"tmpfs\"",
+                            "device = \"none\"",
+                            "\"subvol=@persist\"",
+                            "neededForBoot = true;",
+                        ] {
+                            assert!(hardware.contains(needle), "{what}: {needle}\n{hardware}");
+                        }
+                        let persist = parse(dir.path(), "persist.nix");
+                        assert!(configuration.contains("./persist.nix"), "{configuration}");
+                        for needle in [
+                            "persist = \"/persist\"",
+                            "environment.etc.\"machine-id\".source",
+                            "{ path = \"/persist/etc/ssh/ssh_host_ed25519_key\"; type = \"ed25519\"; }",
+                        ] {
+                            assert!(persist.contains(needle), "{needle}\n{persist}");
+                        }
+                    }
+                    Layout::Ext4 | Layout::LuksExt4 => {
+                        assert!(hardware.contains("fsType = \"ext4\""), "{hardware}")
+                    }
+                    Layout::Custom => unreachable!(),
+                }
+                if layout.encrypts() {
+                    let uuid = &plan.luks[0].uuid;
+                    assert!(
+                        hardware.contains(&format!(
+                            "boot.initrd.luks.devices.\"cryptroot\".device = \"/dev/disk/by-uuid/{uuid}\";"
+                        )),
+                        "{hardware}"
+                    );
+                    assert!(hardware.contains("randomEncryption.enable = true;"), "{hardware}");
+                    assert!(hardware.contains("/dev/disk/by-partuuid/"), "{hardware}");
+                    let initrd = parse(dir.path(), "initrd-ssh.nix");
+                    assert!(configuration.contains("./initrd-ssh.nix"), "{configuration}");
+                    for needle in [
+                        "port = lib.toInt \"2222\";",
+                        "hostKeys = [ \"/etc/secrets/initrd/ssh_host_ed25519_key\" ];",
+                        "boot.initrd.systemd.enable = true;",
+                    ] {
+                        assert!(initrd.contains(needle), "{needle}\n{initrd}");
+                    }
+                    let networks = if with_network {
+                        "boot.initrd.systemd.network.networks = config.systemd.network.networks;"
+                    } else {
+                        "matchConfig.Name = \"en* eth*\";"
+                    };
+                    assert!(initrd.contains(networks), "{what}\n{initrd}");
+                } else {
+                    assert!(!hardware.contains("luks"), "{hardware}");
+                    assert!(
+                        hardware.contains(&format!(
+                            "{{ device = \"/dev/disk/by-uuid/{}\"; }}",
+                            plan.swaps[0].uuid
+                        )),
+                        "{hardware}"
+                    );
+                    assert!(!dir.path().join("initrd-ssh.nix").exists());
+                }
+            }
         }
     }
 }

@@ -30,8 +30,9 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
             "boot the Nix-built bundle (nix build .#kexec-bundle), or pass nixos_kexec.stop_before=install to stop once the disk and host flake are ready.",
         ));
     }
-    // The store and temporary files go to the target disk, not to RAM: a 1 GB machine has no room.
-    let tmp = root.join("tmp");
+    // The store and temporary files go to the target disk, not to RAM: a 1 GB machine has no room
+    // (with a tmpfs `/` the plan puts them on /nix).
+    let tmp = PathBuf::from(&plan.install_tmpdir);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut command = Command::new(program);
     command
@@ -42,5 +43,10 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
         .env("NIX_CONFIG", "experimental-features = nix-command flakes");
     runner::run_streaming(&mut command, &|line| {
         console::line(&format!("install: {line}"));
-    })
+    })?;
+    if tmp != root.join("tmp") {
+        // Not the system's /tmp, so nothing else would ever clean it.
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    Ok(())
 }

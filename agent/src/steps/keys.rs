@@ -11,7 +11,7 @@ use std::path::Path;
 
 pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
     let dir = execution
-        .target_path("etc/ssh")
+        .target_path(&plan.state_path("etc/ssh"))
         .context("the target root is not mounted")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let fingerprints = if plan.provided_host_keys.is_empty() {
@@ -22,6 +22,35 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
     for fingerprint in fingerprints {
         crate::console::line(&format!("host key: {fingerprint}"));
         execution.host_key_fingerprints.push(fingerprint);
+    }
+    if let Some(id) = &plan.machine_id {
+        // With / in RAM, systemd would make a new machine-id at every boot (and journald lose
+        // the history); the persistent one is linked to /etc by the generated persist.nix.
+        let path = execution
+            .target_path(&plan.state_path("etc/machine-id"))
+            .context("the target root is not mounted")?;
+        write_file(&path, format!("{id}\n").as_bytes(), 0o444)?;
+    }
+    if let Some(initrd) = &plan.initrd_ssh {
+        // Its own key: it ends up in the initrd on the unencrypted /boot, where the system's
+        // host key must never be.
+        let path = execution
+            .target_path(&initrd.host_key)
+            .context("the target root is not mounted")?;
+        let dir = path
+            .parent()
+            .context("initrd host key path without a directory")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .with_context(|| format!("setting the mode of {}", dir.display()))?;
+        let fingerprint = generate_ed25519(dir, &format!("initrd@{}", plan.hostname))?;
+        crate::console::line(&format!(
+            "initrd host key (port {}, for unlocking the disk): {fingerprint}",
+            initrd.port
+        ));
+        execution
+            .host_key_fingerprints
+            .push(format!("initrd: {fingerprint}"));
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Executing a plan: one module per step, run in order, each timed and reported.
 
+pub mod crypt;
 pub mod finish;
 pub mod flake;
 pub mod format;
@@ -7,6 +8,7 @@ pub mod install;
 pub mod keys;
 pub mod mount;
 pub mod partition;
+pub mod swap;
 pub mod wipe;
 
 use crate::blockdev::Mount;
@@ -25,10 +27,18 @@ pub struct StepRecord {
     pub ok: bool,
 }
 
-/// State the steps share: mounts (unmounted on drop) and what the report needs.
+/// State the steps share: what is switched on, mounted and opened (undone when dropped, in
+/// reverse), and what the report needs.
 #[derive(Default)]
 pub struct Execution {
+    /// Read (and its file wiped) before the first step when the plan encrypts; the format step
+    /// takes it and drops it after use.
+    pub passphrase: Option<crypt::Passphrase>,
+    /// Swap switched on for the install.
+    pub swaps: Vec<swap::SwapOn>,
     pub mounts: Vec<Mount>,
+    /// LUKS and plain dm-crypt mappings.
+    pub opened: Vec<crypt::Opened>,
     /// The installer's network as the kernel reports it after the network step.
     pub network_facts: Option<crate::network::facts::NetworkFacts>,
     pub records: Vec<StepRecord>,
@@ -36,6 +46,16 @@ pub struct Execution {
     /// includes it.
     pub current: Option<(Step, Instant)>,
     pub host_key_fingerprints: Vec<String>,
+}
+
+impl Drop for Execution {
+    /// After a failure: swap off, unmount children before parents, then close the mappings
+    /// (each guard undoes itself when dropped; a Vec would drop its first element first).
+    fn drop(&mut self) {
+        while self.swaps.pop().is_some() {}
+        while self.mounts.pop().is_some() {}
+        while self.opened.pop().is_some() {}
+    }
 }
 
 impl Execution {
@@ -92,7 +112,7 @@ fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
         Step::Network => network(plan, execution),
         Step::Wipe => wipe::run(plan),
         Step::Partition => partition::run(plan),
-        Step::Format => format::run(plan),
+        Step::Format => format::run(plan, execution),
         Step::Mount => mount::run(plan, execution),
         Step::Keys => keys::run(plan, execution),
         Step::Flake => flake::run(plan, execution),

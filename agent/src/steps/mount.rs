@@ -1,21 +1,28 @@
-//! Mounts the new filesystems under the plan's root (`/` first, then `/boot`).
+//! Mounts the new filesystems under the plan's root (`/` first, parents before children) and
+//! switches the swap on, so nixos-install has it on a machine with little RAM.
 
-use super::Execution;
+use super::{swap::SwapOn, Execution};
 use crate::blockdev::Mount;
-use crate::plan::{FsKind, Plan};
+use crate::plan::Plan;
 use anyhow::Result;
 use std::path::Path;
 
 pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
-    for fs in &plan.filesystems {
-        let target = Path::new(&plan.mount_root).join(fs.mountpoint.trim_start_matches('/'));
-        let fstype = match fs.kind {
-            FsKind::Vfat => "vfat",
-            FsKind::Ext4 => "ext4",
-        };
-        let mount = Mount::new(&fs.device, &target, fstype, &fs.mount_options.join(","))?;
-        log::info!("mounted {} on {}", fs.device, target.display());
+    for m in &plan.mounts {
+        let target = Path::new(&plan.mount_root).join(m.mountpoint.trim_start_matches('/'));
+        let mount = Mount::new(&m.source, &target, &m.fstype, &m.options)?;
+        log::info!(
+            "mounted {} on {} ({})",
+            m.source,
+            target.display(),
+            m.options.join(",")
+        );
         execution.mounts.push(mount);
+    }
+    for area in &plan.swaps {
+        let on = SwapOn::on(&area.device)?;
+        crate::console::line(&format!("swap on: {} for the install", on.device()));
+        execution.swaps.push(on);
     }
     Ok(())
 }

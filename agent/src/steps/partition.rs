@@ -1,19 +1,23 @@
-//! Writes the GPT (with its protective MBR) and waits for the kernel's partition nodes.
+//! Writes the partition table (GPT with its protective MBR, or an MBR with primary partitions
+//! only) and waits for the kernel's partition nodes.
 
 use crate::blockdev;
-use crate::plan::{PartitionRole, Plan};
+use crate::plan::Plan;
+use crate::storage::Table;
 use anyhow::{anyhow, bail, Context, Result};
 use gpt::disk::LogicalBlockSize;
 use gpt::mbr::ProtectiveMBR;
 use gpt::partition::Partition;
-use gpt::partition_types;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub fn run(plan: &Plan) -> Result<()> {
     let path = &plan.disk.dev_path;
     let disk = blockdev::open_exclusive(path)?;
-    let disk = write_gpt(disk, plan).with_context(|| format!("writing GPT to {path}"))?;
+    let disk = match plan.table {
+        Table::Gpt => write_gpt(disk, plan).with_context(|| format!("writing GPT to {path}"))?,
+        Table::Mbr => write_mbr(disk, plan).with_context(|| format!("writing MBR to {path}"))?,
+    };
     blockdev::reread_partitions(&disk, path)?;
     drop(disk);
     let devices: Vec<String> = plan.partitions.iter().map(|p| p.device.clone()).collect();
@@ -57,11 +61,9 @@ pub fn write_gpt(mut disk: std::fs::File, plan: &Plan) -> Result<std::fs::File> 
         .context("creating an empty GPT")?;
     let mut entries = BTreeMap::new();
     for p in &plan.partitions {
-        let part_type = match p.role {
-            PartitionRole::BiosBoot => partition_types::BIOS,
-            PartitionRole::Esp => partition_types::EFI,
-            PartitionRole::Root => partition_types::LINUX_FS,
-        };
+        let part_type: gpt::partition_types::Type = uuid::Uuid::parse_str(&p.type_guid)
+            .with_context(|| format!("partition type {:?} in the plan", p.type_guid))?
+            .into();
         entries.insert(
             p.number,
             Partition {
@@ -83,4 +85,73 @@ pub fn write_gpt(mut disk: std::fs::File, plan: &Plan) -> Result<std::fs::File> 
         .context("writing the GPT headers")?;
     disk.sync_all().context("flushing the new partition table")?;
     Ok(disk)
+}
+
+/// The CHS address of a sector with the geometry fdisk uses (255 heads, 63 sectors a track),
+/// or the "beyond CHS" marker 1023/254/63: old BIOSes, the reason for an MBR, may still look.
+fn chs(lba: u64) -> mbrman::CHS {
+    const HEADS: u64 = 255;
+    const SECTORS: u64 = 63;
+    if lba >= 1024 * HEADS * SECTORS {
+        return mbrman::CHS::new(1023, 254, 63);
+    }
+    mbrman::CHS::new(
+        (lba / (HEADS * SECTORS)) as u16,
+        ((lba / SECTORS) % HEADS) as u8,
+        (lba % SECTORS + 1) as u8,
+    )
+}
+
+/// Writes an MBR with primary partitions only (mbrman's logical partitions past 4 GiB corrupt
+/// the first partition) to `disk`, keeping the disk signature of the plan (PARTUUIDs derive
+/// from it).
+pub fn write_mbr(mut disk: std::fs::File, plan: &Plan) -> Result<std::fs::File> {
+    let sector = plan.disk.logical_sector as u64;
+    if plan.partitions.len() > 4 {
+        bail!(
+            "an MBR holds 4 primary partitions, the plan has {}",
+            plan.partitions.len()
+        );
+    }
+    let mut mbr = mbrman::MBR::new_from(&mut disk, sector as u32, plan.mbr_signature.to_le_bytes())
+        .map_err(|e| anyhow!("{e}"))
+        .context("creating an empty MBR")?;
+    for p in &plan.partitions {
+        let first = p.start_bytes / sector;
+        let count = p.size_bytes / sector;
+        let entry = mbr
+            .header
+            .get_mut(p.number as usize)
+            .with_context(|| format!("MBR entry {} does not exist", p.number))?;
+        *entry = mbrman::MBRPartitionEntry {
+            boot: if p.bootable {
+                mbrman::BOOT_ACTIVE
+            } else {
+                mbrman::BOOT_INACTIVE
+            },
+            first_chs: chs(first),
+            sys: p.mbr_type,
+            last_chs: chs(first + count - 1),
+            starting_lba: u32::try_from(first).context("partition start beyond the MBR's reach")?,
+            sectors: u32::try_from(count).context("partition size beyond the MBR's reach")?,
+        };
+    }
+    mbr.write_into(&mut disk)
+        .map_err(|e| anyhow!("{e}"))
+        .context("writing the MBR")?;
+    disk.sync_all().context("flushing the new partition table")?;
+    Ok(disk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chs_like_fdisk() {
+        let c = chs(2048);
+        assert_eq!((c.cylinder, c.head, c.sector), (0, 32, 33));
+        let c = chs(1 << 30);
+        assert_eq!((c.cylinder, c.head, c.sector), (1023, 254, 63));
+    }
 }

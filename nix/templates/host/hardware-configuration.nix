@@ -10,7 +10,11 @@
 
   /*@file_systems@*/
 
-  swapDevices = [ ];
+  /*@luks_devices@*/
+
+  swapDevices = [
+    /*@swap_devices@*/
+  ];
 
   networking.useDHCP = lib.mkDefault true;
 

@@ -1,0 +1,160 @@
+//! The one-word layouts, written in the declarative form of [`crate::storage`] so the planner
+//! has one input. Each returns the same partitions the README's layout table shows.
+
+use crate::config::Layout;
+use crate::storage::{format_size, FsSpec, PartitionSpec, Storage, SubvolumeSpec, Table, TmpfsSpec};
+use anyhow::{bail, Result};
+
+/// Mount options of every preset btrfs subvolume: zstd compression pays for itself on the Nix
+/// store, and access-time updates would turn every read into a write of copied-on-write metadata.
+pub const BTRFS_OPTIONS: [&str; 2] = ["compress=zstd", "noatime"];
+/// The ESP is readable by root only: it holds the initrd secrets (initrd SSH host key).
+pub const ESP_OPTIONS: [&str; 2] = ["fmask=0077", "dmask=0077"];
+pub const LUKS_NAME: &str = "cryptroot";
+pub const PERSIST: &str = "/persist";
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+fn subvolume(name: &str, mountpoint: &str) -> SubvolumeSpec {
+    SubvolumeSpec {
+        name: name.into(),
+        mountpoint: Some(mountpoint.into()),
+        mount_options: strings(&BTRFS_OPTIONS),
+        needed_for_boot: false,
+    }
+}
+
+fn btrfs(subvolumes: Vec<SubvolumeSpec>) -> FsSpec {
+    FsSpec {
+        kind: "btrfs".into(),
+        label: Some("nixos".into()),
+        subvolumes,
+        ..FsSpec::default()
+    }
+}
+
+fn ext4(label: &str, mountpoint: &str) -> FsSpec {
+    FsSpec {
+        kind: "ext4".into(),
+        label: Some(label.into()),
+        mountpoint: Some(mountpoint.into()),
+        ..FsSpec::default()
+    }
+}
+
+fn luks(inner: FsSpec) -> FsSpec {
+    FsSpec {
+        kind: "luks".into(),
+        name: Some(LUKS_NAME.into()),
+        filesystem: Some(Box::new(inner)),
+        ..FsSpec::default()
+    }
+}
+
+/// The root partition's content, and whether `/` is a tmpfs (so /boot must be elsewhere).
+fn root_content(layout: Layout) -> Result<(FsSpec, bool)> {
+    let standard = || {
+        btrfs(vec![
+            subvolume("@", "/"),
+            subvolume("@nix", "/nix"),
+            subvolume("@home", "/home"),
+            subvolume("@log", "/var/log"),
+        ])
+    };
+    Ok(match layout {
+        Layout::Ext4 => (ext4("nixos", "/"), false),
+        Layout::Btrfs => (standard(), false),
+        Layout::BtrfsImpermanence => {
+            let mut persist = subvolume("@persist", PERSIST);
+            persist.needed_for_boot = true;
+            (btrfs(vec![subvolume("@nix", "/nix"), persist]), true)
+        }
+        Layout::LuksBtrfs => (luks(standard()), false),
+        Layout::LuksExt4 => (luks(ext4("nixos", "/")), false),
+        Layout::Custom => bail!("the custom layout has no preset (a bug in nixos-kexec)"),
+    })
+}
+
+/// The declarative storage of a preset: `swap_bytes` 0 for none.
+pub fn storage_for(layout: Layout, table: Table, swap_bytes: u64) -> Result<Storage> {
+    let (root, tmpfs_root) = root_content(layout)?;
+    let encrypted = root.kind == "luks";
+    let mut partitions = Vec::new();
+    match table {
+        Table::Gpt => {
+            // Both boot paths on every GPT disk: GRUB embeds itself in the BIOS boot partition,
+            // UEFI firmware reads the ESP, and the disk stays bootable if moved between the two.
+            partitions.push(PartitionSpec {
+                name: Some("bios-boot".into()),
+                size: "1M".into(),
+                part_type: Some("bios-boot".into()),
+                ..PartitionSpec::default()
+            });
+            partitions.push(PartitionSpec {
+                name: Some("ESP".into()),
+                size: "512M".into(),
+                part_type: Some("esp".into()),
+                filesystem: Some(FsSpec {
+                    kind: "vfat".into(),
+                    label: Some("ESP".into()),
+                    mountpoint: Some("/boot".into()),
+                    mount_options: strings(&ESP_OPTIONS),
+                    ..FsSpec::default()
+                }),
+                ..PartitionSpec::default()
+            });
+        }
+        Table::Mbr => {
+            // GRUB reads ext4 and btrfs, but not LUKS2 (argon2id) and not a tmpfs that does not
+            // exist yet: then /boot gets its own partition.
+            if encrypted || tmpfs_root {
+                partitions.push(PartitionSpec {
+                    name: Some("boot".into()),
+                    size: "1G".into(),
+                    bootable: true,
+                    filesystem: Some(ext4("boot", "/boot")),
+                    ..PartitionSpec::default()
+                });
+            }
+        }
+    }
+    if swap_bytes > 0 {
+        partitions.push(PartitionSpec {
+            name: Some("swap".into()),
+            size: format_size(swap_bytes),
+            part_type: Some("swap".into()),
+            filesystem: Some(FsSpec {
+                kind: "swap".into(),
+                label: (!encrypted).then(|| "swap".into()),
+                // Next to an encrypted root, swap must not keep plaintext pages across boots.
+                random_encryption: encrypted,
+                ..FsSpec::default()
+            }),
+            ..PartitionSpec::default()
+        });
+    }
+    let boot_on_root = table == Table::Mbr && !(encrypted || tmpfs_root);
+    partitions.push(PartitionSpec {
+        name: Some("nixos".into()),
+        size: "rest".into(),
+        bootable: boot_on_root,
+        filesystem: Some(root),
+        ..PartitionSpec::default()
+    });
+    Ok(Storage {
+        table: Some(table.name().into()),
+        partitions,
+        tmpfs: if tmpfs_root {
+            vec![TmpfsSpec {
+                mountpoint: "/".into(),
+                // 755: a tmpfs root is 1777 by default, which sshd and others refuse.
+                mount_options: strings(&["defaults", "size=25%", "mode=755"]),
+            }]
+        } else {
+            vec![]
+        },
+        persist: tmpfs_root.then(|| PERSIST.into()),
+    })
+}
