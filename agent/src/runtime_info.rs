@@ -76,6 +76,8 @@ pub enum Source {
     Info,
     InfoDeflate,
     File,
+    /// Fetched from `nixos_kexec.config_url=`.
+    ConfigUrl,
 }
 
 impl Source {
@@ -84,6 +86,7 @@ impl Source {
             Source::Info => "nixos_kexec.info",
             Source::InfoDeflate => "nixos_kexec.info_deflate",
             Source::File => "/etc/nixos-kexec/runtime-info.json",
+            Source::ConfigUrl => "The answer to nixos_kexec.config_url",
         }
     }
 }
