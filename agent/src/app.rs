@@ -96,6 +96,9 @@ fn print_facts(facts: &Facts) {
             }
         ));
     }
+    for previous in &facts.previous_installs {
+        console::line(&format!("earlier install found: {}", previous.describe()));
+    }
 }
 
 fn print_plan(plan: &Plan, label: &str) -> Result<()> {

@@ -33,7 +33,10 @@ impl Url {
                 "write it as http://HOST[:PORT]/PATH, e.g. http://10.0.0.1:8080/hosts/${mac}.json.",
             )
         };
-        if text.len() >= 8 && text[..8].eq_ignore_ascii_case("https://") {
+        if text
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+        {
             return Err(user_error(
                 format!("{text} uses HTTPS, which this installer does not support yet (the bundle has no TLS client and no CA certificates)."),
                 "serve the runtime info over plain http:// on a network you trust, or pass it with nixos_kexec.info= or in an appended initrd.",
@@ -454,6 +457,8 @@ mod tests {
             "http://h:99999/",
             "http://u:p@h/",
             "http://h/a b",
+            "httpé://x",
+            "https:/é",
         ] {
             assert!(Url::parse(bad).is_err(), "{bad}");
         }

@@ -172,13 +172,9 @@ fn answer(stream: TcpStream, routes: &Routes, requests: &Mutex<Vec<String>>) -> 
 
 // ------------------------------------------------------------------------- helpers
 
-/// SHA-256 of a whole image, to show a disk was not touched.
+/// A fingerprint of a whole image, to show a disk was not touched (see [`sparse_digest`]).
 fn digest(path: &Path) -> Result<String> {
-    Ok(tool("sha256sum", [path])?
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string())
+    sparse_digest(path)
 }
 
 /// A 3 GiB image with an old partition table and data, like a machine's old disk.
@@ -618,6 +614,74 @@ fn short_parameters_install_and_a_second_boot_does_not_reinstall() -> Result<()>
         "the replaced install is not named"
     );
     check_installed(&third, &disk, "second")?;
+    Ok(())
+}
+
+/// Without any network the installer stops before writing when something needs one: the
+/// fetch of config_url, or (before the wipe) the install step. The disk stays as it was.
+#[test]
+fn without_network_nothing_that_needs_it_starts() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let disk = used_disk(scratch.path(), "disk.img")?;
+    let before = digest(&disk)?;
+
+    let out = with_params(Vm::new(&bundle).name("config_url_without_network"), PREPARE)
+        .param("nixos_kexec.config_url=http://10.0.2.2:9/${mac}.json")
+        .disk_image(&disk, DiskBus::Virtio, 512, "NONET0001")
+        .grace(Duration::from_secs(3))
+        .run()?;
+    let reason = out.expect_failure()?;
+    ensure!(
+        reason.contains("needs the network") && reason.contains("no network interface"),
+        "{reason}"
+    );
+    ensure!(digest(&disk)? == before, "the disk changed");
+
+    // A stand-in nixos-install (a test double: the real one needs a Nix binary cache) makes
+    // the install step runnable; without a network it must not start wiping.
+    let stand_in = scratch.path().join("stand-in.cpio");
+    Cpio::new()
+        .file(
+            "bin/nixos-install",
+            0o755,
+            b"#!/bin/sh\n# TEST DOUBLE for nixos-install.\necho stand-in called\n",
+        )
+        .write_to(&stand_in)?;
+    let out = Vm::new(&bundle)
+        .name("install_without_network")
+        .extra_initrd(&stand_in)
+        .param("nixos_kexec.disk=/dev/vda")
+        .param(format!("nixos_kexec.ssh_key={}", KEY.replace(' ', "+")))
+        .param("nixos_kexec.after=poweroff")
+        .disk_image(&disk, DiskBus::Virtio, 512, "NONET0001")
+        .grace(Duration::from_secs(3))
+        .run()?;
+    let reason = out.expect_failure()?;
+    ensure!(
+        reason.contains("The install step needs the network") && reason.contains("Nothing was written"),
+        "{reason}"
+    );
+    ensure!(!out.contains("stand-in called"), "the install step ran");
+    ensure!(!out.exited_by_itself, "a failed run must not power off");
+    ensure!(digest(&disk)? == before, "the disk changed");
+    Ok(())
+}
+
+/// The fingerprint the scenarios compare sees a write anywhere, also of zeros into a hole.
+#[test]
+fn sparse_digest_sees_every_write() -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let scratch = tempfile::tempdir()?;
+    let path = used_disk(scratch.path(), "d.img")?;
+    let first = digest(&path)?;
+    ensure!(digest(&path)? == first, "not stable");
+    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    file.write_all_at(&[0u8; 4096], 2 * GIB)?;
+    let zeros = digest(&path)?;
+    ensure!(zeros != first, "zeros written into a hole went unseen: {zeros}");
+    file.write_all_at(b"x", 1 << 20)?;
+    ensure!(digest(&path)? != zeros, "a changed byte went unseen");
     Ok(())
 }
 
