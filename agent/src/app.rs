@@ -1,10 +1,15 @@
-//! The installer from start to end: input -> config -> facts -> plan -> steps -> report.
+//! The installer from start to end: input -> network (DHCP when nothing describes it) ->
+//! config_url -> config -> facts -> plan -> steps -> report.
 
 use crate::cmdline::Params;
-use crate::config::{After, Config};
+use crate::config::{After, Config, DiskChoice};
 use crate::error::{as_user_error, one_line, user_error};
 use crate::facts::Facts;
+use crate::fetch::{self, MachineVars};
+use crate::network::dhcp;
+use crate::network::facts::NetworkFacts;
 use crate::plan::{self, Plan, PlanIds, MIB};
+use crate::runtime_info::Network;
 use crate::steps::{self, finish, Execution};
 use crate::{console, pid1};
 use anyhow::{Context, Result};
@@ -30,26 +35,44 @@ impl Input {
         })
     }
 
-    pub fn config(&self) -> Result<Config> {
+    /// The kernel's parameters with our own `--param`s on top.
+    pub fn params(&self) -> Result<Params> {
         let mut params = Params::parse(&self.cmdline)?;
         for (key, value) in &self.extra_params {
             params.insert(key, value)?;
         }
-        let layers = [
-            Config::read_defaults_file(&self.root)?,
-            Config::read_info_file(&self.root)?,
-        ];
-        let mut config = Config::assemble_layers(layers.into_iter().flatten().collect(), &params)?;
-        config.find_secrets(&self.root);
-        if let Some(url) = &config.config_url {
-            return Err(user_error(
-                format!("nixos_kexec.config_url={url} is not supported by this installer version yet."),
-                "pass the runtime info with nixos_kexec.info= or as /etc/nixos-kexec/runtime-info.json in an appended initrd.",
-            ));
-        }
-        Ok(config)
+        Ok(params)
     }
 }
+
+/// Whether preparing the plan may change this machine's network (the installer) or must use
+/// it as it is (`nixos-kexec plan` on a running system).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkMode {
+    BringUp,
+    AsIs,
+}
+
+/// The network as it is before the config is complete.
+#[derive(Default)]
+pub struct EarlyNetwork {
+    /// A runtime-info network applied early because config_url needed it; the network step
+    /// does not apply it again.
+    pub applied: Option<Network>,
+    /// The kernel's view afterwards.
+    pub facts: Option<NetworkFacts>,
+    /// What DHCP did when no runtime info described the network.
+    pub dhcp: Option<dhcp::Outcome>,
+}
+
+pub struct Prepared {
+    pub config: Config,
+    pub plan: Plan,
+    pub network: EarlyNetwork,
+}
+
+/// Where partitions are mounted (read-only) to look for an earlier install's report.
+const PROBE_DIR: &str = "/run/nixos-kexec/probe";
 
 fn print_facts(facts: &Facts) {
     console::line(&format!(
@@ -73,11 +96,14 @@ fn print_facts(facts: &Facts) {
             }
         ));
     }
+    for previous in &facts.previous_installs {
+        console::line(&format!("earlier install found: {}", previous.describe()));
+    }
 }
 
-fn print_plan(plan: &Plan) -> Result<()> {
+fn print_plan(plan: &Plan, label: &str) -> Result<()> {
     console::line(&format!(
-        "plan: install {} on {} ({} MiB, {}-byte sectors), {:?} firmware, layout {}, {} table",
+        "{label}: install {} on {} ({} MiB, {}-byte sectors), {:?} firmware, layout {}, {} table",
         plan.hostname,
         plan.disk.dev_path,
         plan.disk.size_bytes / MIB,
@@ -88,7 +114,7 @@ fn print_plan(plan: &Plan) -> Result<()> {
     ));
     for p in &plan.partitions {
         console::line(&format!(
-            "plan: partition {} {}: {} MiB at {} MiB",
+            "{label}: partition {} {}: {} MiB at {} MiB",
             p.number,
             p.name,
             p.size_bytes / MIB,
@@ -102,13 +128,13 @@ fn print_plan(plan: &Plan) -> Result<()> {
             m.options.join(",")
         };
         console::line(&format!(
-            "plan: mount {} {} on {} ({options})",
+            "{label}: mount {} {} on {} ({options})",
             m.fstype, m.source, m.mountpoint
         ));
     }
     for s in &plan.swaps {
         console::line(&format!(
-            "plan: swap on {}{}",
+            "{label}: swap on {}{}",
             s.partition,
             if s.random_encryption {
                 " (random key at every boot)"
@@ -117,28 +143,177 @@ fn print_plan(plan: &Plan) -> Result<()> {
             }
         ));
     }
+    if let Some(previous) = &plan.replaces {
+        console::line(&format!(
+            "{label}: nixos_kexec.reinstall: replacing what is there: {}",
+            previous.describe()
+        ));
+    }
     let steps: Vec<_> = plan.steps.iter().map(|s| s.name()).collect();
-    console::line(&format!("plan: steps {}", steps.join(", ")));
+    console::line(&format!("{label}: steps {}", steps.join(", ")));
     console::line(&format!(
-        "plan-json: {}",
+        "{label}-json: {}",
         serde_json::to_string(plan).context("serialising the plan")?
     ));
     Ok(())
 }
 
-/// Builds the plan from the input without touching any disk.
-pub fn make_plan(input: &Input) -> Result<(Config, Plan)> {
+fn describe_nics(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Brings the network up before the config is complete, as far as it is needed now:
+/// - no runtime-info network: DHCP and router advertisements on every NIC with a link (PXE,
+///   GRUB console). Without a lease the installer goes on, unless config_url needs the
+///   network; the install step checks again before the disk is wiped.
+/// - a runtime-info network and config_url: apply it now, the fetch needs it.
+/// - a runtime-info network alone: nothing yet; the network step applies it, as before.
+fn bring_up_network(first: &Config) -> Result<EarlyNetwork> {
+    match (&first.network, &first.config_url) {
+        (Some(network), Some(url)) => {
+            log::info!("network: applying the runtime info's network now; {url} needs it");
+            let facts = crate::network::apply::apply(network)?;
+            Ok(EarlyNetwork {
+                applied: Some(network.clone()),
+                facts: Some(facts),
+                dhcp: None,
+            })
+        }
+        (Some(_), None) => Ok(EarlyNetwork::default()),
+        (None, url) => {
+            let outcome = match dhcp::bring_up(&dhcp::Options::default()) {
+                Ok(outcome) => outcome,
+                Err(e) if url.is_none() => {
+                    log::warn!("network: DHCP could not run: {e:#}");
+                    dhcp::Outcome::default()
+                }
+                Err(e) => return Err(e.context("bringing the network up for nixos_kexec.config_url")),
+            };
+            let usable =
+                !outcome.leases.is_empty() || outcome.facts.routes.iter().any(|r| r.destination.is_none());
+            if !usable {
+                let what = if outcome.tried.is_empty() && outcome.no_carrier.is_empty() {
+                    "this machine has no network interface (with a driver in the installer)".to_string()
+                } else if outcome.tried.is_empty() {
+                    format!(
+                        "no network interface has a link (without a link: {})",
+                        describe_nics(&outcome.no_carrier)
+                    )
+                } else {
+                    format!(
+                        "no DHCP lease and no router advertisement on {}",
+                        describe_nics(&outcome.tried)
+                    )
+                };
+                if let Some(url) = url {
+                    return Err(user_error(
+                        format!("nixos_kexec.config_url={url} needs the network, but {what}."),
+                        "connect the machine to a network with a DHCP server (the one that answered PXE will do), or describe its network in nixos_kexec.info= (network.interfaces).",
+                    ));
+                }
+                console::line(&format!(
+                    "network: {what}; going on without a network (only the install step needs one)"
+                ));
+            }
+            Ok(EarlyNetwork {
+                applied: None,
+                facts: Some(outcome.facts.clone()),
+                dhcp: Some(outcome),
+            })
+        }
+    }
+}
+
+/// The values `${...}` in a config URL can take on this machine.
+fn machine_vars(first: &Config, network: &EarlyNetwork) -> Result<MachineVars> {
+    let (serial, uuid) = MachineVars::read_dmi(Path::new("/"));
+    let dhcp = network.dhcp.as_ref();
+    let mac = match (dhcp, &network.facts) {
+        (Some(outcome), _) => outcome.primary_mac(),
+        (None, Some(facts)) => dhcp::primary_mac(facts, &[]),
+        // `nixos-kexec plan` on a running system: its network as it is.
+        (None, None) => dhcp::primary_mac(&crate::network::facts::gather()?, &[]),
+    };
+    Ok(MachineVars {
+        mac,
+        serial,
+        uuid,
+        // Named on purpose (parameter or runtime info) wins over what DHCP says.
+        hostname: first
+            .runtime_info
+            .hostname
+            .clone()
+            .or_else(|| dhcp.and_then(dhcp::Outcome::hostname)),
+    })
+}
+
+/// Reads the input, brings up what the network needs to be for it (see
+/// [`bring_up_network`]), fetches config_url, gathers facts and makes the plan.
+pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
     // Secrets never travel on the command line, so it is safe to show; it is the first thing to
     // check when a parameter seems to be ignored.
     console::line(&format!(
         "installer kernel command line: {}",
         input.cmdline.trim()
     ));
-    let config = input.config()?;
-    let facts = Facts::gather()?;
+    let params = input.params()?;
+    let layers: Vec<_> = [
+        Config::read_defaults_file(&input.root)?,
+        Config::read_info_file(&input.root)?,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // Everything given locally is checked before the network is touched.
+    let first = Config::assemble_layers(layers.clone(), None, &params)?;
+    let network = match mode {
+        NetworkMode::BringUp => bring_up_network(&first)?,
+        NetworkMode::AsIs => EarlyNetwork::default(),
+    };
+    let fetched = match &first.config_url {
+        Some(url) => Some(fetch::runtime_info(
+            url,
+            &machine_vars(&first, &network)?,
+            &crate::http::Options::default(),
+        )?),
+        None => None,
+    };
+    let mut config = Config::assemble_layers(layers, fetched, &params)?;
+    config.find_secrets(&input.root);
+    let mut facts = Facts::gather()?;
+    // Mounting (read-only) to look is for the installer; `nixos-kexec plan` on a running
+    // system leaves its disks alone.
+    if mode == NetworkMode::BringUp {
+        crate::facts::find_previous_installs(&mut facts, Path::new(PROBE_DIR));
+    }
     print_facts(&facts);
+    if config.disk == DiskChoice::Unspecified && plan::eligible_disks(&facts).len() == 1 {
+        // The operator only has to confirm: show what confirming with `auto` would do.
+        let auto = Config {
+            disk: DiskChoice::Auto,
+            ..config.clone()
+        };
+        match plan::make(&auto, &facts, &PlanIds::random()) {
+            Ok(plan) => print_plan(&plan, "plan with nixos_kexec.disk=auto")?,
+            Err(e) => console::line(&format!("with nixos_kexec.disk=auto: {}", one_line(&e))),
+        }
+    }
     let plan = plan::make(&config, &facts, &PlanIds::random())?;
-    Ok((config, plan))
+    Ok(Prepared {
+        config,
+        plan,
+        network,
+    })
+}
+
+/// Builds the plan from the input without touching any disk or the network configuration.
+pub fn make_plan(input: &Input) -> Result<(Config, Plan)> {
+    let prepared = prepare(input, NetworkMode::AsIs)?;
+    Ok((prepared.config, prepared.plan))
 }
 
 /// Runs the whole installer and prints any error (once). Returns what to do with the machine
@@ -157,20 +332,26 @@ fn install_inner(input: &Input, force_dry_run: bool, printed: &mut bool) -> Resu
         .root
         .join(crate::config::SECRETS_DIR.trim_start_matches('/'))
         .join("disk-passphrase");
-    let (config, plan) = match make_plan(input) {
-        Ok(planned) => planned,
+    let Prepared {
+        config,
+        plan,
+        network,
+    } = match prepare(input, NetworkMode::BringUp) {
+        Ok(prepared) => prepared,
         Err(e) => {
             // Nothing will use it in this boot: a new attempt comes with a new kexec.
             steps::keys::wipe_file(&passphrase_file);
             return Err(e);
         }
     };
-    print_plan(&plan)?;
+    print_plan(&plan, "plan")?;
     if config.dry_run || force_dry_run {
         console::line("dry run: nothing was written");
         return Ok(config.after);
     }
     let mut execution = Execution::default();
+    execution.network_applied = network.applied;
+    execution.network_facts = network.facts;
     if config.disk_passphrase_given {
         let path = passphrase_file;
         if plan.luks.is_empty() {

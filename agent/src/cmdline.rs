@@ -15,6 +15,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "disk",
     "hostname",
     "config_url",
+    "reinstall",
     "dry_run",
     "stop_before",
     "after",

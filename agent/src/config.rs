@@ -1,5 +1,6 @@
 //! One `Config`, filled from (lowest first) defaults, the runtime-info file in the initrd,
-//! `nixos_kexec.info=`/`info_deflate=`, then single `nixos_kexec.*` parameters.
+//! `nixos_kexec.info=`/`info_deflate=`, the runtime info fetched from `nixos_kexec.config_url=`,
+//! then single `nixos_kexec.*` parameters.
 
 use crate::cmdline::{percent_decode, Params};
 use crate::error::user_error;
@@ -185,6 +186,8 @@ pub struct Config {
     /// `None`: reboot after an install; stay at the console after a dry run.
     pub after: Option<After>,
     pub config_url: Option<String>,
+    /// Install even over a disk that holds a finished nixos-kexec install (`nixos_kexec.reinstall`).
+    pub reinstall: bool,
     /// What the rescue side sent, merged; written to the target as runtime-info.json.
     pub runtime_info: RuntimeInfo,
     /// Paths of host private keys found in the secrets archive.
@@ -210,6 +213,7 @@ impl Default for Config {
             stop_before: None,
             after: None,
             config_url: None,
+            reinstall: false,
             runtime_info: RuntimeInfo {
                 version: runtime_info::VERSION,
                 ..RuntimeInfo::default()
@@ -223,12 +227,27 @@ impl Default for Config {
 impl Config {
     /// Builds the config from an optional runtime-info file and the parsed parameters.
     pub fn assemble(file: Option<RuntimeInfo>, params: &Params) -> Result<Config> {
-        Config::assemble_layers(file.into_iter().collect(), params)
+        Config::assemble_layers(file.into_iter().collect(), None, params)
     }
 
-    /// Like `assemble`, with several runtime-info files applied lowest first (the bundle's
-    /// defaults, then the runtime-info file).
-    pub fn assemble_layers(files: Vec<RuntimeInfo>, params: &Params) -> Result<Config> {
+    /// Like [`Config::assemble`], with the runtime info fetched from `config_url` merged above
+    /// `info=`/`info_deflate=` and below the single parameters.
+    pub fn assemble_with_fetched(
+        file: Option<RuntimeInfo>,
+        fetched: Option<RuntimeInfo>,
+        params: &Params,
+    ) -> Result<Config> {
+        Config::assemble_layers(file.into_iter().collect(), fetched, params)
+    }
+
+    /// The general form: runtime-info files applied lowest first (the bundle's defaults, then
+    /// the runtime-info file), then `info=`/`info_deflate=`, the fetched runtime info, and the
+    /// single parameters.
+    pub fn assemble_layers(
+        files: Vec<RuntimeInfo>,
+        fetched: Option<RuntimeInfo>,
+        params: &Params,
+    ) -> Result<Config> {
         let mut config = Config::default();
         for info in files {
             config.apply_info(info);
@@ -246,6 +265,9 @@ impl Config {
                 Source::InfoDeflate,
                 params.possibly_truncated,
             )?);
+        }
+        if let Some(info) = fetched {
+            config.apply_info(info);
         }
         for (key, value) in params.iter() {
             config.apply_param(key, value)?;
@@ -342,6 +364,7 @@ impl Config {
             }
             "config_url" => self.config_url = Some(value.to_string()),
             "dry_run" => self.dry_run = parse_bool(key, value)?,
+            "reinstall" => self.reinstall = parse_bool(key, value)?,
             "stop_before" => self.stop_before = Some(Step::parse(value)?),
             "after" => self.after = Some(After::parse(value)?),
             "layout" => self.runtime_info.layout = Some(value.to_string()),
@@ -478,12 +501,40 @@ mod tests {
         let defaults = Config::read_defaults_file(dir.path()).unwrap().unwrap();
         let file = Config::read_info_file(dir.path()).unwrap().unwrap();
         let params = Params::parse("nixos_kexec.hostname=p").unwrap();
-        let config = Config::assemble_layers(vec![defaults.clone(), file.clone()], &params).unwrap();
+        let config = Config::assemble_layers(vec![defaults.clone(), file.clone()], None, &params).unwrap();
         assert_eq!(config.nixpkgs, "github:me/nixpkgs/mine");
         assert_eq!(config.hostname, "p");
         let params = Params::parse("nixos_kexec.nixpkgs=github:NixOS/nixpkgs/nixos-unstable").unwrap();
-        let config = Config::assemble_layers(vec![defaults, file], &params).unwrap();
+        let config = Config::assemble_layers(vec![defaults, file], None, &params).unwrap();
         assert_eq!(config.nixpkgs, "github:NixOS/nixpkgs/nixos-unstable");
+    }
+
+    #[test]
+    fn fetched_info_sits_between_info_and_single_parameters() {
+        let info = r#"{"version":1,"hostname":"from-info","nixpkgs":"github:me/from-info"}"#;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(info);
+        let params = Params::parse(&format!(
+            "nixos_kexec.info={encoded} nixos_kexec.hostname=from-param nixos_kexec.config_url=http://c/x nixos_kexec.reinstall"
+        ))
+        .unwrap();
+        let fetched = RuntimeInfo {
+            version: 1,
+            hostname: Some("from-url".into()),
+            nixpkgs: Some("github:me/from-url".into()),
+            disk: Some(DiskSelector {
+                serial: Some("S1".into()),
+                ..DiskSelector::default()
+            }),
+            ..RuntimeInfo::default()
+        };
+        let config = Config::assemble_with_fetched(None, Some(fetched), &params).unwrap();
+        assert_eq!(config.hostname, "from-param");
+        assert_eq!(config.nixpkgs, "github:me/from-url");
+        assert_eq!(config.runtime_info.nixpkgs.as_deref(), Some("github:me/from-url"));
+        assert!(matches!(config.disk, DiskChoice::Selected(ref d) if d.serial.as_deref() == Some("S1")));
+        assert_eq!(config.config_url.as_deref(), Some("http://c/x"));
+        assert!(config.reinstall);
+        assert!(!Config::assemble(None, &Params::default()).unwrap().reinstall);
     }
 
     #[test]

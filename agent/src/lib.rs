@@ -11,6 +11,8 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod facts;
+pub mod fetch;
+pub mod http;
 pub mod kmod;
 pub mod layout;
 pub mod network;

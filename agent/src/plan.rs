@@ -228,6 +228,9 @@ pub struct Plan {
     pub provided_host_keys: Vec<String>,
     /// The network to bring up in the installer and to write for the installed system.
     pub network: Option<crate::runtime_info::Network>,
+    /// The earlier install on the disk that `nixos_kexec.reinstall` allowed to be replaced.
+    #[serde(default)]
+    pub replaces: Option<crate::facts::PreviousInstall>,
 }
 
 impl Plan {
@@ -261,6 +264,14 @@ pub fn storage_of(config: &Config) -> Result<Storage> {
 
 pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
     let disk = select_disk(config, facts)?;
+    // A machine that PXE-boots the installer again after a finished install must not lose it.
+    let replaces = facts.previous_install(&disk.dev_path).cloned();
+    if let (Some(previous), false) = (&replaces, config.reinstall) {
+        return Err(user_error(
+            format!("Refusing to install over {}: {}.", describe(disk), previous.describe()),
+            "boot the installed system from its disk (fix the boot order, or the PXE entry of this machine), or add nixos_kexec.reinstall to wipe it and install again.",
+        ));
+    }
     let storage = storage_of(config)?;
     let placed = crate::layout::place(&storage, disk, facts.firmware, facts.ram_bytes, ids)?;
     if !placed.luks.is_empty() && !config.disk_passphrase_given {
@@ -354,6 +365,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         runtime_info: config.runtime_info.clone(),
         provided_host_keys: config.provided_host_keys.clone(),
         network: config.network.clone(),
+        replaces,
         steps,
         stop_before: config.stop_before,
         after: config.after,
@@ -417,19 +429,46 @@ fn matches_path(disk: &Disk, path: &str) -> bool {
     disk.dev_path == path
 }
 
+/// Disks `nixos_kexec.disk=auto` may take: not in use, not removable.
+pub fn eligible_disks(facts: &Facts) -> Vec<&Disk> {
+    facts
+        .disks
+        .iter()
+        .filter(|d| in_use(d).is_none() && !d.removable)
+        .collect()
+}
+
+/// The parameter that names `disk` for good: by-id where there is one (stable across kernels).
+fn disk_param(disk: &Disk) -> String {
+    match disk.by_id.first() {
+        Some(id) => format!("nixos_kexec.disk=/dev/disk/by-id/{id}"),
+        None => format!("nixos_kexec.disk={}", disk.dev_path),
+    }
+}
+
 pub fn select_disk<'a>(config: &Config, facts: &'a Facts) -> Result<&'a Disk> {
     let all: Vec<&Disk> = facts.disks.iter().collect();
-    let eligible: Vec<&Disk> = all
-        .iter()
-        .copied()
-        .filter(|d| in_use(d).is_none() && !d.removable)
-        .collect();
+    let eligible = eligible_disks(facts);
     let disk = match &config.disk {
         DiskChoice::Unspecified => {
+            let fix = match eligible.as_slice() {
+                [] => "attach a disk to install to, then name it with nixos_kexec.disk=/dev/... (or /dev/disk/by-id/..., or serial:SERIAL).".to_string(),
+                [only] => format!(
+                    "to confirm, boot again with {} or nixos_kexec.disk=auto (the only eligible disk; the plan printed above is what would run). Nothing was written.",
+                    disk_param(only)
+                ),
+                several => format!(
+                    "to confirm, boot again naming one of them, e.g. {} (or serial:SERIAL); nixos_kexec.disk=auto needs exactly one eligible disk. Nothing was written.",
+                    several.iter().map(|d| disk_param(d)).collect::<Vec<_>>().join(" or ")
+                ),
+            };
             return Err(user_error(
-                format!("No target disk was chosen, and this installer never guesses. Candidates: {}.", list(&eligible)),
-                "name the disk with nixos_kexec.disk=/dev/... (or /dev/disk/by-id/..., or serial:SERIAL), or nixos_kexec.disk=auto to take the only eligible disk.",
-            ))
+                format!(
+                    "No target disk was chosen, and this installer never guesses. Candidates: {}.",
+                    list(&eligible)
+                ),
+                fix,
+            ));
         }
         DiskChoice::Auto => match eligible.as_slice() {
             [only] => *only,
@@ -449,7 +488,12 @@ pub fn select_disk<'a>(config: &Config, facts: &'a Facts) -> Result<&'a Disk> {
                 .iter()
                 .copied()
                 .filter(|d| selector.path.as_deref().is_none_or(|p| matches_path(d, p)))
-                .filter(|d| selector.serial.as_deref().is_none_or(|s| d.serial.as_deref() == Some(s.trim())))
+                .filter(|d| {
+                    selector
+                        .serial
+                        .as_deref()
+                        .is_none_or(|s| d.serial.as_deref() == Some(s.trim()))
+                })
                 .collect();
             let wanted = match (&selector.path, &selector.serial) {
                 (Some(p), Some(s)) => format!("{p} with serial {s}"),
@@ -531,6 +575,7 @@ pub mod tests {
             kernel_release: "6.1.0".into(),
             disks,
             nics: vec![],
+            previous_installs: vec![],
         }
     }
 
@@ -632,6 +677,64 @@ pub mod tests {
         assert!(select_disk(&auto, &f).is_err());
         let single = facts(vec![disk("vda", 4 * GIB, 512, "A")]);
         assert_eq!(select_disk(&auto, &single).unwrap().name, "vda");
+    }
+
+    #[test]
+    fn unchosen_disk_says_how_to_confirm() {
+        let two = facts(vec![
+            disk("vda", 4 * GIB, 512, "A"),
+            disk("vdb", 4 * GIB, 512, "B"),
+        ]);
+        let err = select_disk(&Config::default(), &two).unwrap_err();
+        let user = crate::error::as_user_error(&err).unwrap();
+        assert!(
+            user.fix.contains(
+                "nixos_kexec.disk=/dev/disk/by-id/virtio-A or nixos_kexec.disk=/dev/disk/by-id/virtio-B"
+            ),
+            "{user}"
+        );
+        let one = facts(vec![disk("vda", 4 * GIB, 512, "A")]);
+        let err = select_disk(&Config::default(), &one).unwrap_err();
+        let user = crate::error::as_user_error(&err).unwrap();
+        assert!(
+            user.fix
+                .contains("nixos_kexec.disk=/dev/disk/by-id/virtio-A or nixos_kexec.disk=auto"),
+            "{user}"
+        );
+        assert_eq!(eligible_disks(&one).len(), 1);
+    }
+
+    #[test]
+    fn a_finished_install_is_kept_unless_reinstall() {
+        let mut f = facts(vec![disk("vda", 4 * GIB, 512, "A")]);
+        f.previous_installs = vec![crate::facts::PreviousInstall {
+            disk: "/dev/vda".into(),
+            partition: "/dev/vda3".into(),
+            hostname: Some("web1".into()),
+            nixos_kexec_version: Some("0.1.0".into()),
+            stopped_before: None,
+        }];
+        let mut config = choose(Some("/dev/vda"), None);
+        let err = make(&config, &f, &ids()).unwrap_err();
+        let user = crate::error::as_user_error(&err).unwrap();
+        assert!(
+            user.problem.contains("Refusing to install over /dev/vda"),
+            "{user}"
+        );
+        assert!(user.problem.contains("for host web1"), "{user}");
+        assert!(user.fix.contains("nixos_kexec.reinstall"), "{user}");
+        config.disk = DiskChoice::Auto;
+        assert!(make(&config, &f, &ids()).is_err(), "auto must not take it either");
+        config.reinstall = true;
+        let plan = make(&config, &f, &ids()).unwrap();
+        assert_eq!(
+            plan.replaces.as_ref().map(|p| p.partition.as_str()),
+            Some("/dev/vda3")
+        );
+        // Another disk's install does not matter.
+        f.previous_installs[0].disk = "/dev/vdb".into();
+        config.reinstall = false;
+        assert!(make(&config, &f, &ids()).unwrap().replaces.is_none());
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub enum Source {
     File,
     /// The bundle's defaults (nixosModules.installer's defaultNixpkgs, defaultLayout).
     Defaults,
+    /// Fetched from `nixos_kexec.config_url=`.
+    ConfigUrl,
 }
 
 impl Source {
@@ -96,6 +98,7 @@ impl Source {
             Source::InfoDeflate => "nixos_kexec.info_deflate",
             Source::File => "/etc/nixos-kexec/runtime-info.json",
             Source::Defaults => "/etc/nixos-kexec/defaults.json",
+            Source::ConfigUrl => "The answer to nixos_kexec.config_url",
         }
     }
 }

@@ -32,6 +32,7 @@ fn facts(size: u64, sector: u32) -> Facts {
             modules: vec![],
         }],
         nics: vec![],
+        previous_installs: vec![],
     }
 }
 

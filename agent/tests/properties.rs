@@ -56,6 +56,18 @@ proptest! {
     }
 
     #[test]
+    fn config_url_handling_never_panics(text in ".{0,200}", bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+        let _ = nixos_kexec::http::Url::parse(&text);
+        let _ = nixos_kexec::http::parse_response(&bytes);
+        let vars = nixos_kexec::fetch::MachineVars {
+            mac: Some("52:54:00:12:34:56".into()),
+            serial: Some(text.clone()),
+            ..Default::default()
+        };
+        let _ = nixos_kexec::fetch::substitute(&text, &vars);
+    }
+
+    #[test]
     fn runtime_info_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
         let _ = runtime_info::parse_json(&bytes, Source::File, false);
         let text = String::from_utf8_lossy(&bytes);

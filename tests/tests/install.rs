@@ -39,7 +39,7 @@ fn check_prepared(out: &RunOutcome, disk: &Path, firmware: &str, hostname: &str)
     ensure!(layout[0] == (1, MIB, MIB), "BIOS boot partition: {:?}", layout[0]);
     ensure!(layout[1] == (2, 2 * MIB, 512 * MIB), "ESP: {:?}", layout[1]);
     ensure!(
-        layout[2].1 == 514 * MIB && layout[2].2 % MIB == 0,
+        layout[2].1 == 514 * MIB && layout[2].2.is_multiple_of(MIB),
         "root: {:?}",
         layout[2]
     );
@@ -142,7 +142,7 @@ fn check_prepared(out: &RunOutcome, disk: &Path, firmware: &str, hostname: &str)
 
 /// SHA-256 of a whole image, to show a disk was not touched.
 fn digest(path: &Path) -> Result<String> {
-    Ok(tool("sha256sum", &[path.to_str().context("path")?])?
+    Ok(tool("sha256sum", [path.to_str().context("path")?])?
         .split_whitespace()
         .next()
         .unwrap_or("")
@@ -156,7 +156,7 @@ fn used_disk(dir: &Path, name: &str, size: u64) -> Result<PathBuf> {
     file.set_len(size)?;
     tool(
         "sgdisk",
-        &[
+        [
             "-n",
             "1:2048:+100M",
             "-t",
@@ -330,6 +330,8 @@ fn install_step_with_stand_in() -> Result<()> {
         .write_to(&stand_in)?;
     let out = Vm::new(&bundle)
         .extra_initrd(&stand_in)
+        // The install step needs a network (checked before the disk is wiped): QEMU's DHCP.
+        .nic("52:54:00:12:34:90")
         .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("INSTALL1"))
         .param("nixos_kexec.disk=/dev/vda")
         .param("nixos_kexec.hostname=box")
@@ -432,7 +434,7 @@ fn base64_std(bytes: &[u8]) -> String {
             out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
         }
     }
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push('=');
     }
     out

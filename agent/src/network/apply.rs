@@ -75,18 +75,38 @@ pub fn apply_with(network: &Network, options: &Options) -> Result<NetworkFacts> 
     }
 
     // DHCP first: udhcpc's deconfig flushes IPv4 addresses, which must not hit static ones.
-    let mut script = None;
-    for (interface, link) in &configured {
-        if !interface.dhcp {
-            continue;
-        }
-        if script.is_none() {
-            script = Some(write_dhcp_script(&options.run_dir)?);
-        }
-        if let Some(script) = &script {
-            if let Err(e) = run_dhcp(options, &link.name, script) {
-                log::warn!("network: DHCP on {} failed: {e:#}", link.name);
-                failures.push(format!("DHCP on {}: {e:#}", link.name));
+    // All clients run at once, so NICs without a DHCP server cost their timeout only once.
+    let dhcp_links: Vec<&Link> = configured
+        .iter()
+        .filter(|(interface, _)| interface.dhcp)
+        .map(|(_, link)| link)
+        .collect();
+    if !dhcp_links.is_empty() {
+        let script = write_dhcp_script(&options.run_dir)?;
+        let results: Vec<(String, Result<()>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = dhcp_links
+                .iter()
+                .map(|link| {
+                    let script = &script;
+                    let name = link.name.clone();
+                    scope.spawn(move || {
+                        let result = run_dhcp(options, &name, script);
+                        (name, result)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| ("?".into(), Err(anyhow::anyhow!("the DHCP thread panicked"))))
+                })
+                .collect()
+        });
+        for (name, result) in results {
+            if let Err(e) = result {
+                log::warn!("network: DHCP on {name} failed: {e:#}");
+                failures.push(format!("DHCP on {name}: {e:#}"));
             }
         }
     }
@@ -428,6 +448,9 @@ bound|renew)
         done
     fi
     echo "$dns" > "$run_dir/dhcp-dns.$interface"
+    # For the agent: which NIC got a lease, and the host name the server gave (if any).
+    printf '%s\n' "$ip/${mask:-32}" > "$run_dir/dhcp-lease.$interface"
+    printf '%s\n' "$hostname" > "$run_dir/dhcp-hostname.$interface"
     ;;
 esac
 exit 0
@@ -461,7 +484,9 @@ pub(crate) fn dhcp_command(options: &Options, interface: &str, script: &Path) ->
 }
 
 fn run_dhcp(options: &Options, interface: &str, script: &Path) -> Result<()> {
-    let _ = std::fs::remove_file(options.run_dir.join(format!("dhcp-dns.{interface}")));
+    for file in ["dhcp-dns", "dhcp-lease", "dhcp-hostname"] {
+        let _ = std::fs::remove_file(options.run_dir.join(format!("{file}.{interface}")));
+    }
     let mut command = dhcp_command(options, interface, script)?;
     let output = crate::runner::run(&mut command)?;
     for line in output.lines().filter(|l| !l.trim().is_empty()) {
@@ -478,6 +503,21 @@ fn dhcp_nameservers(run_dir: &Path, interface: &str) -> Vec<String> {
         .filter_map(|w| w.parse::<IpAddr>().ok())
         .map(|ip| ip.to_string())
         .collect()
+}
+
+/// The address a lease gave `interface`, as the DHCP script recorded it; `None`: no lease.
+pub fn dhcp_lease(run_dir: &Path, interface: &str) -> Option<String> {
+    let text = std::fs::read_to_string(run_dir.join(format!("dhcp-lease.{interface}"))).ok()?;
+    let cidr = text.trim();
+    runtime_info::parse_cidr(cidr).ok().map(|_| cidr.to_string())
+}
+
+/// The host name the DHCP server gave (option 12), first label only and checked: the file
+/// holds whatever the server sent.
+pub fn dhcp_hostname(run_dir: &Path, interface: &str) -> Option<String> {
+    let text = std::fs::read_to_string(run_dir.join(format!("dhcp-hostname.{interface}"))).ok()?;
+    let name = text.trim().split('.').next().unwrap_or("").to_string();
+    runtime_info::validate_hostname(&name).ok().map(|_| name)
 }
 
 pub fn resolv_conf_text(nameservers: &[String]) -> String {
@@ -874,6 +914,7 @@ option dns 192.0.2.53 192.0.2.54
 option mtu 1400
 option staticroutes 172.31.1.1/32 0.0.0.0 0.0.0.0/0 172.31.1.1 10.99.0.0/16 172.31.1.1
 option lease 3600
+option hostname web-7.example.net
 EOF
              touch {d}/leases
              nsenter --net=/proc/$server/ns/net sh -ec '
@@ -940,6 +981,10 @@ EOF
         assert!(after
             .addresses_of(nk0.ifindex)
             .any(|a| a.prefix().to_string() == "2001:db8::5/64"));
+        let run = dir.path().join("run");
+        let lease = dhcp_lease(&run, "nk0").expect("the lease is recorded");
+        assert_eq!(lease, format!("{}/32", v4[0].address));
+        assert_eq!(dhcp_hostname(&run, "nk0").as_deref(), Some("web-7"));
         let resolv = std::fs::read_to_string(dir.path().join("resolv.conf")).unwrap();
         assert!(
             resolv.contains("nameserver 185.12.64.1\nnameserver 192.0.2.53\nnameserver 192.0.2.54\n"),

@@ -4,6 +4,8 @@
 //! - [`translate`]: facts + resolv.conf -> runtime info `network` (rescue side).
 //! - [`apply`]: runtime info `network` -> links, addresses, routes, DHCP, resolv.conf
 //!   (installer side, before anything needs the network).
+//! - [`dhcp`]: no runtime info `network` (PXE, GRUB console): DHCP and router advertisements
+//!   on every physical NIC with a link.
 //! - [`nixos`]: runtime info `network` -> `network.nix` for the installed system.
 //!
 //! Interfaces travel by MAC address only: the kernels on either side of the kexec, and the
@@ -14,6 +16,7 @@
 //! default through an IPv6 gateway is written `0.0.0.0/0` so its family stays explicit.
 
 pub mod apply;
+pub mod dhcp;
 pub mod facts;
 pub mod netlink;
 pub mod nixos;

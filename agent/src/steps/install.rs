@@ -1,6 +1,7 @@
 //! Runs `nixos-install` on the prepared target, streaming its output to the console and log.
 
 use super::Execution;
+use crate::config::Step;
 use crate::console;
 use crate::error::user_error;
 use crate::plan::Plan;
@@ -14,6 +15,32 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
+}
+
+/// Refuses before the disk is wiped when the install step is planned and is sure to fail for
+/// want of a network: nixos-install downloads nixpkgs and the system's packages.
+pub fn check_network_before_wiping(plan: &Plan) -> Result<()> {
+    if !plan.steps.contains(&Step::Install) {
+        return Ok(());
+    }
+    let Some(program) = plan.install_command.first() else {
+        return Ok(());
+    };
+    // Without nixos-install the install step fails by itself with its own, clearer message.
+    if find_in_path(program).is_none() {
+        return Ok(());
+    }
+    let facts = crate::network::facts::gather()?;
+    if facts.routes.iter().any(|r| r.destination.is_none()) {
+        return Ok(());
+    }
+    Err(user_error(
+        format!(
+            "The install step needs the network ({program} downloads {} and the system's packages), but the installer has no default route. Nothing was written.",
+            plan.nixpkgs
+        ),
+        "connect the machine to a network with DHCP or router advertisements, describe its network in the runtime info (network.interfaces), or add nixos_kexec.stop_before=install to only prepare the disk.",
+    ))
 }
 
 pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {

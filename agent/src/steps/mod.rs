@@ -41,6 +41,8 @@ pub struct Execution {
     pub opened: Vec<crypt::Opened>,
     /// The installer's network as the kernel reports it after the network step.
     pub network_facts: Option<crate::network::facts::NetworkFacts>,
+    /// The runtime-info network already applied before planning (config_url needed it).
+    pub network_applied: Option<crate::runtime_info::Network>,
     pub records: Vec<StepRecord>,
     /// The step running now, so a report written during it (finish, or after a failure)
     /// includes it.
@@ -110,7 +112,11 @@ pub fn execute(plan: &Plan, execution: &mut Execution) -> Result<()> {
 fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
     match step {
         Step::Network => network(plan, execution),
-        Step::Wipe => wipe::run(plan),
+        Step::Wipe => {
+            // The last moment before the disk changes: refuse now what would fail later.
+            install::check_network_before_wiping(plan)?;
+            wipe::run(plan)
+        }
         Step::Partition => partition::run(plan),
         Step::Format => format::run(plan, execution),
         Step::Mount => mount::run(plan, execution),
@@ -126,6 +132,10 @@ fn network(plan: &Plan, execution: &mut Execution) -> Result<()> {
     let Some(network) = &plan.network else {
         return Ok(());
     };
+    if execution.network_applied.as_ref() == Some(network) {
+        log::info!("network: already up (applied before fetching nixos_kexec.config_url)");
+        return Ok(());
+    }
     execution.network_facts = Some(crate::network::apply::apply(network)?);
     Ok(())
 }

@@ -1,0 +1,717 @@
+//! Boot paths without a rescue system: PXE (iPXE from QEMU's NIC ROM, files from QEMU's
+//! built-in TFTP) and a GRUB console where the test types the `linux`/`initrd`/`boot` lines.
+//! The installer gets its network by DHCP (QEMU user networking) and its runtime info from an
+//! HTTP server this test runs on the host's loopback, which the guest reaches as 10.0.2.2.
+//!
+//! cargo test -p nixos-kexec-tests --test netboot -- --nocapture
+
+use anyhow::{bail, ensure, Context, Result};
+use nixos_kexec_tests::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop";
+const GIB: u64 = 1 << 30;
+
+// ------------------------------------------------------------------------- config server
+
+/// A runtime-info server on 127.0.0.1 (the guest's 10.0.2.2). Each path answers its list of
+/// `(status, body)` in turn, the last one repeating; unknown paths get 404. It answers at most
+/// `max_requests` requests and stops when dropped.
+struct ConfigServer {
+    port: u16,
+    requests: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+type Routes = Vec<(String, Vec<(u16, String)>)>;
+
+impl ConfigServer {
+    fn start(routes: Routes, max_requests: usize) -> Result<ConfigServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding the config server")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let requests = requests.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || serve(listener, routes, max_requests, &requests, &stop))
+        };
+        Ok(ConfigServer {
+            port,
+            requests,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The server as the guest sees it.
+    fn guest_url(&self) -> String {
+        format!("http://10.0.2.2:{}", self.port)
+    }
+
+    /// Request paths so far (percent-decoded).
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for ConfigServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    max_requests: usize,
+    requests: &Mutex<Vec<String>>,
+    stop: &AtomicBool,
+) {
+    // A hard limit besides the drop, so a forgotten server cannot outlive a stuck test for long.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut served = 0;
+    while served < max_requests && !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                served += 1;
+                if let Err(e) = answer(stream, &routes, requests) {
+                    eprintln!("config server: {e:#}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => {
+                eprintln!("config server: accept: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn percent_decode(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn answer(stream: TcpStream, routes: &Routes, requests: &Mutex<Vec<String>>) -> Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+    }
+    let path = percent_decode(request_line.split_whitespace().nth(1).unwrap_or(""));
+    let seen_before = {
+        let mut log = requests.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let n = log.iter().filter(|p| **p == path).count();
+        log.push(path.clone());
+        n
+    };
+    eprintln!("config server: GET {path}");
+    let (status, body) = routes
+        .iter()
+        .find(|(p, _)| *p == path)
+        .and_then(|(_, answers)| {
+            answers
+                .get(seen_before.min(answers.len().saturating_sub(1)))
+                .cloned()
+        })
+        .unwrap_or((404, "{\"error\":\"no such machine\"}".to_string()));
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        _ => "Whatever",
+    };
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------- helpers
+
+/// A fingerprint of a whole image, to show a disk was not touched (see [`sparse_digest`]).
+fn digest(path: &Path) -> Result<String> {
+    sparse_digest(path)
+}
+
+/// A 3 GiB image with an old partition table and data, like a machine's old disk.
+fn used_disk(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::File::create(&path)?.set_len(3 * GIB)?;
+    tool(
+        "sgdisk",
+        ["-n", "1:2048:+100M", "-t", "1:8300", "-c", "1:old-data"]
+            .iter()
+            .map(std::ffi::OsStr::new)
+            .chain([path.as_os_str()]),
+    )?;
+    Ok(path)
+}
+
+fn blank_disk(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::File::create(&path)?.set_len(3 * GIB)?;
+    Ok(path)
+}
+
+fn runtime_info(hostname: &str, serial: &str) -> String {
+    json!({
+        "version": 1,
+        "hostname": hostname,
+        "disk": {"serial": serial},
+        "ssh_authorized_keys": [KEY],
+    })
+    .to_string()
+}
+
+/// The checks every prepared disk passes, with tools we did not write; returns the root
+/// filesystem's copy of `/etc/nixos/configuration.nix`.
+fn check_installed(out: &RunOutcome, disk: &Path, hostname: &str) -> Result<String> {
+    out.expect_success()?;
+    ensure!(out.exited_by_itself, "the VM should have powered off by itself");
+    sgdisk_verify(disk)?;
+    let root = extract_partition(disk, 3)?;
+    e2fsck(&root)?;
+    fsck_fat(&extract_partition(disk, 2)?)?;
+    let read = |path: &str| -> Result<String> { Ok(String::from_utf8(ext4_read_file(&root, path)?)?) };
+    let flake = read("/etc/nixos/flake.nix")?;
+    nix_parse_str(&flake)?;
+    ensure!(
+        flake.contains(&format!("nixosConfigurations.\"{hostname}\"")),
+        "flake.nix is not for {hostname}:\n{flake}"
+    );
+    let configuration = read("/etc/nixos/configuration.nix")?;
+    nix_parse_str(&configuration)?;
+    ensure!(
+        configuration.contains(KEY),
+        "the SSH key is missing:\n{configuration}"
+    );
+    ensure!(
+        configuration.contains(&format!("networking.hostName = \"{hostname}\"")),
+        "{configuration}"
+    );
+    let report: Value = serde_json::from_str(&read("/var/log/nixos-kexec/report.json")?)?;
+    ensure!(report["result"] == "success", "report: {report}");
+    Ok(configuration)
+}
+
+/// The line the agent prints after the DHCP lease, and the IPv6 address from QEMU's router
+/// advertisements (user networking announces fec0::/64).
+fn check_dhcp_and_slaac(out: &RunOutcome, mac: &str) -> Result<()> {
+    ensure!(
+        out.lines_containing("got the DHCP lease 10.0.2.15/24")
+            .any(|l| l.contains(mac)),
+        "no DHCP lease line for {mac}"
+    );
+    ensure!(
+        out.lines_containing("IPv6 from router advertisements: fec0::")
+            .next()
+            .is_some(),
+        "no SLAAC address reported"
+    );
+    Ok(())
+}
+
+/// Parameters for a run that prepares the disk and powers off (the dev bundle has no Nix).
+const PREPARE: &str = "nixos_kexec.stop_before=install nixos_kexec.after=poweroff";
+
+fn with_params(mut vm: Vm, params: &str) -> Vm {
+    for p in params.split_whitespace() {
+        vm = vm.param(p);
+    }
+    vm
+}
+
+// ------------------------------------------------------------------------- scenarios
+
+/// PXE: QEMU's iPXE ROM gets DHCP and boot.ipxe from QEMU's TFTP server; boot.ipxe sets the
+/// installer parameters (iPXE expands `${mac}` itself) and chains the bundle's netboot.ipxe.
+/// The installer gets its own DHCP lease, fetches its runtime info and prepares the disk the
+/// runtime info names, leaving the other disk alone.
+#[test]
+fn pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let mac = "52:54:00:12:34:01";
+    let server = ConfigServer::start(
+        vec![(
+            format!("/{mac}.json"),
+            vec![(200, runtime_info("pxe-web1", "PXE-TARGET"))],
+        )],
+        10,
+    )?;
+    let tftp = tempfile::tempdir()?;
+    for file in ["bzImage", "initrd", "netboot.ipxe"] {
+        std::fs::copy(bundle.dir.join(file), tftp.path().join(file))
+            .with_context(|| format!("copying {file} (does build-dev write it?)"))?;
+    }
+    std::fs::write(
+        tftp.path().join("boot.ipxe"),
+        format!(
+            "#!ipxe\nset cmdline panic=-1 loglevel=4 nixos_kexec.config_url={}/${{mac}}.json {PREPARE}\nchain netboot.ipxe\n",
+            server.guest_url()
+        ),
+    )?;
+    let scratch = tempfile::tempdir()?;
+    let other = used_disk(scratch.path(), "other.img")?;
+    let other_before = digest(&other)?;
+    let target = blank_disk(scratch.path(), "target.img")?;
+    let out = Vm::new(&bundle)
+        .direct_boot(false)
+        .qemu_args(["-boot", "n"])
+        .nic_with(mac, &format!("tftp={},bootfile=boot.ipxe", tftp.path().display()))
+        .disk_image(&other, DiskBus::Virtio, 512, "PXE-OTHER")
+        .disk_image(&target, DiskBus::Virtio, 512, "PXE-TARGET")
+        .run()?;
+    let configuration = check_installed(&out, &target, "pxe-web1")?;
+    ensure!(
+        !configuration.contains("./network.nix"),
+        "a DHCP install leaves the network to NixOS's default DHCP:\n{configuration}"
+    );
+    ensure!(
+        out.contains(&format!("config_url: fetching {}/{mac}.json", server.guest_url())),
+        "iPXE did not put the MAC into the URL"
+    );
+    ensure!(
+        out.contains("console=ttyS0,115200") && out.contains("initrd=initrd"),
+        "the kernel line did not come from the bundle's netboot.ipxe"
+    );
+    check_dhcp_and_slaac(&out, mac)?;
+    ensure!(
+        server.requests() == [format!("/{mac}.json")],
+        "requests: {:?}",
+        server.requests()
+    );
+    ensure!(
+        digest(&other)? == other_before,
+        "the disk the runtime info did not name changed"
+    );
+    eprintln!(
+        "pxe: result after {:.1}s",
+        out.time_to_result.unwrap_or_default().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A GRUB console: an ISO made with grub-mkrescue whose grub.cfg only sets up the serial
+/// terminal, so GRUB stops at `grub>`. The test types the lines a person would, with
+/// `${mac}` single-quoted so GRUB passes it on and the installer substitutes it.
+#[test]
+fn grub_console_typed_lines_install_with_agent_side_mac() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let mac = "52:54:00:12:34:02";
+    let server = ConfigServer::start(
+        vec![(
+            format!("/{mac}.json"),
+            vec![(200, runtime_info("grub-web2", "GRUB-TARGET"))],
+        )],
+        10,
+    )?;
+    let scratch = tempfile::tempdir()?;
+    let iso_root = scratch.path().join("iso");
+    std::fs::create_dir_all(iso_root.join("boot/grub"))?;
+    std::fs::copy(&bundle.bzimage, iso_root.join("bzImage"))?;
+    std::fs::copy(&bundle.initrd, iso_root.join("initrd"))?;
+    std::fs::write(
+        iso_root.join("boot/grub/grub.cfg"),
+        "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\n",
+    )?;
+    let iso = scratch.path().join("grub.iso");
+    tool(
+        "grub-mkrescue",
+        [std::ffi::OsStr::new("-o"), iso.as_os_str(), iso_root.as_os_str()],
+    )?;
+    let target = blank_disk(scratch.path(), "target.img")?;
+    let linux = format!(
+        "linux /bzImage console=ttyS0 panic=-1 loglevel=4 'nixos_kexec.config_url={}/${{mac}}.json' {PREPARE}",
+        server.guest_url()
+    );
+    let typed = linux.clone();
+    let out = Vm::new(&bundle)
+        .direct_boot(false)
+        .qemu_args(["-boot", "d", "-cdrom"])
+        .qemu_args([iso.to_string_lossy().into_owned()])
+        .nic(mac)
+        .disk_image(&target, DiskBus::Virtio, 512, "GRUB-TARGET")
+        .run_with(move |console| {
+            // GRUB polls the UART; one byte every few milliseconds is what a person manages.
+            let delay = Duration::from_millis(5);
+            console.wait_for("grub> ", Duration::from_secs(60))?;
+            for line in [typed.as_str(), "initrd /initrd"] {
+                console.send_slowly(line, delay)?;
+                // Enter only once GRUB has echoed the end of the line, so the prompt waited for
+                // next is the one after the command, not a redraw of the line being edited.
+                let tail: String = line
+                    .chars()
+                    .skip(line.chars().count().saturating_sub(8))
+                    .collect();
+                console.wait_for(&tail, Duration::from_secs(30))?;
+                console.send("\r")?;
+                let seen = console.wait_for("grub> ", Duration::from_secs(120))?;
+                if seen.contains("error:") {
+                    bail!("GRUB refused {line:?}:\n{seen}");
+                }
+            }
+            console.send_slowly("boot", delay)?;
+            console.send("\r")?;
+            Ok(())
+        })?;
+    check_installed(&out, &target, "grub-web2")?;
+    ensure!(
+        out.contains(&format!(
+            "nixos_kexec.config_url={}/${{mac}}.json",
+            server.guest_url()
+        )),
+        "GRUB did not pass ${{mac}} on to the kernel unexpanded"
+    );
+    ensure!(
+        out.contains(&format!(
+            "config_url: {url}/${{mac}}.json is {url}/{mac}.json on this machine",
+            url = server.guest_url()
+        )),
+        "the installer did not substitute ${{mac}}"
+    );
+    check_dhcp_and_slaac(&out, mac)?;
+    ensure!(
+        server.requests() == [format!("/{mac}.json")],
+        "requests: {:?}",
+        server.requests()
+    );
+    eprintln!(
+        "grub: result after {:.1}s (typing included)",
+        out.time_to_result.unwrap_or_default().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A network boot where nothing names a disk must not write anything: it lists the candidates
+/// and says how to confirm. With one eligible disk it also prints the plan `auto` would run.
+#[test]
+fn no_disk_named_writes_nothing_and_says_how_to_confirm() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let a = used_disk(scratch.path(), "a.img")?;
+    let b = used_disk(scratch.path(), "b.img")?;
+    let before = (digest(&a)?, digest(&b)?);
+    let out = with_params(
+        Vm::new(&bundle),
+        "nixos_kexec.hostname=box nixos_kexec.after=poweroff",
+    )
+    .param(format!("nixos_kexec.ssh_key={}", KEY.replace(' ', "+")))
+    .nic("52:54:00:12:34:03")
+    .disk_image(&a, DiskBus::Virtio, 512, "CANDIDATE-A")
+    .disk_image(&b, DiskBus::Virtio, 512, "CANDIDATE-B")
+    .grace(Duration::from_secs(3))
+    .run()?;
+    let reason = out.expect_failure()?;
+    ensure!(
+        reason.contains("No target disk was chosen")
+            && reason.contains("/dev/vda")
+            && reason.contains("/dev/vdb"),
+        "{reason}"
+    );
+    ensure!(
+        out.contains(
+            "nixos_kexec.disk=/dev/disk/by-id/virtio-CANDIDATE-A or nixos_kexec.disk=/dev/disk/by-id/virtio-CANDIDATE-B"
+        ),
+        "how to confirm is not printed"
+    );
+    ensure!(
+        !out.contains("plan with nixos_kexec.disk=auto"),
+        "auto cannot choose between two disks"
+    );
+    ensure!(!out.exited_by_itself, "a refusal must not power off");
+    ensure!(
+        (digest(&a)?, digest(&b)?) == before,
+        "a disk changed although none was named"
+    );
+
+    // One disk: the same refusal, plus the plan that confirming with `auto` would run.
+    let single = used_disk(scratch.path(), "single.img")?;
+    let single_before = digest(&single)?;
+    let out = with_params(Vm::new(&bundle), "nixos_kexec.after=poweroff")
+        .name("no_disk_named_single")
+        .disk_image(&single, DiskBus::Virtio, 512, "ONLY-ONE")
+        .grace(Duration::from_secs(3))
+        .run()?;
+    out.expect_failure()?;
+    ensure!(
+        out.contains("plan with nixos_kexec.disk=auto: install nixos on /dev/vda"),
+        "the plan for auto is not printed"
+    );
+    ensure!(
+        out.contains("nixos_kexec.disk=/dev/disk/by-id/virtio-ONLY-ONE or nixos_kexec.disk=auto"),
+        "how to confirm is not printed"
+    );
+    ensure!(digest(&single)? == single_before, "the only disk changed");
+    Ok(())
+}
+
+/// The config server fails twice (500) and then answers: the installer retries with backoff.
+#[test]
+fn config_url_retries_server_errors() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let mac = "52:54:00:12:34:04";
+    let path = format!("/retry/{mac}.json");
+    let server = ConfigServer::start(
+        vec![(
+            path.clone(),
+            vec![
+                (500, "{}".into()),
+                (500, "{}".into()),
+                (200, runtime_info("retried", "RETRY-TARGET")),
+            ],
+        )],
+        10,
+    )?;
+    let scratch = tempfile::tempdir()?;
+    let target = blank_disk(scratch.path(), "target.img")?;
+    let out = with_params(Vm::new(&bundle), PREPARE)
+        .param(format!(
+            "nixos_kexec.config_url={}/retry/${{mac}}.json",
+            server.guest_url()
+        ))
+        .nic(mac)
+        .disk_image(&target, DiskBus::Virtio, 512, "RETRY-TARGET")
+        .run()?;
+    check_installed(&out, &target, "retried")?;
+    for attempt in [
+        "attempt 1/5 failed: 500 Internal Server Error; retrying in 1 s",
+        "attempt 2/5 failed: 500 Internal Server Error; retrying in 2 s",
+    ] {
+        ensure!(out.contains(attempt), "no line with {attempt:?}");
+    }
+    ensure!(server.requests().len() == 3, "requests: {:?}", server.requests());
+    Ok(())
+}
+
+/// A 404 is final: one request, a failure naming the URL and the status, the disk untouched.
+#[test]
+fn config_url_not_found_fails_cleanly() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let mac = "52:54:00:12:34:05";
+    let server = ConfigServer::start(Vec::new(), 10)?;
+    let scratch = tempfile::tempdir()?;
+    let disk = used_disk(scratch.path(), "disk.img")?;
+    let before = digest(&disk)?;
+    let out = with_params(Vm::new(&bundle), PREPARE)
+        .param(format!(
+            "nixos_kexec.config_url={}/hosts/${{mac}}.json",
+            server.guest_url()
+        ))
+        .nic(mac)
+        .disk_image(&disk, DiskBus::Virtio, 512, "NOTFOUND01")
+        .grace(Duration::from_secs(3))
+        .run()?;
+    let reason = out.expect_failure()?;
+    let url = format!("{}/hosts/{mac}.json", server.guest_url());
+    ensure!(
+        reason.contains(&url) && reason.contains("404 Not Found"),
+        "the reason does not name the URL and the status: {reason}"
+    );
+    ensure!(!out.exited_by_itself, "a failed run must not power off");
+    ensure!(
+        server.requests().len() == 1,
+        "a 404 was retried: {:?}",
+        server.requests()
+    );
+    ensure!(digest(&disk)? == before, "the disk changed");
+    Ok(())
+}
+
+/// Hand-typable parameters alone (disk, hostname, layout, ssh_key, nixpkgs) install; booting the
+/// installer again onto the finished disk refuses without touching it, and
+/// `nixos_kexec.reinstall` lets it go ahead.
+#[test]
+fn short_parameters_install_and_a_second_boot_does_not_reinstall() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let disk = blank_disk(scratch.path(), "disk.img")?;
+    let mac = "52:54:00:12:34:06";
+    let short = |hostname: &str| {
+        format!(
+            "nixos_kexec.disk=/dev/vda nixos_kexec.hostname={hostname} nixos_kexec.layout=ext4 \
+             nixos_kexec.ssh_key={} nixos_kexec.nixpkgs=github:NixOS/nixpkgs/nixos-25.05 {PREPARE}",
+            KEY.replace(' ', "+")
+        )
+    };
+    let boot = |name: &str, params: &str| {
+        with_params(Vm::new(&bundle).name(name), params)
+            .nic(mac)
+            .disk_image(&disk, DiskBus::Virtio, 512, "REINSTALL1")
+            .grace(Duration::from_secs(3))
+            .run()
+    };
+
+    let first = boot("first_install", &short("first"))?;
+    check_installed(&first, &disk, "first")?;
+    let flake = String::from_utf8(ext4_read_file(
+        &extract_partition(&disk, 3)?,
+        "/etc/nixos/flake.nix",
+    )?)?;
+    ensure!(
+        flake.contains("github:NixOS/nixpkgs/nixos-25.05"),
+        "nixos_kexec.nixpkgs did not reach the flake:\n{flake}"
+    );
+    let installed = digest(&disk)?;
+
+    let second = boot("second_boot", &short("second"))?;
+    let reason = second.expect_failure()?;
+    ensure!(
+        reason.contains("Refusing to install over /dev/vda")
+            && reason.contains("for host first")
+            && reason.contains("nixos_kexec.reinstall"),
+        "{reason}"
+    );
+    ensure!(!second.exited_by_itself, "a refusal must not power off");
+    ensure!(digest(&disk)? == installed, "the refused run changed the disk");
+
+    let third = boot("reinstall", &format!("{} nixos_kexec.reinstall", short("second")))?;
+    ensure!(
+        third.contains("nixos_kexec.reinstall: replacing what is there: /dev/vda holds a NixOS prepared (stopped before install) by nixos-kexec"),
+        "the replaced install is not named"
+    );
+    check_installed(&third, &disk, "second")?;
+    Ok(())
+}
+
+/// Without any network the installer stops before writing when something needs one: the
+/// fetch of config_url, or (before the wipe) the install step. The disk stays as it was.
+#[test]
+fn without_network_nothing_that_needs_it_starts() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let disk = used_disk(scratch.path(), "disk.img")?;
+    let before = digest(&disk)?;
+
+    let out = with_params(Vm::new(&bundle).name("config_url_without_network"), PREPARE)
+        .param("nixos_kexec.config_url=http://10.0.2.2:9/${mac}.json")
+        .disk_image(&disk, DiskBus::Virtio, 512, "NONET0001")
+        .grace(Duration::from_secs(3))
+        .run()?;
+    let reason = out.expect_failure()?;
+    ensure!(
+        reason.contains("needs the network") && reason.contains("no network interface"),
+        "{reason}"
+    );
+    ensure!(digest(&disk)? == before, "the disk changed");
+
+    // A stand-in nixos-install (a test double: the real one needs a Nix binary cache) makes
+    // the install step runnable; without a network it must not start wiping.
+    let stand_in = scratch.path().join("stand-in.cpio");
+    Cpio::new()
+        .file(
+            "bin/nixos-install",
+            0o755,
+            b"#!/bin/sh\n# TEST DOUBLE for nixos-install.\necho stand-in called\n",
+        )
+        .write_to(&stand_in)?;
+    let out = Vm::new(&bundle)
+        .name("install_without_network")
+        .extra_initrd(&stand_in)
+        .param("nixos_kexec.disk=/dev/vda")
+        .param(format!("nixos_kexec.ssh_key={}", KEY.replace(' ', "+")))
+        .param("nixos_kexec.after=poweroff")
+        .disk_image(&disk, DiskBus::Virtio, 512, "NONET0001")
+        .grace(Duration::from_secs(3))
+        .run()?;
+    let reason = out.expect_failure()?;
+    ensure!(
+        reason.contains("The install step needs the network") && reason.contains("Nothing was written"),
+        "{reason}"
+    );
+    ensure!(!out.contains("stand-in called"), "the install step ran");
+    ensure!(!out.exited_by_itself, "a failed run must not power off");
+    ensure!(digest(&disk)? == before, "the disk changed");
+    Ok(())
+}
+
+/// The fingerprint the scenarios compare sees a write anywhere, also of zeros into a hole.
+#[test]
+fn sparse_digest_sees_every_write() -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let scratch = tempfile::tempdir()?;
+    let path = used_disk(scratch.path(), "d.img")?;
+    let first = digest(&path)?;
+    ensure!(digest(&path)? == first, "not stable");
+    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    file.write_all_at(&[0u8; 4096], 2 * GIB)?;
+    let zeros = digest(&path)?;
+    ensure!(zeros != first, "zeros written into a hole went unseen: {zeros}");
+    file.write_all_at(b"x", 1 << 20)?;
+    ensure!(digest(&path)? != zeros, "a changed byte went unseen");
+    Ok(())
+}
+
+/// What build-dev writes for people booting by hand: an iPXE script and the GRUB lines.
+#[test]
+fn bundle_has_netboot_script_and_grub_lines() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let ipxe = std::fs::read_to_string(bundle.dir.join("netboot.ipxe"))?;
+    ensure!(ipxe.starts_with("#!ipxe\n"), "{ipxe}");
+    for line in [
+        "kernel bzImage initrd=initrd console=tty0 console=ttyS0,115200 ${cmdline}",
+        "initrd initrd",
+        "boot",
+    ] {
+        ensure!(
+            ipxe.lines().any(|l| l == line),
+            "netboot.ipxe lacks {line:?}:\n{ipxe}"
+        );
+    }
+    let grub = std::fs::read_to_string(bundle.dir.join("grub.txt"))?;
+    let commands: Vec<&str> = grub.lines().filter(|l| !l.starts_with('#')).collect();
+    ensure!(
+        commands
+            == [
+                "linux (hd0,gpt2)/nixos-kexec/bzImage console=tty0 console=ttyS0,115200 nixos_kexec.disk=/dev/sda",
+                "initrd (hd0,gpt2)/nixos-kexec/initrd",
+                "boot"
+            ],
+        "grub.txt commands: {commands:?}"
+    );
+    ensure!(grub.contains("'nixos_kexec.config_url=http://"), "{grub}");
+    Ok(())
+}
