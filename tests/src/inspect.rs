@@ -19,43 +19,46 @@ use serde_json::Value;
 
 use crate::tool::run_tool;
 
-/// A fingerprint of a (sparse) image, to show that a run did not write to it: SHA-256 over the
-/// image size and each data extent's offset, length and bytes, found with
-/// `lseek(SEEK_DATA/SEEK_HOLE)`. Any guest write reaches the image as changed bytes or a new
-/// extent (QEMU allocates even written zeros), yet only the few MiB of data are read, where
-/// `sha256sum` over a 3 GiB image takes half a minute. Without SEEK_DATA support the whole
-/// file counts as one extent.
-pub fn sparse_digest(path: &Path) -> Result<String> {
+/// The data extents (offset, length) of a sparse file, from `lseek(SEEK_DATA/SEEK_HOLE)`;
+/// holes read as zeros. Without SEEK_DATA support the whole file is one extent.
+pub fn data_extents(file: &File) -> Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
-    use std::process::Stdio;
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata()?.len();
+    let fd = file.as_raw_fd();
     let mut extents = Vec::new();
     let mut offset = 0u64;
     while offset < size {
-        let fd = file.as_raw_fd();
-        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        // SAFETY: lseek on a descriptor the caller keeps open; no memory is passed.
         let start = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
         if start < 0 {
             let err = std::io::Error::last_os_error();
             match err.raw_os_error() {
                 Some(libc::ENXIO) => break, // only a hole after `offset`
-                Some(libc::EINVAL) if extents.is_empty() => {
-                    extents.push((0, size));
-                    break;
-                }
-                _ => return Err(err).with_context(|| format!("SEEK_DATA in {}", path.display())),
+                Some(libc::EINVAL) if extents.is_empty() => return Ok(vec![(0, size)]),
+                _ => return Err(err).context("lseek(SEEK_DATA)"),
             }
         }
         // SAFETY: as above.
         let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
         if end < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("SEEK_HOLE in {}", path.display()));
+            return Err(std::io::Error::last_os_error()).context("lseek(SEEK_HOLE)");
         }
         extents.push((start as u64, (end - start) as u64));
         offset = end as u64;
     }
+    Ok(extents)
+}
+
+/// A fingerprint of a (sparse) image, to show that a run did not write to it: SHA-256 over the
+/// image size and each data extent's offset, length and bytes (see [`data_extents`]). Any
+/// guest write reaches the image as changed bytes or a new extent (QEMU allocates even written
+/// zeros), yet only the few MiB of data are read, where `sha256sum` over a 3 GiB image takes
+/// half a minute on a busy 2-core machine.
+pub fn sparse_digest(path: &Path) -> Result<String> {
+    use std::process::Stdio;
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = file.metadata()?.len();
+    let extents = data_extents(&file).with_context(|| format!("listing the data of {}", path.display()))?;
     let mut child = Command::new("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -224,29 +227,36 @@ pub fn copy_range_sparse(src: &Path, offset: u64, len: u64, dst: &Path) -> Resul
         "range {offset}+{len} is beyond the end of {} ({src_len} bytes)",
         src.display()
     );
-    input.seek(SeekFrom::Start(offset))?;
     let mut output = File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
     const CHUNK: usize = 1 << 20;
     let mut buf = vec![0u8; CHUNK];
-    let mut done = 0u64;
-    while done < len {
-        let n = ((len - done) as usize).min(CHUNK);
-        input
-            .read_exact(&mut buf[..n])
-            .with_context(|| format!("reading {} at {}", src.display(), offset + done))?;
-        // Write only the non-zero 4 KiB blocks.
-        let mut i = 0;
-        while i < n {
-            let e = (i + 4096).min(n);
-            if buf[i..e].iter().any(|&b| b != 0) {
-                output.seek(SeekFrom::Start(done + i as u64))?;
-                output
-                    .write_all(&buf[i..e])
-                    .with_context(|| format!("writing {}", dst.display()))?;
+    // Holes read as zeros and need no copy: only the source's data extents inside the range
+    // are read (a 3 GiB image holds a few MiB of data).
+    let extents = data_extents(&input).with_context(|| format!("listing the data of {}", src.display()))?;
+    for (extent_start, extent_len) in extents {
+        let from = extent_start.max(offset);
+        let to = (extent_start + extent_len).min(offset + len);
+        let mut at = from;
+        input.seek(SeekFrom::Start(at))?;
+        while at < to {
+            let n = ((to - at) as usize).min(CHUNK);
+            input
+                .read_exact(&mut buf[..n])
+                .with_context(|| format!("reading {} at {at}", src.display()))?;
+            // Write only the non-zero 4 KiB blocks.
+            let mut i = 0;
+            while i < n {
+                let e = (i + 4096).min(n);
+                if buf[i..e].iter().any(|&b| b != 0) {
+                    output.seek(SeekFrom::Start(at - offset + i as u64))?;
+                    output
+                        .write_all(&buf[i..e])
+                        .with_context(|| format!("writing {}", dst.display()))?;
+                }
+                i = e;
             }
-            i = e;
+            at += n as u64;
         }
-        done += n as u64;
     }
     output
         .set_len(len)
