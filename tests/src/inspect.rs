@@ -19,43 +19,46 @@ use serde_json::Value;
 
 use crate::tool::run_tool;
 
-/// A fingerprint of a (sparse) image, to show that a run did not write to it: SHA-256 over the
-/// image size and each data extent's offset, length and bytes, found with
-/// `lseek(SEEK_DATA/SEEK_HOLE)`. Any guest write reaches the image as changed bytes or a new
-/// extent (QEMU allocates even written zeros), yet only the few MiB of data are read, where
-/// `sha256sum` over a 3 GiB image takes half a minute. Without SEEK_DATA support the whole
-/// file counts as one extent.
-pub fn sparse_digest(path: &Path) -> Result<String> {
+/// The data extents (offset, length) of a sparse file, from `lseek(SEEK_DATA/SEEK_HOLE)`;
+/// holes read as zeros. Without SEEK_DATA support the whole file is one extent.
+pub fn data_extents(file: &File) -> Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
-    use std::process::Stdio;
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata()?.len();
+    let fd = file.as_raw_fd();
     let mut extents = Vec::new();
     let mut offset = 0u64;
     while offset < size {
-        let fd = file.as_raw_fd();
-        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        // SAFETY: lseek on a descriptor the caller keeps open; no memory is passed.
         let start = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
         if start < 0 {
             let err = std::io::Error::last_os_error();
             match err.raw_os_error() {
                 Some(libc::ENXIO) => break, // only a hole after `offset`
-                Some(libc::EINVAL) if extents.is_empty() => {
-                    extents.push((0, size));
-                    break;
-                }
-                _ => return Err(err).with_context(|| format!("SEEK_DATA in {}", path.display())),
+                Some(libc::EINVAL) if extents.is_empty() => return Ok(vec![(0, size)]),
+                _ => return Err(err).context("lseek(SEEK_DATA)"),
             }
         }
         // SAFETY: as above.
         let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
         if end < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("SEEK_HOLE in {}", path.display()));
+            return Err(std::io::Error::last_os_error()).context("lseek(SEEK_HOLE)");
         }
         extents.push((start as u64, (end - start) as u64));
         offset = end as u64;
     }
+    Ok(extents)
+}
+
+/// A fingerprint of a (sparse) image, to show that a run did not write to it: SHA-256 over the
+/// image size and each data extent's offset, length and bytes (see [`data_extents`]). Any
+/// guest write reaches the image as changed bytes or a new extent (QEMU allocates even written
+/// zeros), yet only the few MiB of data are read, where `sha256sum` over a 3 GiB image takes
+/// half a minute on a busy 2-core machine.
+pub fn sparse_digest(path: &Path) -> Result<String> {
+    use std::process::Stdio;
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = file.metadata()?.len();
+    let extents = data_extents(&file).with_context(|| format!("listing the data of {}", path.display()))?;
     let mut child = Command::new("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -507,29 +510,11 @@ pub fn luks_dump(part: &Path) -> Result<String> {
     Ok(run_tool(Command::new("cryptsetup").arg("luksDump").arg(part))?.combined())
 }
 
-/// The allocated regions `(offset, length)` of a sparse image (lseek SEEK_DATA/SEEK_HOLE), so
-/// the tests read the few MiB an install wrote instead of gigabytes of holes.
+/// The allocated regions `(offset, length)` of a sparse image file, so the tests read the few
+/// MiB an install wrote instead of gigabytes of holes.
 pub fn data_regions(path: &Path) -> Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let size = file.metadata()?.len();
-    let fd = file.as_raw_fd();
-    let mut regions = Vec::new();
-    let mut offset = 0u64;
-    while offset < size {
-        // SAFETY: lseek on a file descriptor we own; no memory is passed.
-        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            // ENXIO: no data after `offset`.
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        ensure!(hole >= data, "lseek SEEK_HOLE failed on {}", path.display());
-        regions.push((data as u64, (hole - data) as u64));
-        offset = hole as u64;
-    }
-    Ok(regions)
+    data_extents(&file).with_context(|| format!("listing the data of {}", path.display()))
 }
 
 /// The 4 KiB blocks of an image that are not all zero, by offset: two images hold the same

@@ -682,6 +682,15 @@ fn sparse_digest_sees_every_write() -> Result<()> {
     ensure!(zeros != first, "zeros written into a hole went unseen: {zeros}");
     file.write_all_at(b"x", 1 << 20)?;
     ensure!(digest(&path)? != zeros, "a changed byte went unseen");
+
+    // copy_range_sparse reads only data extents too; the copy must still be exact.
+    file.write_all_at(b"tail of the range", (1 << 20) + 3 * 4096 - 5)?;
+    let (offset, len) = ((1u64 << 20) - 4096, 3u64 << 20);
+    let copy = scratch.path().join("range");
+    copy_range_sparse(&path, offset, len, &copy)?;
+    let mut expected = vec![0u8; len as usize];
+    std::fs::File::open(&path)?.read_exact_at(&mut expected, offset)?;
+    ensure!(std::fs::read(&copy)? == expected, "copy_range_sparse changed the data");
     Ok(())
 }
 
