@@ -690,7 +690,10 @@ fn sparse_digest_sees_every_write() -> Result<()> {
     copy_range_sparse(&path, offset, len, &copy)?;
     let mut expected = vec![0u8; len as usize];
     std::fs::File::open(&path)?.read_exact_at(&mut expected, offset)?;
-    ensure!(std::fs::read(&copy)? == expected, "copy_range_sparse changed the data");
+    ensure!(
+        std::fs::read(&copy)? == expected,
+        "copy_range_sparse changed the data"
+    );
     Ok(())
 }
 
