@@ -725,6 +725,8 @@ fn ext4_swap_used_during_install_in_256_mib() -> Result<()> {
         .write_to(&stand_in)?;
     let out = Vm::new(&bundle)
         .memory_mib(256)
+        // A planned install step needs a network (QEMU's user-mode DHCP gives one).
+        .nic("52:54:00:12:34:91")
         .extra_initrd(&stand_in)
         .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("SWAPRAM1"))
         .param("nixos_kexec.disk=/dev/vda")
