@@ -316,7 +316,13 @@ impl Builder<'_> {
                 "remove mountpoint, mount_options and needed_for_boot from it.",
             ));
         }
-        let min = min_size(&fs.kind, self.sector as u64);
+        // `/` and `/nix` hold the Nix store (a luks container is measured by what it holds).
+        let floor = if fs.kind != "luks" && holds_store(fs) {
+            MIN_ROOT_SIZE
+        } else {
+            0
+        };
+        let min = min_size(&fs.kind, self.sector as u64).max(floor);
         if size < min {
             return Err(err_at(
                 at,
