@@ -316,7 +316,13 @@ impl Builder<'_> {
                 "remove mountpoint, mount_options and needed_for_boot from it.",
             ));
         }
-        let min = min_size(&fs.kind, self.sector as u64);
+        // `/` and `/nix` hold the Nix store (a luks container is measured by what it holds).
+        let floor = if fs.kind != "luks" && holds_store(fs) {
+            MIN_ROOT_SIZE
+        } else {
+            0
+        };
+        let min = min_size(&fs.kind, self.sector as u64).max(floor);
         if size < min {
             return Err(err_at(
                 at,
@@ -550,6 +556,79 @@ pub fn place(
         Some(text) => Table::parse(text)?,
         None => Table::Gpt,
     };
+    let usable_end = usable_end(storage, table, disk, firmware, ids)?;
+    let extents = extents(storage, disk, usable_end)?;
+    let partitions = planned_partitions(storage, table, &extents, disk, ids)?;
+    let mut builder = Builder {
+        ids: Ids { ids, uuid: 0, fat: 0 },
+        sector: disk.logical_sector,
+        ram_bytes,
+        luks: Vec::new(),
+        filesystems: Vec::new(),
+        mounts: Vec::new(),
+        swaps: Vec::new(),
+    };
+    for (i, p) in storage.partitions.iter().enumerate() {
+        if let Some(fs) = &p.filesystem {
+            let part = partitions[i].clone();
+            builder.content(
+                &format!("partitions[{i}].filesystem"),
+                fs,
+                &part.device,
+                part.size_bytes,
+                &part,
+                i,
+                None,
+            )?;
+        }
+    }
+    for (i, t) in storage.tmpfs.iter().enumerate() {
+        let at = format!("tmpfs[{i}]");
+        check_mountpoint(&at, &t.mountpoint)?;
+        check_options(&at, &t.mount_options)?;
+        builder.mounts.push((
+            PlannedMount {
+                source: "tmpfs".into(),
+                fstype: "tmpfs".into(),
+                mountpoint: t.mountpoint.clone(),
+                options: t.mount_options.clone(),
+                nix_device: "none".into(),
+                needed_for_boot: false,
+                subvolume: None,
+            },
+            None,
+        ));
+    }
+    let Builder {
+        luks,
+        filesystems,
+        mounts,
+        swaps,
+        ..
+    } = builder;
+    let mut placed = Placed {
+        table,
+        partitions,
+        luks,
+        filesystems,
+        mounts: Vec::new(),
+        swaps,
+        persist: storage.persist.clone(),
+    };
+    check_mounts(&mut placed, mounts, firmware, &storage.partitions)?;
+    Ok(placed)
+}
+
+/// Where the partitions must end: before the backup GPT, or within the MBR's reach (after
+/// refusing an MBR where it cannot work).
+fn usable_end(
+    storage: &Storage,
+    table: Table,
+    disk: &Disk,
+    firmware: Firmware,
+    ids: &PlanIds,
+) -> Result<u64> {
+    let sector = disk.logical_sector as u64;
     let count = storage.partitions.len();
     if count == 0 {
         return Err(user_error(
@@ -557,7 +636,7 @@ pub fn place(
             "describe at least the partition that holds /.",
         ));
     }
-    let usable_end = match table {
+    Ok(match table {
         Table::Mbr => {
             if firmware == Firmware::Uefi {
                 return Err(user_error(
@@ -600,10 +679,15 @@ pub fn place(
             let backup = GPT_ENTRIES_BYTES.div_ceil(sector) * sector + sector;
             align_down(disk.size_bytes.saturating_sub(backup))
         }
-    };
-    let overhead = disk.size_bytes - usable_end;
+    })
+}
 
-    // Sizes and offsets.
+/// `(start, size)` in bytes of every partition, in the listed order: sizes and starts parsed,
+/// `rest` resolved, and refused when they do not fit the disk or overlap.
+fn extents(storage: &Storage, disk: &Disk, usable_end: u64) -> Result<Vec<(u64, u64)>> {
+    let sector = disk.logical_sector as u64;
+    let count = storage.partitions.len();
+    let overhead = disk.size_bytes - usable_end;
     let mut sizes = Vec::new();
     let mut starts = Vec::new();
     let mut rest_index = None;
@@ -715,8 +799,17 @@ pub fn place(
             ));
         }
     }
+    Ok(extents)
+}
 
-    // Partitions, then what is on them.
+/// The partition table entries: types for the table, names, GUIDs or MBR PARTUUIDs, devices.
+fn planned_partitions(
+    storage: &Storage,
+    table: Table,
+    extents: &[(u64, u64)],
+    disk: &Disk,
+    ids: &PlanIds,
+) -> Result<Vec<PlannedPartition>> {
     let mut partitions = Vec::new();
     for (i, p) in storage.partitions.iter().enumerate() {
         let at = format!("partitions[{i}]");
@@ -759,64 +852,7 @@ pub fn place(
             device: partition_device(&disk.dev_path, number),
         });
     }
-    let mut builder = Builder {
-        ids: Ids { ids, uuid: 0, fat: 0 },
-        sector: disk.logical_sector,
-        ram_bytes,
-        luks: Vec::new(),
-        filesystems: Vec::new(),
-        mounts: Vec::new(),
-        swaps: Vec::new(),
-    };
-    for (i, p) in storage.partitions.iter().enumerate() {
-        if let Some(fs) = &p.filesystem {
-            let part = partitions[i].clone();
-            builder.content(
-                &format!("partitions[{i}].filesystem"),
-                fs,
-                &part.device,
-                part.size_bytes,
-                &part,
-                i,
-                None,
-            )?;
-        }
-    }
-    for (i, t) in storage.tmpfs.iter().enumerate() {
-        let at = format!("tmpfs[{i}]");
-        check_mountpoint(&at, &t.mountpoint)?;
-        check_options(&at, &t.mount_options)?;
-        builder.mounts.push((
-            PlannedMount {
-                source: "tmpfs".into(),
-                fstype: "tmpfs".into(),
-                mountpoint: t.mountpoint.clone(),
-                options: t.mount_options.clone(),
-                nix_device: "none".into(),
-                needed_for_boot: false,
-                subvolume: None,
-            },
-            None,
-        ));
-    }
-    let Builder {
-        luks,
-        filesystems,
-        mounts,
-        swaps,
-        ..
-    } = builder;
-    let mut placed = Placed {
-        table,
-        partitions,
-        luks,
-        filesystems,
-        mounts: Vec::new(),
-        swaps,
-        persist: storage.persist.clone(),
-    };
-    check_mounts(&mut placed, mounts, firmware, &storage.partitions)?;
-    Ok(placed)
+    Ok(partitions)
 }
 
 /// Checks the set of mounts as a whole (one root, nothing twice, a boot loader can reach

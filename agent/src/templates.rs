@@ -30,7 +30,31 @@ pub fn render(template: &str, values: &[(&str, Value)]) -> Result<String> {
         let rest: String = out[start..].chars().take(40).collect();
         bail!("template placeholder left unfilled at {rest:?} (a bug in nixos-kexec)");
     }
-    Ok(out)
+    Ok(tidy(&out))
+}
+
+/// An empty block leaves its indentation behind: such lines become empty, and a run of empty
+/// lines becomes one, so the file reads as if written by hand.
+fn tidy(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut blank_before = false;
+    for line in text.split_inclusive('\n') {
+        let blank = line.trim().is_empty();
+        if blank && blank_before {
+            continue;
+        }
+        blank_before = blank;
+        out.push_str(if blank {
+            if line.ends_with('\n') {
+                "\n"
+            } else {
+                ""
+            }
+        } else {
+            line
+        });
+    }
+    out
 }
 
 fn find_placeholder(text: &str) -> Option<usize> {
@@ -84,6 +108,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, "x = \"q\\\"\\${x}\"; y = [ \"m\"\n\"n\" ];");
+    }
+
+    #[test]
+    fn empty_blocks_leave_no_whitespace_lines() {
+        let out = render(
+            "{\n  a = 1;\n\n  /*@b@*/\n\n  c = 2;\n}\n",
+            &[("b", Value::Block(String::new()))],
+        )
+        .unwrap();
+        assert_eq!(out, "{\n  a = 1;\n\n  c = 2;\n}\n");
     }
 
     #[test]

@@ -338,6 +338,27 @@ pub fn prepare(
     hand_over(&info, &base, archive)
 }
 
+/// Plans here as the installer will (it sees the disk unmounted), so a layout that does not
+/// fit, or an encrypted one without a passphrase, is refused while the operator can still act.
+pub fn plan_as_installer(options: &RunOptions, facts: &Facts, handover: &Handover) -> Result<plan::Plan> {
+    let mut after_kexec = facts.clone();
+    for disk in &mut after_kexec.disks {
+        disk.mounted_at.clear();
+        disk.holders.clear();
+    }
+    let params = Params::parse(&handover.cmdline)?;
+    let info_file = handover
+        .archive
+        .entries()
+        .iter()
+        .find(|e| e.path == crate::config::RUNTIME_INFO_FILE.trim_start_matches('/'))
+        .map(|e| runtime_info::parse_json(&e.data, runtime_info::Source::File, false))
+        .transpose()?;
+    let mut config = Config::assemble(info_file, &params)?;
+    config.disk_passphrase_given = options.disk_key_file.is_some();
+    plan::make(&config, &after_kexec, &PlanIds::random())
+}
+
 pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()> {
     let running_cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let kernel = options.bundle.join("bzImage");
@@ -374,24 +395,7 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
     for line in handover.archive.listing() {
         console::line(&format!("appended archive: {line}"));
     }
-    // Plan here as the installer will (it sees the disk unmounted), so a layout that does not
-    // fit, or an encrypted one without a passphrase, is refused while the operator can act.
-    let mut after_kexec = facts.clone();
-    for disk in &mut after_kexec.disks {
-        disk.mounted_at.clear();
-        disk.holders.clear();
-    }
-    let params = Params::parse(&handover.cmdline)?;
-    let info_file = handover
-        .archive
-        .entries()
-        .iter()
-        .find(|e| e.path == crate::config::RUNTIME_INFO_FILE.trim_start_matches('/'))
-        .map(|e| runtime_info::parse_json(&e.data, runtime_info::Source::File, false))
-        .transpose()?;
-    let mut config = Config::assemble(info_file, &params)?;
-    config.disk_passphrase_given = options.disk_key_file.is_some();
-    let plan = plan::make(&config, &after_kexec, &PlanIds::random())?;
+    let plan = plan_as_installer(options, facts, &handover)?;
     console::line(&format!(
         "the installer will write layout {} ({} table) to {}",
         plan.layout.name(),
@@ -534,5 +538,40 @@ mod tests {
         );
         assert!(!h.archive.listing().join("\n").contains("correct horse"));
         assert!(h.archive.to_bytes().windows(5).any(|w| w == b"horse"));
+    }
+
+    #[test]
+    fn encrypted_layout_without_passphrase_is_refused_before_kexec() {
+        let dir = tempfile::tempdir().unwrap();
+        let pass = dir.path().join("pass");
+        std::fs::write(&pass, "correct horse battery staple").unwrap();
+        let f = facts(vec![disk("vda", 8 << 30, 512, "A")]);
+        let gathered = || Gathered {
+            info: info(1),
+            machine: gather::Machine {
+                firmware: crate::facts::Firmware::Bios,
+                ram_bytes: 1 << 30,
+                arch: "x86_64".into(),
+                dmi_vendor: None,
+                dmi_product: None,
+                disks: vec![],
+                root_disk: None,
+            },
+        };
+        let mut options = RunOptions {
+            disk: Some("/dev/vda".into()),
+            params: vec![("layout".into(), "luks-ext4".into())],
+            ..RunOptions::default()
+        };
+        let h = prepare(&options, &f, gathered(), "console=ttyS0").unwrap();
+        let err = plan_as_installer(&options, &f, &h).unwrap_err();
+        assert!(crate::error::one_line(&err).contains("--disk-key-file"), "{err}");
+        options.disk_key_file = Some(pass);
+        let h = prepare(&options, &f, gathered(), "console=ttyS0").unwrap();
+        let plan = plan_as_installer(&options, &f, &h).unwrap();
+        assert_eq!(plan.luks.len(), 1);
+        options.params = vec![("layout".into(), "zfs".into())];
+        let h = prepare(&options, &f, gathered(), "console=ttyS0").unwrap();
+        assert!(plan_as_installer(&options, &f, &h).is_err());
     }
 }
