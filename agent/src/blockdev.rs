@@ -60,12 +60,9 @@ pub fn mount_flags(options: &[String]) -> (nix::mount::MsFlags, String) {
 /// Opens a disk for writing with O_EXCL, which the kernel refuses while anything has it
 /// mounted or claimed; regular files (tests) are opened normally.
 pub fn open_exclusive(path: &str) -> Result<File> {
-    let is_block = std::fs::metadata(path)
-        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
-        .unwrap_or(false);
     let mut options = OpenOptions::new();
     options.read(true).write(true);
-    if is_block {
+    if is_block_device_path(path) {
         options.custom_flags(libc::O_EXCL);
     }
     options
@@ -97,8 +94,12 @@ pub fn reread_partitions(file: &File, path: &str) -> Result<()> {
 
 fn is_block_device(file: &File) -> bool {
     file.metadata()
-        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
-        .unwrap_or(false)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+}
+
+/// Whether `path` is a block device (a real disk) rather than an image file used by tests.
+pub fn is_block_device_path(path: impl AsRef<Path>) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
 }
 
 /// Waits until the kernel knows the partitions and devtmpfs has made their nodes.

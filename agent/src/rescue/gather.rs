@@ -1,7 +1,7 @@
 //! `nixos-kexec gather`: runtime info about the running system, read natively from sysfs and
 //! procfs (no ip, lsblk or udevadm needed).
 
-use crate::facts::{Disk, Facts, Firmware};
+use crate::facts::{read_trimmed, Disk, Facts, Firmware};
 use crate::runtime_info::{self, RuntimeInfo};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -28,12 +28,6 @@ pub struct Machine {
     pub root_disk: Option<String>,
 }
 
-fn read_trimmed(path: &str) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let text = text.trim();
-    (!text.is_empty()).then(|| text.to_string())
-}
-
 /// Root's authorized keys, the keys the operator logs in with now.
 pub fn root_authorized_keys(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -53,7 +47,7 @@ pub fn root_authorized_keys(path: &Path) -> Vec<String> {
 }
 
 pub fn gather(facts: &Facts, network: Option<runtime_info::Network>) -> Result<Gathered> {
-    let hostname = read_trimmed("/proc/sys/kernel/hostname")
+    let hostname = read_trimmed(Path::new("/proc/sys/kernel/hostname"))
         .map(|h| h.split('.').next().unwrap_or(&h).to_string())
         .filter(|h| runtime_info::validate_hostname(h).is_ok());
     let root_disk = facts
@@ -73,8 +67,8 @@ pub fn gather(facts: &Facts, network: Option<runtime_info::Network>) -> Result<G
             firmware: facts.firmware,
             ram_bytes: facts.ram_bytes,
             arch: std::env::consts::ARCH.to_string(),
-            dmi_vendor: read_trimmed("/sys/class/dmi/id/sys_vendor"),
-            dmi_product: read_trimmed("/sys/class/dmi/id/product_name"),
+            dmi_vendor: read_trimmed(Path::new("/sys/class/dmi/id/sys_vendor")),
+            dmi_product: read_trimmed(Path::new("/sys/class/dmi/id/product_name")),
             disks: facts.disks.clone(),
             root_disk,
         },

@@ -21,8 +21,7 @@ pub fn run(plan: &Plan) -> Result<()> {
     blockdev::reread_partitions(&disk, path)?;
     drop(disk);
     let devices: Vec<String> = plan.partitions.iter().map(|p| p.device.clone()).collect();
-    if std::fs::metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
-    {
+    if blockdev::is_block_device_path(path) {
         blockdev::wait_for_nodes(&devices, Duration::from_secs(15))?;
     }
     for p in &plan.partitions {
