@@ -1,15 +1,16 @@
-//! A minimal HTTP/1.1 GET client over `std::net::TcpStream`, for `nixos_kexec.config_url=`.
+//! A minimal HTTP/1.1 GET client, for `nixos_kexec.config_url=`: plain TCP, or TLS through
+//! [`crate::tls`] for `https://`.
 //!
-//! Plain HTTP only: the installer bundle carries no CA certificates and no TLS client (a
-//! TLS stack would cost more than the whole agent). Responses may use `Content-Length`,
-//! `Transfer-Encoding: chunked`, or end at connection close; redirects to other `http://`
-//! URLs are followed. Transient failures (connection errors, timeouts, 5xx, 408, 429) are
-//! retried with exponential backoff; any other 4xx is final.
+//! Responses may use `Content-Length`, `Transfer-Encoding: chunked`, or end at connection
+//! close; redirects are followed, except from HTTPS down to plain HTTP. Transient failures
+//! (connection errors, timeouts, 5xx, 408, 429) are retried with exponential backoff; any
+//! other 4xx, and any certificate or TLS protocol problem, is final.
 
 use crate::error::user_error;
 use anyhow::{anyhow, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Runtime info is small; anything bigger is a wrong URL (a directory listing, an image).
@@ -17,8 +18,24 @@ pub const MAX_BODY: usize = 1 << 20;
 const MAX_HEADER_BYTES: usize = 64 << 10;
 const MAX_REDIRECTS: usize = 5;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
+    pub scheme: Scheme,
     pub host: String,
     pub port: u16,
     /// Path and query, starting with `/`.
@@ -30,21 +47,19 @@ impl Url {
         let bad = |why: &str| {
             user_error(
                 format!("{text:?} is not a usable URL: {why}."),
-                "write it as http://HOST[:PORT]/PATH, e.g. http://10.0.0.1:8080/hosts/${mac}.json.",
+                "write it as http[s]://HOST[:PORT]/PATH, e.g. https://10.0.0.1:8443/hosts/${mac}.json.",
             )
         };
-        if text
-            .get(..8)
-            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
-        {
-            return Err(user_error(
-                format!("{text} uses HTTPS, which this installer does not support yet (the bundle has no TLS client and no CA certificates)."),
-                "serve the runtime info over plain http:// on a network you trust, or pass it with nixos_kexec.info= or in an appended initrd.",
-            ));
-        }
-        let rest = match text.get(..7) {
-            Some(scheme) if scheme.eq_ignore_ascii_case("http://") => &text[7..],
-            _ => return Err(bad("it does not start with http://")),
+        let starts_with = |prefix: &str| {
+            text.get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+        };
+        let (scheme, rest) = if starts_with("http://") {
+            (Scheme::Http, &text[7..])
+        } else if starts_with("https://") {
+            (Scheme::Https, &text[8..])
+        } else {
+            return Err(bad("it does not start with http:// or https://"));
         };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
@@ -82,9 +97,14 @@ impl Url {
         }
         let port = match port {
             Some(p) => p.parse::<u16>().map_err(|_| bad("the port is not a number"))?,
-            None => 80,
+            None => scheme.default_port(),
         };
-        Ok(Url { host, port, path })
+        Ok(Url {
+            scheme,
+            host,
+            port,
+            path,
+        })
     }
 
     fn host_header(&self) -> String {
@@ -93,14 +113,15 @@ impl Url {
         } else {
             self.host.clone()
         };
-        if self.port == 80 {
+        if self.port == self.scheme.default_port() {
             host
         } else {
             format!("{host}:{}", self.port)
         }
     }
 
-    /// Resolves `Location:` against this URL (absolute `http://` URLs and absolute paths).
+    /// Resolves `Location:` against this URL (absolute URLs and absolute paths). A redirect
+    /// from HTTPS to plain HTTP is refused: it would silently drop the server's authentication.
     fn join(&self, location: &str) -> Result<Url> {
         if location.starts_with('/') && !location.starts_with("//") {
             return Ok(Url {
@@ -108,13 +129,24 @@ impl Url {
                 ..self.clone()
             });
         }
-        Url::parse(location)
+        let next = Url::parse(location)?;
+        if self.scheme == Scheme::Https && next.scheme == Scheme::Http {
+            return Err(user_error(
+                format!("{self} redirects to {next}, from HTTPS down to plain HTTP."),
+                "make the config server redirect to an https:// URL, or point nixos_kexec.config_url at the final URL.",
+            ));
+        }
+        Ok(next)
     }
 }
 
 impl std::fmt::Display for Url {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.host_header(), self.path)
+        let scheme = match self.scheme {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        };
+        write!(f, "{scheme}://{}{}", self.host_header(), self.path)
     }
 }
 
@@ -144,6 +176,8 @@ pub struct Options {
     /// Wait after the first failed attempt; doubled after each further one.
     pub first_delay: Duration,
     pub max_delay: Duration,
+    /// CA certificate files and directories for `https://` (see [`crate::tls`]).
+    pub trust: Vec<PathBuf>,
 }
 
 impl Default for Options {
@@ -154,6 +188,7 @@ impl Default for Options {
             attempts: 5,
             first_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(16),
+            trust: crate::tls::default_trust_sources(),
         }
     }
 }
@@ -205,8 +240,9 @@ fn describe_delay(delay: Duration) -> String {
 
 fn get_following_redirects(url: &Url, options: &Options) -> Result<Vec<u8>, Failure> {
     let mut current = url.clone();
+    let mut tls = None;
     for _ in 0..=MAX_REDIRECTS {
-        let response = get_once(&current, options)?;
+        let response = get_once(&current, options, &mut tls)?;
         match response.status {
             200..=299 => return Ok(response.body),
             301 | 302 | 303 | 307 | 308 => {
@@ -266,12 +302,27 @@ fn connect(url: &Url, options: &Options) -> Result<TcpStream, Failure> {
     }))
 }
 
-/// One request on a fresh connection (`Connection: close`).
-fn get_once(url: &Url, options: &Options) -> Result<Response, Failure> {
-    let mut stream = connect(url, options)?;
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+/// One request on a fresh connection (`Connection: close`). `tls` holds the client once the
+/// CA certificates are loaded, so redirects and retries read them once.
+fn get_once(url: &Url, options: &Options, tls: &mut Option<crate::tls::Client>) -> Result<Response, Failure> {
+    if url.scheme == Scheme::Https && tls.is_none() {
+        // Before connecting: a bundle without CA certificates is not a network problem.
+        *tls = Some(crate::tls::load_client(&options.trust).map_err(Failure::Final)?);
+    }
+    let tcp = connect(url, options)?;
     let io = |e: std::io::Error| Failure::Transient(format!("{e}"));
-    stream.set_read_timeout(Some(options.io_timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(options.io_timeout)).map_err(io)?;
+    tcp.set_read_timeout(Some(options.io_timeout)).map_err(io)?;
+    tcp.set_write_timeout(Some(options.io_timeout)).map_err(io)?;
+    let mut stream: Box<dyn Stream> = match (url.scheme, tls.as_ref()) {
+        (Scheme::Https, Some(client)) => Box::new(client.connect(&url.host, tcp).map_err(|f| match f {
+            crate::tls::Failure::Network(why) => Failure::Transient(why),
+            crate::tls::Failure::Rejected(e) => Failure::Final(e),
+        })?),
+        _ => Box::new(tcp),
+    };
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: nixos-kexec/{}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
         url.path,
@@ -358,10 +409,13 @@ fn read_response(mut reader: impl BufRead) -> Result<Response, Failure> {
         body
     } else {
         let mut body = Vec::new();
-        reader
-            .take(MAX_BODY as u64 + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| Failure::Transient(format!("reading the body: {e}")))?;
+        match reader.take(MAX_BODY as u64 + 1).read_to_end(&mut body) {
+            Ok(_) => {}
+            // A TLS server that closes without close_notify: common, and like curl we take
+            // the body as complete; the runtime-info parser rejects a truncated document.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            Err(e) => return Err(Failure::Transient(format!("reading the body: {e}"))),
+        }
         if body.len() > MAX_BODY {
             return Err(too_big());
         }
@@ -432,6 +486,7 @@ mod tests {
         assert_eq!(
             u,
             Url {
+                scheme: Scheme::Http,
                 host: "10.0.2.2".into(),
                 port: 8080,
                 path: "/hosts/52:54:00:12:34:56.json?x=1".into()
@@ -449,8 +504,13 @@ mod tests {
         assert_eq!(v6.host_header(), "[2001:db8::1]");
         assert_eq!(Url::parse("http://conf.example?m=1").unwrap().path, "/?m=1");
         assert_eq!(Url::parse("http://conf.example").unwrap().path, "/");
-        let https = Url::parse("https://conf.example/x").unwrap_err();
-        assert!(crate::error::one_line(&https).contains("HTTPS"), "{https}");
+        let https = Url::parse("HTTPS://conf.example/x").unwrap();
+        assert_eq!((https.scheme, https.port), (Scheme::Https, 443));
+        assert_eq!(https.to_string(), "https://conf.example/x");
+        assert_eq!(
+            Url::parse("https://c:8443/").unwrap().to_string(),
+            "https://c:8443/"
+        );
         for bad in [
             "ftp://x/",
             "http://",
@@ -465,6 +525,13 @@ mod tests {
         let base = Url::parse("http://h:81/a/b").unwrap();
         assert_eq!(base.join("/c").unwrap().to_string(), "http://h:81/c");
         assert_eq!(base.join("http://other/d").unwrap().to_string(), "http://other/d");
+        let secure = Url::parse("https://h/a").unwrap();
+        assert_eq!(secure.join("/b").unwrap().to_string(), "https://h/b");
+        let down = secure.join("http://h/b").unwrap_err();
+        assert!(
+            crate::error::one_line(&down).contains("down to plain HTTP"),
+            "{down}"
+        );
     }
 
     #[test]
@@ -490,30 +557,62 @@ mod tests {
     }
 
     /// A server on 127.0.0.1 answering each connection with the next canned response (the
-    /// last one repeats), recording request heads; it stops after `limit` connections.
-    fn serve(responses: Vec<String>, limit: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+    /// last one repeats), recording request heads (or why none came); it stops after `limit`
+    /// connections. With `tls`, it speaks HTTPS and ends each answer with close_notify.
+    pub(super) fn serve_with(
+        responses: Vec<String>,
+        limit: usize,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base = format!("{scheme}://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         std::thread::spawn(move || {
             for (i, stream) in listener.incoming().take(limit).enumerate() {
-                let Ok(mut stream) = stream else { continue };
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut head = String::new();
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
+                let Ok(tcp) = stream else { continue };
+                let response = responses[i.min(responses.len() - 1)].as_bytes();
+                match &tls {
+                    None => answer(&mut { tcp }, response, &log),
+                    Some(config) => {
+                        let connection = rustls::ServerConnection::new(config.clone()).unwrap();
+                        let mut stream = rustls::StreamOwned::new(connection, tcp);
+                        answer(&mut stream, response, &log);
+                        stream.conn.send_close_notify();
+                        let _ = stream.flush();
                     }
-                    head.push_str(&line);
                 }
-                log.lock().unwrap().push(head);
-                let response = &responses[i.min(responses.len() - 1)];
-                let _ = stream.write_all(response.as_bytes());
             }
         });
         (base, seen)
+    }
+
+    /// Logs the request head (or why none came) before answering, so a client that has its
+    /// answer finds its request logged.
+    fn answer(stream: &mut impl Stream, response: &[u8], log: &Mutex<Vec<String>>) {
+        let mut head = Vec::new();
+        let mut byte = [0u8];
+        while !head.ends_with(b"\r\n\r\n") {
+            let why = match stream.read(&mut byte) {
+                Ok(1) => {
+                    head.push(byte[0]);
+                    continue;
+                }
+                Ok(_) => "(closed before a request)".to_string(),
+                Err(e) => format!("(no request: {e})"),
+            };
+            log.lock().unwrap().push(why);
+            return;
+        }
+        log.lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(&head[..head.len() - 2]).into_owned());
+        let _ = stream.write_all(response);
+    }
+
+    fn serve(responses: Vec<String>, limit: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+        serve_with(responses, limit, None)
     }
 
     fn quick() -> Options {
@@ -523,6 +622,7 @@ mod tests {
             attempts: 5,
             first_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(40),
+            trust: Vec::new(),
         }
     }
 
@@ -602,5 +702,180 @@ mod tests {
         let body = get(&format!("{base}/start"), &quick(), &mut |_| {}).unwrap();
         assert_eq!(body, b"{}");
         assert!(seen.lock().unwrap()[1].starts_with("GET /final.json "));
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    //! `https://` against an in-process rustls server with certificates made per test.
+    use super::tests::serve_with;
+    use super::*;
+    use rustls::pki_types::PrivateKeyDer;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    struct TestPki {
+        ca_pem: String,
+        server: Arc<rustls::ServerConfig>,
+    }
+
+    /// A CA and a server certificate for `names`, valid now or long expired.
+    fn pki(names: &[&str], expired: bool) -> TestPki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "nixos-kexec test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let server =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                )
+                .unwrap();
+        TestPki {
+            ca_pem: ca.pem(),
+            server: Arc::new(server),
+        }
+    }
+
+    /// Options trusting only the PEM files written into `dir/ca/` (the bundle path is absent).
+    fn trusting(dir: &Path, cas: &[&str]) -> Options {
+        let ca_dir = dir.join("ca");
+        std::fs::create_dir_all(&ca_dir).unwrap();
+        for (i, pem) in cas.iter().enumerate() {
+            std::fs::write(ca_dir.join(format!("ca{i}.pem")), pem).unwrap();
+        }
+        Options {
+            connect_timeout: Duration::from_secs(2),
+            io_timeout: Duration::from_secs(2),
+            attempts: 3,
+            first_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(40),
+            trust: vec![dir.join("absent-bundle.crt"), ca_dir],
+        }
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{\"version\":1}";
+
+    fn final_error(base: &str, options: &Options, seen: &Mutex<Vec<String>>) -> String {
+        let err = get(&format!("{base}/x.json"), options, &mut |_| {}).unwrap_err();
+        assert!(crate::error::as_user_error(&err).is_some(), "{err:#}");
+        // The server notices the rejection after the client has given up.
+        for _ in 0..100 {
+            if !seen.lock().unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            1,
+            "a TLS rejection must not be retried"
+        );
+        crate::error::one_line(&err)
+    }
+
+    #[test]
+    fn fetches_over_https_trusting_a_ca_from_the_extra_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = pki(&["127.0.0.1"], false);
+        let close_delimited = "HTTP/1.0 200 OK\r\n\r\n{\"version\":1}".to_string();
+        let (base, seen) = serve_with(vec![OK.into(), close_delimited], 2, Some(ours.server.clone()));
+        let options = trusting(dir.path(), &[&pki(&["x"], false).ca_pem, &ours.ca_pem]);
+        for _ in 0..2 {
+            let body = get(&format!("{base}/52:54:00:12:34:56.json"), &options, &mut |_| {}).unwrap();
+            assert_eq!(body, b"{\"version\":1}");
+        }
+        let heads = seen.lock().unwrap();
+        assert!(
+            heads[0].starts_with("GET /52:54:00:12:34:56.json HTTP/1.1\r\n"),
+            "{heads:?}"
+        );
+        assert!(heads[0].contains(&format!("Host: {}\r\n", base.trim_start_matches("https://"))));
+    }
+
+    #[test]
+    fn a_server_from_another_ca_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, seen) = serve_with(vec![OK.into()], 5, Some(pki(&["127.0.0.1"], false).server));
+        let text = final_error(&base, &trusting(dir.path(), &[&pki(&["x"], false).ca_pem]), &seen);
+        assert!(
+            text.contains("not signed by a CA this installer trusts"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(1 from ") && text.contains("ca0.pem)"),
+            "names what it trusts: {text}"
+        );
+        assert!(text.contains(crate::tls::EXTRA_DIR), "{text}");
+    }
+
+    #[test]
+    fn an_expired_certificate_names_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = pki(&["127.0.0.1"], true);
+        let (base, seen) = serve_with(vec![OK.into()], 5, Some(ours.server.clone()));
+        let text = final_error(&base, &trusting(dir.path(), &[&ours.ca_pem]), &seen);
+        assert!(text.contains("expired by this machine's clock"), "{text}");
+        assert!(text.contains("hardware clock"), "{text}");
+    }
+
+    #[test]
+    fn a_certificate_for_another_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = pki(&["config.example"], false);
+        let (base, seen) = serve_with(vec![OK.into()], 5, Some(ours.server.clone()));
+        let text = final_error(&base, &trusting(dir.path(), &[&ours.ca_pem]), &seen);
+        assert!(text.contains("is not issued for 127.0.0.1"), "{text}");
+    }
+
+    #[test]
+    fn https_to_a_plain_http_port_is_a_final_tls_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // Like nginx on a plain port: a 400 for the bytes of a ClientHello, then close.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("https://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().take(5).flatten() {
+                log.lock().unwrap().push(String::new());
+                let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+        let text = final_error(&base, &trusting(dir.path(), &[&pki(&["x"], false).ca_pem]), &seen);
+        assert!(text.contains("TLS handshake with 127.0.0.1 failed"), "{text}");
+    }
+
+    #[test]
+    fn without_ca_certificates_nothing_is_contacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, seen) = serve_with(vec![OK.into()], 5, Some(pki(&["127.0.0.1"], false).server));
+        let options = Options {
+            trust: vec![dir.path().join("none.crt")],
+            ..trusting(dir.path(), &[])
+        };
+        let err = get(&format!("{base}/x"), &options, &mut |_| {}).unwrap_err();
+        assert!(
+            crate::error::one_line(&err).contains("no CA certificates"),
+            "{err}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(seen.lock().unwrap().is_empty());
     }
 }

@@ -25,3 +25,4 @@ pub mod runtime_info;
 pub mod steps;
 pub mod storage;
 pub mod templates;
+pub mod tls;

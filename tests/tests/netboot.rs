@@ -561,6 +561,182 @@ fn config_url_not_found_fails_cleanly() -> Result<()> {
     Ok(())
 }
 
+// ------------------------------------------------------------------------- HTTPS
+
+/// An HTTPS config server that is not ours: `openssl s_server -WWW` on 127.0.0.1 serving the
+/// files in its directory, with a server certificate for 10.0.2.2 from a CA made here.
+struct OpensslServer {
+    child: std::process::Child,
+    port: u16,
+    ca_pem: String,
+    dir: tempfile::TempDir,
+}
+
+impl OpensslServer {
+    /// Serves `files` (path under the root, content).
+    fn start(files: &[(String, String)]) -> Result<OpensslServer> {
+        let dir = tempfile::tempdir()?;
+        let d = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        let (ca_key, ca_pem) = (d("ca.key"), d("ca.pem"));
+        ca.extend(["-keyout", &ca_key, "-out", &ca_pem, "-days", "2"]);
+        ca.extend(["-subj", "/CN=nixos-kexec test CA"]);
+        tool("openssl", &ca)?;
+        let (key, csr, cert, ext) = (d("server.key"), d("server.csr"), d("server.pem"), d("server.ext"));
+        let mut request = vec!["req"];
+        request.extend(ec);
+        request.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=10.0.2.2"]);
+        tool("openssl", &request)?;
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:10.0.2.2\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )?;
+        tool(
+            "openssl",
+            [
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &cert,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        )?;
+        let www = dir.path().join("www");
+        for (path, content) in files {
+            let file = www.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(file.parent().context("a file path")?)?;
+            std::fs::write(&file, content)?;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = std::process::Command::new("openssl")
+            .args(["s_server", "-WWW", "-quiet", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-cert", &cert, "-key", &key])
+            .current_dir(&www)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting openssl s_server (apt-get install openssl)")?;
+        let server = OpensslServer {
+            child,
+            port,
+            ca_pem: std::fs::read_to_string(&ca_pem)?,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "openssl s_server did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+
+    fn guest_url(&self) -> String {
+        format!("https://10.0.2.2:{}", self.port)
+    }
+
+    /// An initrd to append that adds the test CA to what the installer trusts.
+    fn ca_initrd(&self) -> Result<PathBuf> {
+        let path = self.dir.path().join("ca.cpio");
+        Cpio::new()
+            .file("etc/nixos-kexec/ca/test-ca.pem", 0o644, &self.ca_pem)
+            .write_to(&path)?;
+        Ok(path)
+    }
+}
+
+impl Drop for OpensslServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `https://` config URL against OpenSSL's server, trusting a private CA from an appended
+/// initrd (added to, not replacing, the bundle's public CAs): the runtime info arrives and the
+/// named disk is prepared. The URL names the machine by its DMI serial (s_server refuses the
+/// colons of a MAC in paths), set through QEMU's SMBIOS tables.
+#[test]
+fn config_url_over_https_trusts_an_appended_ca_and_installs() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let serial = "TLSBOX-0042";
+    let server = OpensslServer::start(&[(
+        format!("/hosts/{serial}.json"),
+        runtime_info("tls-box", "TLS-TARGET"),
+    )])?;
+    let scratch = tempfile::tempdir()?;
+    let target = blank_disk(scratch.path(), "target.img")?;
+    let template = format!("{}/hosts/${{serial}}.json", server.guest_url());
+    let out = with_params(Vm::new(&bundle), PREPARE)
+        .param(format!("nixos_kexec.config_url={template}"))
+        .qemu_args(["-smbios".to_string(), format!("type=1,serial={serial}")])
+        .extra_initrd(server.ca_initrd()?)
+        .nic("52:54:00:12:34:0a")
+        .disk_image(&target, DiskBus::Virtio, 512, "TLS-TARGET")
+        .run()?;
+    check_installed(&out, &target, "tls-box")?;
+    let url = format!("{}/hosts/{serial}.json", server.guest_url());
+    ensure!(
+        out.contains(&format!("config_url: {template} is {url} on this machine")),
+        "the installer did not substitute ${{serial}} from the DMI tables"
+    );
+    ensure!(
+        out.contains(&format!("runtime info from {url}")),
+        "no line saying the runtime info came over HTTPS"
+    );
+    Ok(())
+}
+
+/// Without the private CA the installer trusts only the bundle's public CAs: one clear error
+/// naming what it trusts and how to add a CA, no retries, no power-off, the disk untouched.
+#[test]
+fn config_url_over_https_refuses_an_unknown_ca() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let mac = "52:54:00:12:34:0b";
+    let server = OpensslServer::start(&[(format!("/{mac}.json"), runtime_info("x", "TLS-UNTRUSTED"))])?;
+    let scratch = tempfile::tempdir()?;
+    let disk = used_disk(scratch.path(), "disk.img")?;
+    let before = digest(&disk)?;
+    let out = with_params(Vm::new(&bundle), PREPARE)
+        .param(format!(
+            "nixos_kexec.config_url={}/${{mac}}.json",
+            server.guest_url()
+        ))
+        .nic(mac)
+        .disk_image(&disk, DiskBus::Virtio, 512, "TLS-UNTRUSTED")
+        .grace(Duration::from_secs(3))
+        .run()?;
+    let reason = out.expect_failure()?;
+    ensure!(
+        reason.contains("The certificate of 10.0.2.2 is not signed by a CA this installer trusts (")
+            && reason.contains(" from /etc/ssl/certs/ca-certificates.crt).")
+            && reason.contains("/etc/nixos-kexec/ca/"),
+        "the reason does not name the trust problem and the fix: {reason}"
+    );
+    ensure!(
+        !out.contains("retrying in"),
+        "a certificate rejection was retried"
+    );
+    ensure!(!out.exited_by_itself, "a failed run must not power off");
+    ensure!(digest(&disk)? == before, "the disk changed");
+    Ok(())
+}
+
 /// Hand-typable parameters alone (disk, hostname, layout, ssh_key, nixpkgs) install; booting the
 /// installer again onto the finished disk refuses without touching it, and
 /// `nixos_kexec.reinstall` lets it go ahead.
