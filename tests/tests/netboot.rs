@@ -527,37 +527,45 @@ fn config_url_retries_server_errors() -> Result<()> {
     Ok(())
 }
 
-/// A 404 is final: one request, a failure naming the URL and the status, the disk untouched.
-#[test]
-fn config_url_not_found_fails_cleanly() -> Result<()> {
+/// Boots the installer with `config_url` onto a used disk and expects the fetch to fail: a
+/// reason, no power-off, the disk unchanged. Returns the run and the reason.
+fn config_url_fails_cleanly(config_url: &str, mac: &str, serial: &str) -> Result<(RunOutcome, String)> {
     let bundle = dev_bundle()?;
-    let mac = "52:54:00:12:34:05";
-    let server = ConfigServer::start(Vec::new(), 10)?;
     let scratch = tempfile::tempdir()?;
     let disk = used_disk(scratch.path(), "disk.img")?;
     let before = digest(&disk)?;
     let out = with_params(Vm::new(&bundle), PREPARE)
-        .param(format!(
-            "nixos_kexec.config_url={}/hosts/${{mac}}.json",
-            server.guest_url()
-        ))
+        .param(format!("nixos_kexec.config_url={config_url}"))
         .nic(mac)
-        .disk_image(&disk, DiskBus::Virtio, 512, "NOTFOUND01")
+        .disk_image(&disk, DiskBus::Virtio, 512, serial)
         .grace(Duration::from_secs(3))
         .run()?;
     let reason = out.expect_failure()?;
+    ensure!(!out.exited_by_itself, "a failed run must not power off");
+    ensure!(digest(&disk)? == before, "the disk changed");
+    Ok((out, reason))
+}
+
+/// A 404 is final: one request, a failure naming the URL and the status, the disk untouched.
+#[test]
+fn config_url_not_found_fails_cleanly() -> Result<()> {
+    let mac = "52:54:00:12:34:05";
+    let server = ConfigServer::start(Vec::new(), 10)?;
+    let (_, reason) = config_url_fails_cleanly(
+        &format!("{}/hosts/${{mac}}.json", server.guest_url()),
+        mac,
+        "NOTFOUND01",
+    )?;
     let url = format!("{}/hosts/{mac}.json", server.guest_url());
     ensure!(
         reason.contains(&url) && reason.contains("404 Not Found"),
         "the reason does not name the URL and the status: {reason}"
     );
-    ensure!(!out.exited_by_itself, "a failed run must not power off");
     ensure!(
         server.requests().len() == 1,
         "a 404 was retried: {:?}",
         server.requests()
     );
-    ensure!(digest(&disk)? == before, "the disk changed");
     Ok(())
 }
 
@@ -706,22 +714,13 @@ fn config_url_over_https_trusts_an_appended_ca_and_installs() -> Result<()> {
 /// naming what it trusts and how to add a CA, no retries, no power-off, the disk untouched.
 #[test]
 fn config_url_over_https_refuses_an_unknown_ca() -> Result<()> {
-    let bundle = dev_bundle()?;
     let mac = "52:54:00:12:34:0b";
     let server = OpensslServer::start(&[(format!("/{mac}.json"), runtime_info("x", "TLS-UNTRUSTED"))])?;
-    let scratch = tempfile::tempdir()?;
-    let disk = used_disk(scratch.path(), "disk.img")?;
-    let before = digest(&disk)?;
-    let out = with_params(Vm::new(&bundle), PREPARE)
-        .param(format!(
-            "nixos_kexec.config_url={}/${{mac}}.json",
-            server.guest_url()
-        ))
-        .nic(mac)
-        .disk_image(&disk, DiskBus::Virtio, 512, "TLS-UNTRUSTED")
-        .grace(Duration::from_secs(3))
-        .run()?;
-    let reason = out.expect_failure()?;
+    let (out, reason) = config_url_fails_cleanly(
+        &format!("{}/${{mac}}.json", server.guest_url()),
+        mac,
+        "TLS-UNTRUSTED",
+    )?;
     ensure!(
         reason.contains("The certificate of 10.0.2.2 is not signed by a CA this installer trusts (")
             && reason.contains(" from /etc/ssl/certs/ca-certificates.crt).")
@@ -732,8 +731,6 @@ fn config_url_over_https_refuses_an_unknown_ca() -> Result<()> {
         !out.contains("retrying in"),
         "a certificate rejection was retried"
     );
-    ensure!(!out.exited_by_itself, "a failed run must not power off");
-    ensure!(digest(&disk)? == before, "the disk changed");
     Ok(())
 }
 
