@@ -33,18 +33,21 @@ fn checked(line: &str, output: std::process::Output) -> Result<String> {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        bail!(
-            "`{line}` failed ({}): {}{}",
-            output.status,
-            stderr.trim(),
-            if stderr.trim().is_empty() {
-                stdout.trim()
-            } else {
-                ""
-            }
-        );
+        let said: &str = if stderr.trim().is_empty() {
+            &stdout
+        } else {
+            &stderr
+        };
+        bail!("`{line}` failed ({}): {}", output.status, one_line(said));
     }
     Ok(stdout)
+}
+
+/// A command's output as one line: the console prints whole lines, each with the agent's
+/// prefix, and an error is one of them.
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines.join(" | ")
 }
 
 /// Like [`run`], with `input` on the command's stdin: the way secrets reach a command (never its

@@ -528,15 +528,19 @@ fn config_url_retries_server_errors() -> Result<()> {
 }
 
 /// Boots the installer with `config_url` onto a used disk and expects the fetch to fail: a
-/// reason, no power-off, the disk unchanged. Returns the run and the reason.
-fn config_url_fails_cleanly(config_url: &str, mac: &str, serial: &str) -> Result<(RunOutcome, String)> {
+/// reason, no power-off, the disk unchanged. `nic` adds the network. Returns the run and the
+/// reason.
+fn config_url_fails_cleanly(
+    config_url: &str,
+    nic: impl FnOnce(Vm) -> Vm,
+    serial: &str,
+) -> Result<(RunOutcome, String)> {
     let bundle = dev_bundle()?;
     let scratch = tempfile::tempdir()?;
     let disk = used_disk(scratch.path(), "disk.img")?;
     let before = digest(&disk)?;
-    let out = with_params(Vm::new(&bundle), PREPARE)
+    let out = nic(with_params(Vm::new(&bundle), PREPARE))
         .param(format!("nixos_kexec.config_url={config_url}"))
-        .nic(mac)
         .disk_image(&disk, DiskBus::Virtio, 512, serial)
         .grace(Duration::from_secs(3))
         .run()?;
@@ -553,7 +557,7 @@ fn config_url_not_found_fails_cleanly() -> Result<()> {
     let server = ConfigServer::start(Vec::new(), 10)?;
     let (_, reason) = config_url_fails_cleanly(
         &format!("{}/hosts/${{mac}}.json", server.guest_url()),
-        mac,
+        |vm| vm.nic(mac),
         "NOTFOUND01",
     )?;
     let url = format!("{}/hosts/{mac}.json", server.guest_url());
@@ -566,6 +570,33 @@ fn config_url_not_found_fails_cleanly() -> Result<()> {
         "a 404 was retried: {:?}",
         server.requests()
     );
+    Ok(())
+}
+
+/// A NIC with a link but nobody answering DHCP or sending router advertisements (QEMU's hub
+/// with no other port): the installer gives up after its timeout and says what config_url
+/// needed and what to do, instead of hanging or fetching from nowhere.
+#[test]
+fn config_url_without_a_dhcp_server_says_so() -> Result<()> {
+    let mac = "52:54:00:12:34:0c";
+    let started = Instant::now();
+    let (out, reason) = config_url_fails_cleanly(
+        "http://10.0.0.1/${mac}.json",
+        |vm| {
+            vm.qemu_args(["-netdev", "hubport,id=lonely,hubid=7", "-device"])
+                .qemu_args([format!("virtio-net-pci,netdev=lonely,mac={mac}")])
+        },
+        "NOLEASE01",
+    )?;
+    ensure!(
+        reason.contains(&format!(
+            "nixos_kexec.config_url=http://10.0.0.1/${{mac}}.json needs the network, but no DHCP lease and no router advertisement on eth0 {mac}."
+        )),
+        "the reason does not say what is missing: {reason}"
+    );
+    ensure!(reason.contains("DHCP server"), "no fix in: {reason}");
+    ensure!(out.contains("running: udhcpc -i eth0"), "DHCP was not tried");
+    eprintln!("no lease: gave up after {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -718,7 +749,7 @@ fn config_url_over_https_refuses_an_unknown_ca() -> Result<()> {
     let server = OpensslServer::start(&[(format!("/{mac}.json"), runtime_info("x", "TLS-UNTRUSTED"))])?;
     let (out, reason) = config_url_fails_cleanly(
         &format!("{}/${{mac}}.json", server.guest_url()),
-        mac,
+        |vm| vm.nic(mac),
         "TLS-UNTRUSTED",
     )?;
     ensure!(

@@ -104,8 +104,8 @@ pub fn apply_with(network: &Network, options: &Options) -> Result<NetworkFacts> 
                 .collect()
         });
         for (name, result) in results {
+            // Logged below: as a warning when the network works anyway, else in the error.
             if let Err(e) = result {
-                log::warn!("network: DHCP on {name} failed: {e:#}");
                 failures.push(format!("DHCP on {name}: {e:#}"));
             }
         }
@@ -488,7 +488,14 @@ fn run_dhcp(options: &Options, interface: &str, script: &Path) -> Result<()> {
         let _ = std::fs::remove_file(options.run_dir.join(format!("{file}.{interface}")));
     }
     let mut command = dhcp_command(options, interface, script)?;
-    let output = crate::runner::run(&mut command)?;
+    let output = crate::runner::run(&mut command).map_err(|e| {
+        // udhcpc's own words for the common case; the command line is in the log already.
+        if format!("{e:#}").contains("no lease") {
+            anyhow::anyhow!("no DHCP lease (5 requests, 3 s apart)")
+        } else {
+            e
+        }
+    })?;
     for line in output.lines().filter(|l| !l.trim().is_empty()) {
         log::info!("udhcpc: {line}");
     }
@@ -545,7 +552,9 @@ pub fn write_resolv_conf(path: &Path, nameservers: &[String]) -> Result<()> {
     std::fs::write(&temporary, resolv_conf_text(nameservers))
         .with_context(|| format!("writing {}", temporary.display()))?;
     std::fs::rename(&temporary, path).with_context(|| format!("replacing {}", path.display()))?;
-    log::info!("network: nameservers: {}", nameservers.join(", "));
+    if !nameservers.is_empty() {
+        log::info!("network: nameservers: {}", nameservers.join(", "));
+    }
     Ok(())
 }
 
