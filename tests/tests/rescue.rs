@@ -161,7 +161,7 @@ fn large_runtime_info_travels_in_the_appended_cpio() -> Result<()> {
         let path = scratch.path().join(format!("k{i}"));
         tool(
             "ssh-keygen",
-            &[
+            [
                 "-q",
                 "-t",
                 "rsa",
@@ -181,7 +181,7 @@ fn large_runtime_info_travels_in_the_appended_cpio() -> Result<()> {
     let host_key = scratch.path().join("ssh_host_ed25519_key");
     tool(
         "ssh-keygen",
-        &[
+        [
             "-q",
             "-t",
             "ed25519",
