@@ -274,10 +274,50 @@ fn with_params(mut vm: Vm, params: &str) -> Vm {
 
 // ------------------------------------------------------------------------- scenarios
 
-/// PXE: QEMU's iPXE ROM gets DHCP and boot.ipxe from QEMU's TFTP server; boot.ipxe sets the
-/// installer parameters (iPXE expands `${mac}` itself) and chains the bundle's netboot.ipxe.
-/// The installer gets its own DHCP lease, fetches its runtime info and prepares the disk the
-/// runtime info names, leaving the other disk alone.
+/// A TFTP root for QEMU's built-in server: the bundle's kernel, initrd and netboot.ipxe, and
+/// boot.ipxe, which sets the installer parameters (iPXE expands `${mac}` in them itself) and
+/// chains netboot.ipxe. Returns the `-nic user` options that serve it.
+fn pxe_tftp_root(bundle: &Bundle, dir: &Path, server: &ConfigServer) -> Result<String> {
+    let tftp = dir.join("tftp");
+    std::fs::create_dir_all(&tftp)?;
+    for file in ["bzImage", "initrd", "netboot.ipxe"] {
+        std::fs::copy(bundle.dir.join(file), tftp.join(file))
+            .with_context(|| format!("copying {file} (does build-dev write it?)"))?;
+    }
+    std::fs::write(
+        tftp.join("boot.ipxe"),
+        format!(
+            "#!ipxe\nset cmdline panic=-1 loglevel=4 nixos_kexec.config_url={}/${{mac}}.json {PREPARE}\nchain netboot.ipxe\n",
+            server.guest_url()
+        ),
+    )?;
+    Ok(format!("tftp={},bootfile=boot.ipxe", tftp.display()))
+}
+
+/// What a PXE boot through [`pxe_tftp_root`] shows: iPXE put the MAC into the URL, the kernel
+/// line came from netboot.ipxe, the installer got its own lease, and the server saw exactly
+/// one request, for this MAC.
+fn check_pxe_boot(out: &RunOutcome, server: &ConfigServer, mac: &str) -> Result<()> {
+    ensure!(
+        out.contains(&format!("config_url: fetching {}/{mac}.json", server.guest_url())),
+        "iPXE did not put the MAC into the URL"
+    );
+    ensure!(
+        out.contains("console=ttyS0,115200") && out.contains("initrd=initrd"),
+        "the kernel line did not come from the bundle's netboot.ipxe"
+    );
+    check_dhcp_and_slaac(out, mac)?;
+    ensure!(
+        server.requests() == [format!("/{mac}.json")],
+        "requests: {:?}",
+        server.requests()
+    );
+    Ok(())
+}
+
+/// PXE under SeaBIOS: QEMU's iPXE ROM gets DHCP and boot.ipxe from QEMU's TFTP server (see
+/// [`pxe_tftp_root`]). The installer gets its own DHCP lease, fetches its runtime info and
+/// prepares the disk the runtime info names, leaving the other disk alone.
 #[test]
 fn pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
     let bundle = dev_bundle()?;
@@ -289,26 +329,15 @@ fn pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
         )],
         10,
     )?;
-    let tftp = tempfile::tempdir()?;
-    for file in ["bzImage", "initrd", "netboot.ipxe"] {
-        std::fs::copy(bundle.dir.join(file), tftp.path().join(file))
-            .with_context(|| format!("copying {file} (does build-dev write it?)"))?;
-    }
-    std::fs::write(
-        tftp.path().join("boot.ipxe"),
-        format!(
-            "#!ipxe\nset cmdline panic=-1 loglevel=4 nixos_kexec.config_url={}/${{mac}}.json {PREPARE}\nchain netboot.ipxe\n",
-            server.guest_url()
-        ),
-    )?;
     let scratch = tempfile::tempdir()?;
+    let tftp = pxe_tftp_root(&bundle, scratch.path(), &server)?;
     let other = used_disk(scratch.path(), "other.img")?;
     let other_before = digest(&other)?;
     let target = blank_disk(scratch.path(), "target.img")?;
     let out = Vm::new(&bundle)
         .direct_boot(false)
         .qemu_args(["-boot", "n"])
-        .nic_with(mac, &format!("tftp={},bootfile=boot.ipxe", tftp.path().display()))
+        .nic_with(mac, &tftp)
         .disk_image(&other, DiskBus::Virtio, 512, "PXE-OTHER")
         .disk_image(&target, DiskBus::Virtio, 512, "PXE-TARGET")
         .run()?;
@@ -317,26 +346,56 @@ fn pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
         !configuration.contains("./network.nix"),
         "a DHCP install leaves the network to NixOS's default DHCP:\n{configuration}"
     );
-    ensure!(
-        out.contains(&format!("config_url: fetching {}/{mac}.json", server.guest_url())),
-        "iPXE did not put the MAC into the URL"
-    );
-    ensure!(
-        out.contains("console=ttyS0,115200") && out.contains("initrd=initrd"),
-        "the kernel line did not come from the bundle's netboot.ipxe"
-    );
-    check_dhcp_and_slaac(&out, mac)?;
-    ensure!(
-        server.requests() == [format!("/{mac}.json")],
-        "requests: {:?}",
-        server.requests()
-    );
+    check_pxe_boot(&out, &server, mac)?;
     ensure!(
         digest(&other)? == other_before,
         "the disk the runtime info did not name changed"
     );
     eprintln!(
         "pxe: result after {:.1}s",
+        out.time_to_result.unwrap_or_default().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// PXE under OVMF: QEMU's virtio-net ROM holds iPXE's EFI driver too, and OVMF's boot entry
+/// for the NIC runs iPXE itself (not OVMF's own PXE client, which would only load EFI
+/// binaries), so the same boot.ipxe and netboot.ipxe work unchanged; iPXE then starts the
+/// kernel through its EFI stub.
+#[test]
+fn uefi_pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let mac = "52:54:00:12:34:08";
+    let server = ConfigServer::start(
+        vec![(
+            format!("/{mac}.json"),
+            vec![(200, runtime_info("uefi-pxe8", "UEFI-PXE-TARGET"))],
+        )],
+        10,
+    )?;
+    let scratch = tempfile::tempdir()?;
+    let tftp = pxe_tftp_root(&bundle, scratch.path(), &server)?;
+    let target = blank_disk(scratch.path(), "target.img")?;
+    let out = Vm::new(&bundle)
+        .firmware(Firmware::Uefi)
+        .direct_boot(false)
+        .qemu_args(["-boot", "n"])
+        .nic_with(mac, &tftp)
+        .disk_image(&target, DiskBus::Virtio, 512, "UEFI-PXE-TARGET")
+        .run()?;
+    check_installed(&out, &target, "uefi-pxe8")?;
+    let firmware = installed_report(&target)?["firmware"].clone();
+    ensure!(
+        firmware == "uefi",
+        "the installer saw firmware {firmware}, not UEFI"
+    );
+    ensure!(
+        out.contains("EFI stub: "),
+        "iPXE did not start the kernel through its EFI stub"
+    );
+    check_pxe_boot(&out, &server, mac)?;
+    eprintln!(
+        "uefi pxe: result after {:.1}s",
         out.time_to_result.unwrap_or_default().as_secs_f64()
     );
     Ok(())
