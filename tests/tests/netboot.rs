@@ -1,5 +1,6 @@
 //! Boot paths without a rescue system: PXE (iPXE from QEMU's NIC ROM, files from QEMU's
-//! built-in TFTP) and a GRUB console where the test types the `linux`/`initrd`/`boot` lines.
+//! built-in TFTP) and a GRUB console where the test types the `linux`/`initrd`/`boot` lines,
+//! each under SeaBIOS and under OVMF.
 //! The installer gets its network by DHCP (QEMU user networking) and its runtime info from an
 //! HTTP server this test runs on the host's loopback, which the guest reaches as 10.0.2.2.
 //!
