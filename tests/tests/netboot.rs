@@ -1,5 +1,6 @@
 //! Boot paths without a rescue system: PXE (iPXE from QEMU's NIC ROM, files from QEMU's
-//! built-in TFTP) and a GRUB console where the test types the `linux`/`initrd`/`boot` lines.
+//! built-in TFTP) and a GRUB console where the test types the `linux`/`initrd`/`boot` lines,
+//! each under SeaBIOS and under OVMF.
 //! The installer gets its network by DHCP (QEMU user networking) and its runtime info from an
 //! HTTP server this test runs on the host's loopback, which the guest reaches as 10.0.2.2.
 //!
@@ -238,6 +239,13 @@ fn check_installed(out: &RunOutcome, disk: &Path, hostname: &str) -> Result<Stri
     Ok(configuration)
 }
 
+/// The report.json the installer left on the root filesystem (partition 3) of `disk`.
+fn installed_report(disk: &Path) -> Result<Value> {
+    let root = extract_partition(disk, 3)?;
+    let text = String::from_utf8(ext4_read_file(&root, "/var/log/nixos-kexec/report.json")?)?;
+    Ok(serde_json::from_str(&text)?)
+}
+
 /// The line the agent prints after the DHCP lease, and the IPv6 address from QEMU's router
 /// advertisements (user networking announces fec0::/64).
 fn check_dhcp_and_slaac(out: &RunOutcome, mac: &str) -> Result<()> {
@@ -267,10 +275,50 @@ fn with_params(mut vm: Vm, params: &str) -> Vm {
 
 // ------------------------------------------------------------------------- scenarios
 
-/// PXE: QEMU's iPXE ROM gets DHCP and boot.ipxe from QEMU's TFTP server; boot.ipxe sets the
-/// installer parameters (iPXE expands `${mac}` itself) and chains the bundle's netboot.ipxe.
-/// The installer gets its own DHCP lease, fetches its runtime info and prepares the disk the
-/// runtime info names, leaving the other disk alone.
+/// A TFTP root for QEMU's built-in server: the bundle's kernel, initrd and netboot.ipxe, and
+/// boot.ipxe, which sets the installer parameters (iPXE expands `${mac}` in them itself) and
+/// chains netboot.ipxe. Returns the `-nic user` options that serve it.
+fn pxe_tftp_root(bundle: &Bundle, dir: &Path, server: &ConfigServer) -> Result<String> {
+    let tftp = dir.join("tftp");
+    std::fs::create_dir_all(&tftp)?;
+    for file in ["bzImage", "initrd", "netboot.ipxe"] {
+        std::fs::copy(bundle.dir.join(file), tftp.join(file))
+            .with_context(|| format!("copying {file} (does build-dev write it?)"))?;
+    }
+    std::fs::write(
+        tftp.join("boot.ipxe"),
+        format!(
+            "#!ipxe\nset cmdline panic=-1 loglevel=4 nixos_kexec.config_url={}/${{mac}}.json {PREPARE}\nchain netboot.ipxe\n",
+            server.guest_url()
+        ),
+    )?;
+    Ok(format!("tftp={},bootfile=boot.ipxe", tftp.display()))
+}
+
+/// What a PXE boot through [`pxe_tftp_root`] shows: iPXE put the MAC into the URL, the kernel
+/// line came from netboot.ipxe, the installer got its own lease, and the server saw exactly
+/// one request, for this MAC.
+fn check_pxe_boot(out: &RunOutcome, server: &ConfigServer, mac: &str) -> Result<()> {
+    ensure!(
+        out.contains(&format!("config_url: fetching {}/{mac}.json", server.guest_url())),
+        "iPXE did not put the MAC into the URL"
+    );
+    ensure!(
+        out.contains("console=ttyS0,115200") && out.contains("initrd=initrd"),
+        "the kernel line did not come from the bundle's netboot.ipxe"
+    );
+    check_dhcp_and_slaac(out, mac)?;
+    ensure!(
+        server.requests() == [format!("/{mac}.json")],
+        "requests: {:?}",
+        server.requests()
+    );
+    Ok(())
+}
+
+/// PXE under SeaBIOS: QEMU's iPXE ROM gets DHCP and boot.ipxe from QEMU's TFTP server (see
+/// [`pxe_tftp_root`]). The installer gets its own DHCP lease, fetches its runtime info and
+/// prepares the disk the runtime info names, leaving the other disk alone.
 #[test]
 fn pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
     let bundle = dev_bundle()?;
@@ -282,26 +330,15 @@ fn pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
         )],
         10,
     )?;
-    let tftp = tempfile::tempdir()?;
-    for file in ["bzImage", "initrd", "netboot.ipxe"] {
-        std::fs::copy(bundle.dir.join(file), tftp.path().join(file))
-            .with_context(|| format!("copying {file} (does build-dev write it?)"))?;
-    }
-    std::fs::write(
-        tftp.path().join("boot.ipxe"),
-        format!(
-            "#!ipxe\nset cmdline panic=-1 loglevel=4 nixos_kexec.config_url={}/${{mac}}.json {PREPARE}\nchain netboot.ipxe\n",
-            server.guest_url()
-        ),
-    )?;
     let scratch = tempfile::tempdir()?;
+    let tftp = pxe_tftp_root(&bundle, scratch.path(), &server)?;
     let other = used_disk(scratch.path(), "other.img")?;
     let other_before = digest(&other)?;
     let target = blank_disk(scratch.path(), "target.img")?;
     let out = Vm::new(&bundle)
         .direct_boot(false)
         .qemu_args(["-boot", "n"])
-        .nic_with(mac, &format!("tftp={},bootfile=boot.ipxe", tftp.path().display()))
+        .nic_with(mac, &tftp)
         .disk_image(&other, DiskBus::Virtio, 512, "PXE-OTHER")
         .disk_image(&target, DiskBus::Virtio, 512, "PXE-TARGET")
         .run()?;
@@ -310,20 +347,7 @@ fn pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
         !configuration.contains("./network.nix"),
         "a DHCP install leaves the network to NixOS's default DHCP:\n{configuration}"
     );
-    ensure!(
-        out.contains(&format!("config_url: fetching {}/{mac}.json", server.guest_url())),
-        "iPXE did not put the MAC into the URL"
-    );
-    ensure!(
-        out.contains("console=ttyS0,115200") && out.contains("initrd=initrd"),
-        "the kernel line did not come from the bundle's netboot.ipxe"
-    );
-    check_dhcp_and_slaac(&out, mac)?;
-    ensure!(
-        server.requests() == [format!("/{mac}.json")],
-        "requests: {:?}",
-        server.requests()
-    );
+    check_pxe_boot(&out, &server, mac)?;
     ensure!(
         digest(&other)? == other_before,
         "the disk the runtime info did not name changed"
@@ -335,51 +359,91 @@ fn pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
     Ok(())
 }
 
-/// A GRUB console: an ISO made with grub-mkrescue whose grub.cfg only sets up the serial
-/// terminal, so GRUB stops at `grub>`. The test types the lines a person would, with
-/// `${mac}` single-quoted so GRUB passes it on and the installer substitutes it.
+/// PXE under OVMF: QEMU's virtio-net ROM holds iPXE's EFI driver too, and OVMF's boot entry
+/// for the NIC runs iPXE itself (not OVMF's own PXE client, which would only load EFI
+/// binaries), so the same boot.ipxe and netboot.ipxe work unchanged; iPXE then starts the
+/// kernel through its EFI stub.
 #[test]
-fn grub_console_typed_lines_install_with_agent_side_mac() -> Result<()> {
+fn uefi_pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
     let bundle = dev_bundle()?;
-    let mac = "52:54:00:12:34:02";
+    let mac = "52:54:00:12:34:08";
     let server = ConfigServer::start(
         vec![(
             format!("/{mac}.json"),
-            vec![(200, runtime_info("grub-web2", "GRUB-TARGET"))],
+            vec![(200, runtime_info("uefi-pxe8", "UEFI-PXE-TARGET"))],
         )],
         10,
     )?;
     let scratch = tempfile::tempdir()?;
-    let iso_root = scratch.path().join("iso");
+    let tftp = pxe_tftp_root(&bundle, scratch.path(), &server)?;
+    let target = blank_disk(scratch.path(), "target.img")?;
+    let out = Vm::new(&bundle)
+        .firmware(Firmware::Uefi)
+        .direct_boot(false)
+        .qemu_args(["-boot", "n"])
+        .nic_with(mac, &tftp)
+        .disk_image(&target, DiskBus::Virtio, 512, "UEFI-PXE-TARGET")
+        .run()?;
+    check_installed(&out, &target, "uefi-pxe8")?;
+    let firmware = installed_report(&target)?["firmware"].clone();
+    ensure!(
+        firmware == "uefi",
+        "the installer saw firmware {firmware}, not UEFI"
+    );
+    ensure!(
+        out.contains("EFI stub: "),
+        "iPXE did not start the kernel through its EFI stub"
+    );
+    check_pxe_boot(&out, &server, mac)?;
+    eprintln!(
+        "uefi pxe: result after {:.1}s",
+        out.time_to_result.unwrap_or_default().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// GRUB writes to COM1 itself. Under SeaBIOS it reads COM1 too; under OVMF the firmware's
+/// own console driver polls the same UART on a timer and takes typed bytes before GRUB's
+/// serial driver sees them (lines arrive with letters missing), so there GRUB reads the EFI
+/// console, which is that UART through OVMF.
+const GRUB_CFG: &str = "\
+serial --unit=0 --speed=115200
+terminal_output serial
+if [ \"$grub_platform\" = efi ]; then
+  terminal_input console
+else
+  terminal_input serial
+fi
+";
+
+/// An ISO made with grub-mkrescue (hybrid: SeaBIOS boots its El Torito image, OVMF its EFI
+/// system partition) holding the bundle's kernel and initrd, whose grub.cfg only sets up the
+/// serial terminal ([`GRUB_CFG`]), so GRUB stops at `grub>`.
+fn grub_console_iso(bundle: &Bundle, dir: &Path) -> Result<PathBuf> {
+    let iso_root = dir.join("iso");
     std::fs::create_dir_all(iso_root.join("boot/grub"))?;
     std::fs::copy(&bundle.bzimage, iso_root.join("bzImage"))?;
     std::fs::copy(&bundle.initrd, iso_root.join("initrd"))?;
-    std::fs::write(
-        iso_root.join("boot/grub/grub.cfg"),
-        "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\n",
-    )?;
-    let iso = scratch.path().join("grub.iso");
+    std::fs::write(iso_root.join("boot/grub/grub.cfg"), GRUB_CFG)?;
+    let iso = dir.join("grub.iso");
     tool(
         "grub-mkrescue",
         [std::ffi::OsStr::new("-o"), iso.as_os_str(), iso_root.as_os_str()],
     )?;
-    let target = blank_disk(scratch.path(), "target.img")?;
-    let linux = format!(
-        "linux /bzImage console=ttyS0 panic=-1 loglevel=4 'nixos_kexec.config_url={}/${{mac}}.json' {PREPARE}",
-        server.guest_url()
-    );
-    let typed = linux.clone();
-    let out = Vm::new(&bundle)
-        .direct_boot(false)
+    Ok(iso)
+}
+
+/// Boots `vm` from `iso` (see [`grub_console_iso`]) and types `linux_line`, `initrd /initrd`
+/// and `boot` at `grub>` as a person would; fails if GRUB answers a line with an error.
+fn boot_grub_console(vm: Vm, iso: &Path, linux_line: String) -> Result<RunOutcome> {
+    vm.direct_boot(false)
         .qemu_args(["-boot", "d", "-cdrom"])
         .qemu_args([iso.to_string_lossy().into_owned()])
-        .nic(mac)
-        .disk_image(&target, DiskBus::Virtio, 512, "GRUB-TARGET")
         .run_with(move |console| {
             // GRUB polls the UART; one byte every few milliseconds is what a person manages.
             let delay = Duration::from_millis(5);
             console.wait_for("grub> ", Duration::from_secs(60))?;
-            for line in [typed.as_str(), "initrd /initrd"] {
+            for line in [linux_line.as_str(), "initrd /initrd"] {
                 console.send_slowly(line, delay)?;
                 // Enter only once GRUB has echoed the end of the line, so the prompt waited for
                 // next is the one after the command, not a redraw of the line being edited.
@@ -397,7 +461,33 @@ fn grub_console_typed_lines_install_with_agent_side_mac() -> Result<()> {
             console.send_slowly("boot", delay)?;
             console.send("\r")?;
             Ok(())
-        })?;
+        })
+}
+
+/// A GRUB console under SeaBIOS: the test types the lines a person would, with `${mac}`
+/// single-quoted so GRUB passes it on and the installer substitutes it.
+#[test]
+fn grub_console_typed_lines_install_with_agent_side_mac() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let mac = "52:54:00:12:34:02";
+    let server = ConfigServer::start(
+        vec![(
+            format!("/{mac}.json"),
+            vec![(200, runtime_info("grub-web2", "GRUB-TARGET"))],
+        )],
+        10,
+    )?;
+    let scratch = tempfile::tempdir()?;
+    let iso = grub_console_iso(&bundle, scratch.path())?;
+    let target = blank_disk(scratch.path(), "target.img")?;
+    let linux = format!(
+        "linux /bzImage console=ttyS0 panic=-1 loglevel=4 'nixos_kexec.config_url={}/${{mac}}.json' {PREPARE}",
+        server.guest_url()
+    );
+    let vm = Vm::new(&bundle)
+        .nic(mac)
+        .disk_image(&target, DiskBus::Virtio, 512, "GRUB-TARGET");
+    let out = boot_grub_console(vm, &iso, linux)?;
     check_installed(&out, &target, "grub-web2")?;
     ensure!(
         out.contains(&format!(
@@ -421,6 +511,69 @@ fn grub_console_typed_lines_install_with_agent_side_mac() -> Result<()> {
     );
     eprintln!(
         "grub: result after {:.1}s (typing included)",
+        out.time_to_result.unwrap_or_default().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The same ISO and typed lines under OVMF (GRUB's EFI build, which boots the kernel through
+/// its EFI stub). The URL names the machine by the SMBIOS serial and UUID QEMU is given; the
+/// installer reads them from /sys/class/dmi/id and substitutes them, percent-encoding the
+/// space in the serial.
+#[test]
+fn uefi_grub_console_installs_with_smbios_serial_and_uuid() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let mac = "52:54:00:12:34:07";
+    let serial = "UEFI GRUB-0042";
+    let uuid = "6f1c2d3e-4b5a-4c7d-8e9f-a0b1c2d3e4f5";
+    let path = format!("/hosts/{serial}/{uuid}.json");
+    let server = ConfigServer::start(
+        vec![(
+            path.clone(),
+            vec![(200, runtime_info("uefi-grub7", "UEFI-TARGET"))],
+        )],
+        10,
+    )?;
+    let scratch = tempfile::tempdir()?;
+    let iso = grub_console_iso(&bundle, scratch.path())?;
+    let target = blank_disk(scratch.path(), "target.img")?;
+    let template = format!("{}/hosts/${{serial}}/${{uuid}}.json", server.guest_url());
+    let linux = format!(
+        "linux /bzImage console=ttyS0 panic=-1 loglevel=4 'nixos_kexec.config_url={template}' {PREPARE}"
+    );
+    let vm = Vm::new(&bundle)
+        .firmware(Firmware::Uefi)
+        .qemu_args(["-smbios", &format!("type=1,serial={serial},uuid={uuid}")])
+        .nic(mac)
+        .disk_image(&target, DiskBus::Virtio, 512, "UEFI-TARGET");
+    let out = boot_grub_console(vm, &iso, linux)?;
+    check_installed(&out, &target, "uefi-grub7")?;
+    let firmware = installed_report(&target)?["firmware"].clone();
+    ensure!(
+        firmware == "uefi",
+        "the installer saw firmware {firmware}, not UEFI"
+    );
+    let url = format!(
+        "{}/hosts/{}/{uuid}.json",
+        server.guest_url(),
+        serial.replace(' ', "%20")
+    );
+    ensure!(
+        out.contains(&format!("config_url: {template} is {url} on this machine")),
+        "the installer did not substitute ${{serial}} and ${{uuid}} into {url}"
+    );
+    ensure!(
+        out.contains(&format!("config_url: fetching {url}")),
+        "the installer did not fetch {url}"
+    );
+    check_dhcp_and_slaac(&out, mac)?;
+    ensure!(
+        server.requests() == [path.clone()],
+        "requests: {:?}, expected [{path:?}]",
+        server.requests()
+    );
+    eprintln!(
+        "uefi grub: result after {:.1}s (typing included)",
         out.time_to_result.unwrap_or_default().as_secs_f64()
     );
     Ok(())
