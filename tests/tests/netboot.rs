@@ -643,11 +643,14 @@ fn no_disk_named_writes_nothing_and_says_how_to_confirm() -> Result<()> {
 }
 
 /// The config server fails twice (500) and then answers: the installer retries with backoff.
+/// The URL names the machine by the host name the DHCP server gave it.
 #[test]
 fn config_url_retries_server_errors() -> Result<()> {
     let bundle = dev_bundle()?;
     let mac = "52:54:00:12:34:04";
-    let path = format!("/retry/{mac}.json");
+    // ${hostname} from the DHCP server's host-name option (QEMU's `hostname=`).
+    let dhcp_name = "rack7-node3";
+    let path = format!("/retry/{dhcp_name}/{mac}.json");
     let server = ConfigServer::start(
         vec![(
             path.clone(),
@@ -663,20 +666,30 @@ fn config_url_retries_server_errors() -> Result<()> {
     let target = blank_disk(scratch.path(), "target.img")?;
     let out = with_params(Vm::new(&bundle), PREPARE)
         .param(format!(
-            "nixos_kexec.config_url={}/retry/${{mac}}.json",
+            "nixos_kexec.config_url={}/retry/${{hostname}}/${{mac}}.json",
             server.guest_url()
         ))
-        .nic(mac)
+        .nic_with(mac, &format!("hostname={dhcp_name}"))
         .disk_image(&target, DiskBus::Virtio, 512, "RETRY-TARGET")
         .run()?;
     check_installed(&out, &target, "retried")?;
+    ensure!(
+        out.contains(&format!(
+            "got the DHCP lease 10.0.2.15/24 with host name {dhcp_name}"
+        )),
+        "the DHCP host name was not recorded"
+    );
     for attempt in [
         "attempt 1/5 failed: 500 Internal Server Error; retrying in 1 s",
         "attempt 2/5 failed: 500 Internal Server Error; retrying in 2 s",
     ] {
         ensure!(out.contains(attempt), "no line with {attempt:?}");
     }
-    ensure!(server.requests().len() == 3, "requests: {:?}", server.requests());
+    ensure!(
+        server.requests() == vec![path.clone(), path.clone(), path],
+        "requests: {:?}",
+        server.requests()
+    );
     Ok(())
 }
 
