@@ -37,6 +37,8 @@
   nixConf ? null,
   # Defaults the agent reads from /etc/nixos-kexec/defaults.json (an attrset), or null.
   defaults ? null,
+  # PEM files of private CAs the agent trusts for https:// config URLs, besides cacert's.
+  caCertificates ? [ ],
   compressor ? "zstd",
   compressorArgs ? [
     "-19"
@@ -141,7 +143,12 @@ let
     ++ lib.optional (defaults != null) {
       source = "${writeText "nixos-kexec-defaults.json" (builtins.toJSON defaults)}";
       target = "/etc/nixos-kexec/defaults.json";
-    };
+    }
+    # Numbered, so two files with the same name from different directories both arrive.
+    ++ lib.imap0 (index: file: {
+      source = "${file}";
+      target = "/etc/nixos-kexec/ca/${toString index}.pem";
+    }) caCertificates;
 in
 (makeInitrdNG {
   name = "nixos-kexec-initrd";

@@ -153,7 +153,7 @@ let
     closurePackages = lib.optional withInstall cfg.nixosInstall ++ cfg.extraStorePaths;
     nixConf = if withNix then nixConf else null;
     inherit defaults;
-    inherit (cfg) compressor compressorArgs;
+    inherit (cfg) compressor compressorArgs caCertificates;
   };
 
   bundle = pkgs.callPackage ./bundle.nix {
@@ -285,6 +285,17 @@ in
         The package with bin/nixos-install (nixpkgs' pkgs/by-name/ni/nixos-install; it brings
         nixos-enter, jq and util-linux along). It is a bash script, so it comes with its whole
         closure. null leaves it out.
+      '';
+    };
+
+    caCertificates = mkOption {
+      type = types.listOf types.path;
+      default = [ ];
+      example = lib.literalExpression "[ ./provisioning-ca.pem ]";
+      description = ''
+        PEM files of private CAs that the installer trusts for https:// config URLs
+        (nixos_kexec.config_url), in addition to the public CAs of cacert. They are put at
+        /etc/nixos-kexec/ca/ in the initrd.
       '';
     };
 

@@ -207,8 +207,10 @@ pub fn get(url: &str, options: &Options, report: &mut dyn FnMut(&str)) -> Result
     let mut delay = options.first_delay;
     let mut last = String::new();
     let attempts = options.attempts.max(1);
+    // Loaded on the first https:// request, then shared by redirects and retries.
+    let mut tls = None;
     for attempt in 1..=attempts {
-        match get_following_redirects(&url, options) {
+        match get_following_redirects(&url, options, &mut tls) {
             Ok(body) => return Ok(body),
             Err(Failure::Final(e)) => return Err(e),
             Err(Failure::Transient(why)) => {
@@ -238,11 +240,14 @@ fn describe_delay(delay: Duration) -> String {
     }
 }
 
-fn get_following_redirects(url: &Url, options: &Options) -> Result<Vec<u8>, Failure> {
+fn get_following_redirects(
+    url: &Url,
+    options: &Options,
+    tls: &mut Option<crate::tls::Client>,
+) -> Result<Vec<u8>, Failure> {
     let mut current = url.clone();
-    let mut tls = None;
     for _ in 0..=MAX_REDIRECTS {
-        let response = get_once(&current, options, &mut tls)?;
+        let response = get_once(&current, options, tls)?;
         match response.status {
             200..=299 => return Ok(response.body),
             301 | 302 | 303 | 307 | 308 => {
@@ -306,7 +311,7 @@ trait Stream: Read + Write {}
 impl<T: Read + Write> Stream for T {}
 
 /// One request on a fresh connection (`Connection: close`). `tls` holds the client once the
-/// CA certificates are loaded, so redirects and retries read them once.
+/// CA certificates are loaded.
 fn get_once(url: &Url, options: &Options, tls: &mut Option<crate::tls::Client>) -> Result<Response, Failure> {
     if url.scheme == Scheme::Https && tls.is_none() {
         // Before connecting: a bundle without CA certificates is not a network problem.
