@@ -855,13 +855,22 @@ impl OpensslServer {
         format!("https://10.0.2.2:{}", self.port)
     }
 
-    /// An initrd to append that adds the test CA to what the installer trusts.
-    fn ca_initrd(&self) -> Result<PathBuf> {
-        let path = self.dir.path().join("ca.cpio");
+    /// `bundle` with the test CA added to what the installer trusts, the way the README says:
+    /// a gzipped cpio appended with plain `cat` (no alignment padding).
+    fn bundle_trusting_the_ca(&self, bundle: &Bundle) -> Result<Bundle> {
+        let cpio = self.dir.path().join("ca.cpio");
         Cpio::new()
             .file("etc/nixos-kexec/ca/test-ca.pem", 0o644, &self.ca_pem)
-            .write_to(&path)?;
-        Ok(path)
+            .write_to(&cpio)?;
+        tool("gzip", [cpio.as_os_str()])?;
+        let mut initrd = std::fs::read(&bundle.initrd)?;
+        initrd.extend(std::fs::read(cpio.with_extension("cpio.gz"))?);
+        let path = self.dir.path().join("initrd-with-ca");
+        std::fs::write(&path, initrd)?;
+        Ok(Bundle {
+            initrd: path,
+            ..bundle.clone()
+        })
     }
 }
 
@@ -887,10 +896,9 @@ fn config_url_over_https_trusts_an_appended_ca_and_installs() -> Result<()> {
     let scratch = tempfile::tempdir()?;
     let target = blank_disk(scratch.path(), "target.img")?;
     let template = format!("{}/hosts/${{serial}}.json", server.guest_url());
-    let out = with_params(Vm::new(&bundle), PREPARE)
+    let out = with_params(Vm::new(&server.bundle_trusting_the_ca(&bundle)?), PREPARE)
         .param(format!("nixos_kexec.config_url={template}"))
         .qemu_args(["-smbios".to_string(), format!("type=1,serial={serial}")])
-        .extra_initrd(server.ca_initrd()?)
         .nic("52:54:00:12:34:0a")
         .disk_image(&target, DiskBus::Virtio, 512, "TLS-TARGET")
         .run()?;
