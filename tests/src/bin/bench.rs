@@ -117,11 +117,19 @@ fn main() -> Result<()> {
     // RAM floor: the smallest memory the install scenario still passes with.
     let mut floor = None;
     for memory in [256u32, 192, 160, 128, 112, 96, 80] {
-        let ok = install_run(&bundle, memory)
-            .map(|o| o.succeeded())
-            .unwrap_or(false);
+        let outcome = install_run(&bundle, memory);
+        let ok = outcome.as_ref().is_ok_and(|o| o.succeeded());
         eprintln!("bench: {memory} MiB: {}", if ok { "passes" } else { "fails" });
         if !ok {
+            // What ran out: the kernel (unpacking the initrd) or the installer.
+            match outcome {
+                Ok(o) => {
+                    let panic: Vec<&str> = o.lines_containing("Kernel panic").collect();
+                    let why = if panic.is_empty() { o.tail(8) } else { panic.join("\n") };
+                    eprintln!("bench: {memory} MiB: {why}");
+                }
+                Err(e) => eprintln!("bench: {memory} MiB: {e:#}"),
+            }
             break;
         }
         floor = Some(memory);
