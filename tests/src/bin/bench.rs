@@ -125,7 +125,11 @@ fn main() -> Result<()> {
             match outcome {
                 Ok(o) => {
                     let panic: Vec<&str> = o.lines_containing("Kernel panic").collect();
-                    let why = if panic.is_empty() { o.tail(8) } else { panic.join("\n") };
+                    let why = if panic.is_empty() {
+                        o.tail(8)
+                    } else {
+                        panic.join("\n")
+                    };
                     eprintln!("bench: {memory} MiB: {why}");
                 }
                 Err(e) => eprintln!("bench: {memory} MiB: {e:#}"),
