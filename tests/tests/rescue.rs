@@ -236,3 +236,36 @@ fn large_runtime_info_travels_in_the_appended_cpio() -> Result<()> {
     }
     Ok(())
 }
+
+/// A UEFI rescue system (OVMF) kexecs into the installer: the installer must still see UEFI
+/// (the kexec passes the EFI state on), or it would plan a BIOS boot for a UEFI machine. The
+/// installed configuration picks the UEFI boot loader and the report says `uefi`.
+#[test]
+fn kexec_from_a_uefi_rescue_system_stays_uefi() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let rescue = rescue(
+        &bundle,
+        "--disk serial:TARGET-DISK --param stop_before=install --param after=poweroff",
+        &[],
+    )?;
+    let out = rescue_vm(&bundle, &rescue.cpio).firmware(Firmware::Uefi).run()?;
+    out.expect_success()?;
+    ensure!(
+        out.contains("EFI stub"),
+        "the rescue kernel did not start through its EFI stub"
+    );
+    let report: Value = serde_json::from_str(&read_root_file(
+        &out.disks[1],
+        "/var/log/nixos-kexec/report.json",
+    )?)?;
+    ensure!(
+        report["firmware"] == "uefi",
+        "the installer lost UEFI across the kexec: {report}"
+    );
+    let configuration = read_root_file(&out.disks[1], "/etc/nixos/configuration.nix")?;
+    ensure!(
+        configuration.contains("systemd-boot") || configuration.contains("efiSupport = true"),
+        "no UEFI boot loader in the configuration:\n{configuration}"
+    );
+    Ok(())
+}
