@@ -27,6 +27,12 @@ pub fn memfd_with(parts: &[&[u8]]) -> Result<File> {
     Ok(file)
 }
 
+/// A path another program can open `file` by. Not `/proc/self/fd/N`: in the child that names
+/// the child's own descriptors, and the memfd is close-on-exec there.
+pub fn path_for_children(file: &File) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()))
+}
+
 /// Pads an initrd to a 4-byte boundary so an appended archive starts where the kernel looks.
 pub fn pad4(mut initrd: Vec<u8>) -> Vec<u8> {
     while !initrd.len().is_multiple_of(4) {
@@ -100,4 +106,30 @@ pub fn reboot_into_loaded() -> Result<()> {
     nix::unistd::sync();
     nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC).context("reboot(RB_KEXEC)")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `kexec` binary gets the initrd by path: a child process must be able to read the
+    /// close-on-exec memfd through it.
+    #[test]
+    fn a_child_process_reads_the_memfd_initrd_by_its_path() {
+        let file = memfd_with(&[b"0707", b"01-initrd"]).unwrap();
+        let path = path_for_children(&file);
+        let output = runner::run(Command::new("cat").arg(&path)).unwrap();
+        assert_eq!(output, "070701-initrd");
+        let own = format!("/proc/self/fd/{}", file.as_raw_fd());
+        assert!(
+            runner::run(Command::new("cat").arg(&own)).is_err(),
+            "{own} should not be readable by the child (close-on-exec)"
+        );
+    }
+
+    #[test]
+    fn pad4_aligns_for_an_appended_archive() {
+        assert_eq!(pad4(vec![1, 2, 3, 4, 5]).len(), 8);
+        assert_eq!(pad4(vec![1, 2, 3, 4]).len(), 4);
+    }
 }

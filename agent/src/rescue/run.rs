@@ -415,11 +415,8 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
     drop(initrd);
     if let Err(native) = kexec::load(&kernel, &initrd_file, &handover.cmdline) {
         console::line(&format!("{native:#}; trying a kexec binary"));
-        let fd_path = PathBuf::from(format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&initrd_file)
-        ));
-        kexec::load_with_binary(&kernel, &fd_path, &handover.cmdline).context(native)?;
+        let initrd_path = kexec::path_for_children(&initrd_file);
+        kexec::load_with_binary(&kernel, &initrd_path, &handover.cmdline).context(native)?;
     }
     console::line("installer loaded; rebooting into it now");
     kexec::reboot_into_loaded()
