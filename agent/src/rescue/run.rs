@@ -430,6 +430,22 @@ mod tests {
     const KEY: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD me@host";
 
+    /// What `gather` reports for a BIOS machine with 1 GiB and one key in the runtime info.
+    fn bios_machine_gathered() -> Gathered {
+        Gathered {
+            info: info(1),
+            machine: gather::Machine {
+                firmware: crate::facts::Firmware::Bios,
+                ram_bytes: 1 << 30,
+                arch: "x86_64".into(),
+                dmi_vendor: None,
+                dmi_product: None,
+                disks: vec![],
+                root_disk: None,
+            },
+        }
+    }
+
     fn info(keys: usize) -> RuntimeInfo {
         RuntimeInfo {
             version: 1,
@@ -507,18 +523,7 @@ mod tests {
             ..RunOptions::default()
         };
         let f = facts(vec![disk("vda", 4 << 30, 512, "A")]);
-        let gathered = Gathered {
-            info: info(1),
-            machine: gather::Machine {
-                firmware: crate::facts::Firmware::Bios,
-                ram_bytes: 1 << 30,
-                arch: "x86_64".into(),
-                dmi_vendor: None,
-                dmi_product: None,
-                disks: vec![],
-                root_disk: None,
-            },
-        };
+        let gathered = bios_machine_gathered();
         let h = prepare(
             &options,
             &f,
@@ -543,18 +548,7 @@ mod tests {
         let pass = dir.path().join("pass");
         std::fs::write(&pass, "correct horse battery staple").unwrap();
         let f = facts(vec![disk("vda", 8 << 30, 512, "A")]);
-        let gathered = || Gathered {
-            info: info(1),
-            machine: gather::Machine {
-                firmware: crate::facts::Firmware::Bios,
-                ram_bytes: 1 << 30,
-                arch: "x86_64".into(),
-                dmi_vendor: None,
-                dmi_product: None,
-                disks: vec![],
-                root_disk: None,
-            },
-        };
+        let gathered = bios_machine_gathered;
         let mut options = RunOptions {
             disk: Some("/dev/vda".into()),
             params: vec![("layout".into(), "luks-ext4".into())],
