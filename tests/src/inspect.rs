@@ -715,6 +715,19 @@ pub fn section<'a>(output: &'a str, name: &str) -> Result<&'a str> {
     Ok(&output[start..start + len])
 }
 
+/// A new passphrase-less key pair at `path` (+ `.pub`) made by `ssh-keygen`; `key_type` is
+/// what follows `-t` and may carry more options (`&["rsa", "-b", "4096"]`).
+pub fn ssh_keygen_new(path: &Path, key_type: &[&str], comment: &str) -> Result<()> {
+    run_tool(
+        Command::new("ssh-keygen")
+            .args(["-q", "-N", "", "-C", comment, "-t"])
+            .args(key_type)
+            .arg("-f")
+            .arg(path),
+    )?;
+    Ok(())
+}
+
 /// `ssh-keygen -l -f KEY` (fingerprint line); fails when it is not a key.
 pub fn ssh_keygen_fingerprint(key: &Path) -> Result<String> {
     Ok(run_tool(Command::new("ssh-keygen").arg("-l").arg("-f").arg(key))?

@@ -159,40 +159,12 @@ fn large_runtime_info_travels_in_the_appended_cpio() -> Result<()> {
     let mut keys = String::new();
     for i in 0..4 {
         let path = scratch.path().join(format!("k{i}"));
-        tool(
-            "ssh-keygen",
-            [
-                "-q",
-                "-t",
-                "rsa",
-                "-b",
-                "4096",
-                "-N",
-                "",
-                "-C",
-                &format!("rsa-key-{i}"),
-                "-f",
-                path.to_str().context("path")?,
-            ],
-        )?;
+        ssh_keygen_new(&path, &["rsa", "-b", "4096"], &format!("rsa-key-{i}"))?;
         keys += &std::fs::read_to_string(path.with_extension("pub"))?;
     }
     // The operator's own host key (so secrets encrypted to it work at first boot).
     let host_key = scratch.path().join("ssh_host_ed25519_key");
-    tool(
-        "ssh-keygen",
-        [
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "premade",
-            "-f",
-            host_key.to_str().context("path")?,
-        ],
-    )?;
+    ssh_keygen_new(&host_key, &["ed25519"], "premade")?;
     let host_key_bytes = std::fs::read(&host_key)?;
     let rescue = rescue(
         &bundle,

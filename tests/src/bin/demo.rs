@@ -4,7 +4,7 @@
 //! The dev bundle carries no Nix (the real `nixos-install` needs a Nix binary cache), so the
 //! installer stops before `install`; everything up to it is real.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use nixos_kexec_tests::rescue::{rescue_cpio, rescue_vm, TARGET_SERIAL};
 use nixos_kexec_tests::*;
 
@@ -19,20 +19,7 @@ fn main() -> Result<()> {
     let key_dir = scratch.path().join("key");
     std::fs::create_dir_all(&key_dir)?;
     let key_path = key_dir.join("id_ed25519");
-    tool(
-        "ssh-keygen",
-        [
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "demo@operator",
-            "-f",
-            key_path.to_str().context("path")?,
-        ],
-    )?;
+    ssh_keygen_new(&key_path, &["ed25519"], "demo@operator")?;
     let public_key = std::fs::read_to_string(key_path.with_extension("pub"))?;
 
     let run_args = format!(
