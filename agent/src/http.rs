@@ -195,7 +195,7 @@ impl Default for Options {
 
 /// How one attempt went wrong: worth another try, or not.
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     Transient(String),
     Final(anyhow::Error),
 }
@@ -322,10 +322,7 @@ fn get_once(url: &Url, options: &Options, tls: &mut Option<crate::tls::Client>) 
     tcp.set_read_timeout(Some(options.io_timeout)).map_err(io)?;
     tcp.set_write_timeout(Some(options.io_timeout)).map_err(io)?;
     let mut stream: Box<dyn Stream> = match (url.scheme, tls.as_ref()) {
-        (Scheme::Https, Some(client)) => Box::new(client.connect(&url.host, tcp).map_err(|f| match f {
-            crate::tls::Failure::Network(why) => Failure::Transient(why),
-            crate::tls::Failure::Rejected(e) => Failure::Final(e),
-        })?),
+        (Scheme::Https, Some(client)) => Box::new(client.connect(&url.host, tcp)?),
         _ => Box::new(tcp),
     };
     let request = format!(

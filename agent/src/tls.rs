@@ -7,6 +7,7 @@
 //! a file in the extra directory adds to it.
 
 use crate::error::user_error;
+use crate::http::Failure;
 use anyhow::Result;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -113,33 +114,27 @@ pub fn load_client(sources: &[PathBuf]) -> Result<Client> {
     })
 }
 
-/// Why a TLS connection failed: the network (worth another try) or the server's TLS itself
-/// (a certificate or protocol problem that retrying will not fix).
-pub enum Failure {
-    Network(String),
-    Rejected(anyhow::Error),
-}
-
 impl Client {
     /// Completes the handshake with `host` over `tcp`, so that certificate problems surface
-    /// here, classified, rather than as a read error later.
-    pub fn connect(&self, host: &str, mut tcp: TcpStream) -> Result<TlsStream, Failure> {
+    /// here, classified, rather than as a read error later: a network error is worth another
+    /// try, a certificate or TLS protocol problem is not.
+    pub(crate) fn connect(&self, host: &str, mut tcp: TcpStream) -> Result<TlsStream, Failure> {
         let name = ServerName::try_from(host.to_string()).map_err(|_| {
-            Failure::Rejected(user_error(
+            Failure::Final(user_error(
                 format!("{host:?} cannot be checked against a certificate (not a DNS name or IP address)."),
                 "use the host name or address the server's certificate names.",
             ))
         })?;
         let mut connection = ClientConnection::new(self.config.clone(), name)
-            .map_err(|e| Failure::Rejected(anyhow::anyhow!("starting TLS with {host}: {e}")))?;
+            .map_err(|e| Failure::Final(anyhow::anyhow!("starting TLS with {host}: {e}")))?;
         while connection.is_handshaking() {
             if let Err(e) = connection.complete_io(&mut tcp) {
                 let tls_error = e
                     .get_ref()
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>());
                 return Err(match tls_error {
-                    Some(tls_error) => Failure::Rejected(self.describe(host, tls_error)),
-                    None => Failure::Network(format!("TLS handshake: {e}")),
+                    Some(tls_error) => Failure::Final(self.describe(host, tls_error)),
+                    None => Failure::Transient(format!("TLS handshake: {e}")),
                 });
             }
         }
