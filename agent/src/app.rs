@@ -438,7 +438,13 @@ pub fn init_main() -> ! {
     if std::env::var_os("NIXOS_KEXEC_ROOT_MOVED").is_some() {
         console::line("root moved from the initramfs to a tmpfs (Nix's build sandbox needs pivot_root)");
     }
+    if let Err(e) = pid1::enable_module_autoloading() {
+        log::warn!("kernel module autoloading is off: {e:#}");
+    }
     if let Err(e) = pid1::load_modules() {
+        log::warn!("{e:#}");
+    }
+    if let Err(e) = pid1::mount_booted_system_extras() {
         log::warn!("{e:#}");
     }
     pid1::supervise(|| {

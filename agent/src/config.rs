@@ -29,11 +29,12 @@ pub enum Step {
     Keys,
     Flake,
     Install,
+    Verify,
     Finish,
 }
 
 impl Step {
-    pub const ALL: [Step; 9] = [
+    pub const ALL: [Step; 10] = [
         Step::Network,
         Step::Wipe,
         Step::Partition,
@@ -42,6 +43,7 @@ impl Step {
         Step::Keys,
         Step::Flake,
         Step::Install,
+        Step::Verify,
         Step::Finish,
     ];
 
@@ -55,6 +57,7 @@ impl Step {
             Step::Keys => "keys",
             Step::Flake => "flake",
             Step::Install => "install",
+            Step::Verify => "verify",
             Step::Finish => "finish",
         }
     }

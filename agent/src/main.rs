@@ -89,6 +89,14 @@ fn parse_param(text: &str) -> Result<(String, String), String> {
 }
 
 fn main() {
+    // The kernel runs /proc/sys/kernel/modprobe, which the installer points at this binary.
+    let mut args = std::env::args();
+    if args
+        .next()
+        .is_some_and(|arg0| std::path::Path::new(&arg0).file_name() == Some("modprobe".as_ref()))
+    {
+        std::process::exit(nixos_kexec::kmod::modprobe_main(&args.collect::<Vec<_>>()));
+    }
     if pid1::is_pid1() {
         app::init_main();
     }

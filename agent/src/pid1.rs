@@ -92,13 +92,17 @@ pub fn move_tree(from: &Path, to: &Path, skip: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Mounts proc, sys, dev, run and tmp, and attaches stdin/stdout/stderr to /dev/console
+/// Mounts proc, sys, dev (with pts and shm), run and tmp, and attaches stdin/stdout/stderr to /dev/console
 /// (an initramfs without a /dev/console node starts init with none).
 pub fn mount_basics() -> Result<()> {
     for (source, target, fstype, options) in [
         ("proc", "/proc", "proc", None),
         ("sysfs", "/sys", "sysfs", None),
         ("devtmpfs", "/dev", "devtmpfs", None),
+        // What a booted system has and nixos-enter bind-mounts into the target (Nix's build
+        // sandbox gives builds /dev/pts and /dev/shm when they exist).
+        ("devpts", "/dev/pts", "devpts", Some("mode=0620,ptmxmode=0666")),
+        ("tmpfs", "/dev/shm", "tmpfs", Some("mode=1777")),
         ("tmpfs", "/run", "tmpfs", Some("mode=0755")),
         ("tmpfs", "/tmp", "tmpfs", Some("mode=1777")),
     ] {
@@ -123,20 +127,64 @@ pub fn mount_basics() -> Result<()> {
     Ok(())
 }
 
+/// Where the kernel finds its modprobe: a link named `modprobe` to this binary, which then acts
+/// as one (see [`kmod::modprobe_main`]).
+const MODPROBE_LINK: &str = "/run/nixos-kexec/modprobe";
+
+/// Lets the kernel load modules on demand, as on a booted system: `xts(aes)` needs `ecb` on a
+/// CPU without AES-NI, vfat needs its NLS tables, cryptsetup needs `af_alg`. Without this only
+/// the fixed list loads and everything else fails with ENOENT.
+pub fn enable_module_autoloading() -> Result<()> {
+    let agent = std::env::current_exe().context("finding the agent's own path")?;
+    let link = Path::new(MODPROBE_LINK);
+    if let Some(dir) = link.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(&agent, link)
+        .with_context(|| format!("linking {MODPROBE_LINK} to {}", agent.display()))?;
+    std::fs::write("/proc/sys/kernel/modprobe", format!("{MODPROBE_LINK}\n"))
+        .context("setting /proc/sys/kernel/modprobe")?;
+    Ok(())
+}
+
+/// What `nixos-install`, `nixos-enter` and the boot-loader installers expect of a booted system
+/// beyond the basic mounts: efivarfs under UEFI (bootctl and GRUB write boot entries there) and
+/// `/etc/mtab`.
+pub fn mount_booted_system_extras() -> Result<()> {
+    if Path::new("/sys/firmware/efi").is_dir() {
+        let efivars = "/sys/firmware/efi/efivars";
+        // Loaded explicitly too: autoloading may be off if setting it up failed.
+        if let Ok(index) = ModuleIndex::for_running_kernel() {
+            let _ = index.insert("efivarfs");
+        }
+        match mount(
+            Some("efivarfs"),
+            efivars,
+            Some("efivarfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => return Err(e).with_context(|| format!("mounting efivarfs on {efivars}")),
+        }
+    }
+    let mtab = Path::new("/etc/mtab");
+    if mtab.symlink_metadata().is_err() {
+        std::fs::create_dir_all("/etc").context("creating /etc")?;
+        std::os::unix::fs::symlink("../proc/self/mounts", mtab).context("linking /etc/mtab")?;
+    }
+    Ok(())
+}
+
 /// Loads the modules listed in /etc/modules-load.d, then waits for disks to settle
 /// (NVMe and SCSI probe asynchronously).
 pub fn load_modules() -> Result<()> {
-    let release = nix::sys::utsname::uname()
-        .context("uname")?
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let dir = Path::new("/lib/modules").join(&release);
     let names = kmod::names_from_load_d(Path::new("/etc/modules-load.d"));
     if names.is_empty() {
         return Ok(());
     }
-    let index = ModuleIndex::load(&dir)?;
+    let index = ModuleIndex::for_running_kernel()?;
     let mut failed = Vec::new();
     for name in &names {
         // A module for absent hardware refuses with ENODEV; that is expected, not a failure.

@@ -31,6 +31,7 @@ pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str
         "swaps": plan.swaps,
         "host_key_fingerprints": execution.host_key_fingerprints,
         "steps": execution.records_so_far(),
+        "verification": execution.verification,
         "agent_peak_rss_kib": peak_rss_kib(),
         "stopped_before": plan.stop_before,
     });

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod mount;
 pub mod partition;
 pub mod swap;
+pub mod verify;
 pub mod wipe;
 
 use crate::blockdev::Mount;
@@ -48,6 +49,8 @@ pub struct Execution {
     /// includes it.
     pub current: Option<(Step, Instant)>,
     pub host_key_fingerprints: Vec<String>,
+    /// The post-install checks, once the verify step ran.
+    pub verification: Vec<verify::Check>,
 }
 
 impl Drop for Execution {
@@ -123,6 +126,7 @@ fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
         Step::Keys => keys::run(plan, execution),
         Step::Flake => flake::run(plan, execution),
         Step::Install => install::run(plan, execution),
+        Step::Verify => verify::run(plan, execution),
         Step::Finish => finish::write_report(plan, execution, None),
     }
 }
