@@ -138,6 +138,10 @@ pub struct Vm {
     uefi_vars: Option<PathBuf>,
     qemu_args: Vec<String>,
     direct_boot: bool,
+    /// `-cpu` model; `None`: QEMU's default (qemu64: no AES-NI, as on many cheap VPS hosts).
+    cpu: Option<String>,
+    /// Stop QEMU as soon as the console interaction succeeds (a boot that never ends by itself).
+    stop_after_interaction: bool,
     timeout: Duration,
     grace: Duration,
     echo: bool,
@@ -170,6 +174,8 @@ impl Vm {
             uefi_vars: None,
             qemu_args: Vec::new(),
             direct_boot: true,
+            cpu: Some("max".to_string()),
+            stop_after_interaction: false,
             timeout: Duration::from_secs(300),
             grace: Duration::from_secs(20),
             echo: true,
@@ -268,6 +274,20 @@ impl Vm {
         self
     }
     /// Whole run limit (default 300 s).
+    /// QEMU's default CPU model instead of `max`: no AES-NI, no modern instruction sets.
+    pub fn default_cpu(mut self) -> Self {
+        self.cpu = None;
+        self
+    }
+
+    /// Boots the firmware from the attached disks only (no `-kernel`), and stops QEMU once
+    /// `f` in [`Vm::run_with`] succeeds: for checking what an installed disk boots into.
+    pub fn boot_from_disk(mut self) -> Self {
+        self.direct_boot = false;
+        self.stop_after_interaction = true;
+        self
+    }
+
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -391,7 +411,7 @@ impl Vm {
 
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-name", &sanitize(&self.name)])
-            .args(["-accel", "tcg", "-machine", &self.machine, "-cpu", "max"])
+            .args(["-accel", "tcg", "-machine", &self.machine])
             .args(["-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()])
             .args(["-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot"]);
         let mut uefi_vars = None;
@@ -418,6 +438,9 @@ impl Vm {
             ));
             cmd.arg("-drive")
                 .arg(format!("if=pflash,format=raw,unit=1,file={}", qemu_path(&vars)));
+        }
+        if let Some(cpu) = &self.cpu {
+            cmd.args(["-cpu", cpu]);
         }
         if self.direct_boot {
             cmd.arg("-kernel")
@@ -536,6 +559,10 @@ impl Vm {
         let deadline = start + self.timeout;
         let mut killed = false;
         let status: ExitStatus = loop {
+            if self.stop_after_interaction {
+                killed = true;
+                break running.kill_and_wait()?;
+            }
             if let Some(st) = running.child.try_wait().context("waiting for qemu")? {
                 break st;
             }
