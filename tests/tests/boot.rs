@@ -107,7 +107,9 @@ fn report_lists_verification(disk: &Path, part: u32, names: &[&str]) -> Result<V
     e2fsck(&root)?;
     let report: Value = serde_json::from_slice(&ext4_read_file(&root, "/var/log/nixos-kexec/report.json")?)?;
     ensure!(report["result"] == "success", "report: {report}");
-    let checks = report["verification"].as_array().context("no verification in the report")?;
+    let checks = report["verification"]
+        .as_array()
+        .context("no verification in the report")?;
     for name in names {
         ensure!(
             checks.iter().any(|c| c["name"] == *name && c["ok"] == true),
@@ -162,7 +164,10 @@ fn bios_mbr_table_grub_boots() -> Result<()> {
         .param("nixos_kexec.disk=/dev/vda")
         .param("nixos_kexec.table=mbr")
         .run()?;
-    installed(&out, &["GRUB boot code in the MBR", "GRUB core.img after the MBR"])?;
+    installed(
+        &out,
+        &["GRUB boot code in the MBR", "GRUB core.img after the MBR"],
+    )?;
     boot_installed_disk(&bundle, "bios_mbr", &out, Firmware::Bios, &[GRUB_MENU])?;
     Ok(())
 }
@@ -206,7 +211,7 @@ fn uefi_nvme_4096_systemd_boot_boots() -> Result<()> {
     )?;
     ensure!(
         out.contains("verify: ok EFI boot entry for a loader on the ESP: Boot")
-            && out.contains("\EFI\systemd\systemd-bootx64.efi"),
+            && out.contains(r"\EFI\systemd\systemd-bootx64.efi"),
         "bootctl's entry was not verified:
 {}",
         out.tail(30)
@@ -283,7 +288,11 @@ fn missing_boot_loader_fails_verification() -> Result<()> {
         .filter_map(|c| c["name"].as_str())
         .collect();
     ensure!(
-        failed == ["GRUB boot code in the MBR", "GRUB core.img in the BIOS boot partition"],
+        failed
+            == [
+                "GRUB boot code in the MBR",
+                "GRUB core.img in the BIOS boot partition"
+            ],
         "failed checks {failed:?}"
     );
     Ok(())
