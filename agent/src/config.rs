@@ -2,7 +2,7 @@
 //! `nixos_kexec.info=`/`info_deflate=`, the runtime info fetched from `nixos_kexec.config_url=`,
 //! then single `nixos_kexec.*` parameters.
 
-use crate::cmdline::{percent_decode, Params};
+use crate::cmdline::{percent_decode, Params, SerialConsole};
 use crate::error::user_error;
 use crate::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
 use crate::storage::{self, Storage, Table};
@@ -198,6 +198,9 @@ pub struct Config {
     pub provided_host_keys: Vec<String>,
     /// Whether a disk passphrase came in the secrets archive (its value is never kept here).
     pub disk_passphrase_given: bool,
+    /// The serial console the installer runs with (the kernel command line's last serial
+    /// `console=`), for the installed system too.
+    pub serial_console: Option<SerialConsole>,
 }
 
 impl Default for Config {
@@ -224,6 +227,7 @@ impl Default for Config {
             },
             provided_host_keys: Vec::new(),
             disk_passphrase_given: false,
+            serial_console: None,
         }
     }
 }
@@ -252,7 +256,10 @@ impl Config {
         fetched: Option<RuntimeInfo>,
         params: &Params,
     ) -> Result<Config> {
-        let mut config = Config::default();
+        let mut config = Config {
+            serial_console: params.serial_console.clone(),
+            ..Config::default()
+        };
         for info in files {
             config.apply_info(info);
         }
@@ -556,6 +563,16 @@ mod tests {
         assert_eq!(config.config_url.as_deref(), Some("http://c/x"));
         assert!(config.reinstall);
         assert!(!Config::assemble(None, &Params::default()).unwrap().reinstall);
+    }
+
+    #[test]
+    fn serial_console_comes_from_the_command_line() {
+        let params = Params::parse("console=ttyS0,38400 console=tty0 nixos_kexec.hostname=h").unwrap();
+        let config = Config::assemble(None, &params).unwrap();
+        let console = config.serial_console.unwrap();
+        assert_eq!((console.device.as_str(), console.speed), ("ttyS0", 38400));
+        let params = Params::parse("console=tty0 nixos_kexec.hostname=h").unwrap();
+        assert!(Config::assemble(None, &params).unwrap().serial_console.is_none());
     }
 
     #[test]

@@ -202,6 +202,9 @@ pub struct Plan {
     /// nixos-generate-config decides (a guest cannot update its host's microcode).
     #[serde(default)]
     pub microcode: Option<CpuVendor>,
+    /// The installer's serial console; the installed system prints and logs in there too.
+    #[serde(default)]
+    pub serial_console: Option<crate::cmdline::SerialConsole>,
     pub layout: Layout,
     pub disk: TargetDisk,
     pub table: Table,
@@ -335,6 +338,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         system,
         virtualisation,
         microcode: facts.machine.cpu_vendor.filter(|_| !virtualisation.is_vm()),
+        serial_console: config.serial_console.clone(),
         layout: config.layout,
         disk: TargetDisk {
             dev_path: disk.dev_path.clone(),

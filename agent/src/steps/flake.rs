@@ -97,6 +97,7 @@ pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostF
                     Value::Block(templates::list_lines(&plan.ssh_authorized_keys, 4)),
                 ),
                 ("imports", Value::Block(imports.join(" "))),
+                ("serial_console", Value::Block(serial_console(plan))),
             ]),
         )?,
         hardware: templates::render(
@@ -177,6 +178,38 @@ fn swap_devices(swaps: &[SwapArea]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n    ")
+}
+
+/// The installer's serial console for the installed system too: many VPS operators can only
+/// reach their machine that way. The kernel prints to every `console=`, but only the last is
+/// /dev/console (systemd's status, emergency shell), so the serial port goes last.
+fn serial_console(plan: &Plan) -> String {
+    let Some(console) = &plan.serial_console else {
+        return String::new();
+    };
+    // boot.kernelParams: nixos/modules/system/boot/kernel.nix (both boot loaders pass them).
+    let mut text = format!(
+        "# The installer ran with the serial console {}: the kernel, systemd and a login\n  \
+         # prompt use it here too, and the screen (tty0) as well.\n  \
+         boot.kernelParams = [ \"console=tty0\" {} ];",
+        console.device,
+        templates::string(&console.kernel_param())
+    );
+    // boot.loader.grub.extraConfig (types.lines, "inserted in the configuration file just
+    // before the menu entries": nixos/modules/system/boot/loader/grub/grub.nix, whose own
+    // example is a serial console): the GRUB menu on the same port. It only matters where GRUB
+    // boots (BIOS machines here); PL011 ports have no GRUB unit number.
+    if let Some(unit) = console.grub_unit() {
+        text += &format!(
+            "\n  boot.loader.grub.extraConfig = ''\n    \
+             serial --unit={unit} --speed={}\n    \
+             terminal_input serial console\n    \
+             terminal_output serial console\n  \
+             '';",
+            console.speed
+        );
+    }
+    text
 }
 
 /// The module nixos-generate-config imports for this kind of machine, decided as it decides by
@@ -352,6 +385,11 @@ mod tests {
         for name in ["flake.nix", "configuration.nix"] {
             parse(dir.path(), name);
         }
+        let configuration = parse(dir.path(), "configuration.nix");
+        assert!(
+            !configuration.contains("console="),
+            "no serial console, nothing added"
+        );
         assert!(!dir.path().join("persist.nix").exists());
         assert!(!dir.path().join("initrd-ssh.nix").exists());
     }
@@ -421,6 +459,35 @@ mod tests {
                 assert!(!hardware.contains(needle), "{machine:?}: {needle}\n{hardware}");
             }
         }
+    }
+
+    #[test]
+    fn serial_console_of_the_installer() {
+        let params = crate::cmdline::Params::parse("console=tty0 console=ttyS1,57600n8").unwrap();
+        let mut config = Config::assemble(None, &params).unwrap();
+        config.disk = DiskChoice::Auto;
+        let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
+        let configuration = parse(dir.path(), "configuration.nix");
+        for needle in [
+            "boot.kernelParams = [ \"console=tty0\" \"console=ttyS1,57600\" ];",
+            "    serial --unit=1 --speed=57600\n    terminal_input serial console\n    terminal_output serial console\n  '';",
+        ] {
+            assert!(configuration.contains(needle), "{needle}\n{configuration}");
+        }
+        // aarch64's PL011: the kernel parameter, no GRUB lines.
+        let params = crate::cmdline::Params::parse("console=ttyAMA0").unwrap();
+        let mut config = Config::assemble(None, &params).unwrap();
+        config.disk = DiskChoice::Auto;
+        let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids()).unwrap();
+        write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
+        let configuration = parse(dir.path(), "configuration.nix");
+        assert!(
+            configuration.contains("\"console=ttyAMA0,115200\" ];"),
+            "{configuration}"
+        );
+        assert!(!configuration.contains("grub.extraConfig"), "{configuration}");
     }
 
     /// Every preset, with swap and an SSH key (and so initrd SSH when encrypted), writes Nix
