@@ -66,6 +66,11 @@ let
     "nls_iso8859_1"
     "btrfs"
     "dm_crypt"
+    # Packet sockets: busybox udhcpc sends and receives DHCP through them. NixOS kernels
+    # build it as a module (NixOS' own DHCP in the initrd loads it:
+    # boot.initrd.kernelModules = [ "af_packet" ] in nixos/modules/system/boot/initrd-network.nix);
+    # a kernel that builds it in is fine too (makeModulesClosure skips built-in modules).
+    "af_packet"
   ];
 
   # Loaded when the kernel has them as modules (some are built in, renamed, or only exist on
@@ -101,7 +106,15 @@ let
 
   kernelPackages = cfg.kernelPackages;
   kernel = kernelPackages.kernel;
-  kernelImage = "${kernel}/${platform.linux-kernel.target}";
+  # The image file the kernel build installs (bzImage on x86_64, Image on aarch64). Kernels
+  # carry it as `kernel.target` (passthru of pkgs/os-specific/linux/kernel/build.nix, nixpkgs
+  # master 2026, commit 001ef8c47d5f); nixpkgs PR #530133 (June 2026) moved it there out of the
+  # platform, whose `linux-kernel` lib/systems now refuses. Kernels of older nixpkgs may lack
+  # the attribute and only have `stdenv.hostPlatform.linux-kernel.target`; `or` falls back to
+  # it then, and leaves it unevaluated (so it cannot throw) when the kernel has `target`. Other
+  # modules do the same (`kernel.target or ...linux-kernel.target` in NixOS' bootspec and qemu-vm
+  # modules of that time).
+  kernelImage = "${kernel}/${kernel.target or platform.linux-kernel.target}";
 
   allKernelParams = cfg.kernelParams ++ cfg.extraKernelParams;
 
@@ -118,10 +131,13 @@ let
     ${cfg.extraNixConfig}
   '';
 
+  # The agent reads this file as the lowest layer of its runtime info, so the keys are the
+  # runtime-info names (state_version, not stateVersion).
   defaults = lib.filterAttrs (_: v: v != null) {
     version = 1;
     nixpkgs = cfg.defaultNixpkgs;
     layout = cfg.defaultLayout;
+    state_version = cfg.defaultStateVersion;
   };
 
   modules = pkgs.callPackage ./kernel-modules.nix {
@@ -315,6 +331,21 @@ in
       description = ''
         The nixpkgs flake reference the host flake uses when the runtime info names none.
         Written to /etc/nixos-kexec/defaults.json in the initrd.
+      '';
+    };
+
+    defaultStateVersion = mkOption {
+      type = types.str;
+      # lib.trivial.release: "the current nixpkgs release number as string", e.g. "26.05"
+      # (lib/trivial.nix, read from lib/.version; the same in nixpkgs 25.11 and 26.05).
+      default = lib.trivial.release;
+      defaultText = lib.literalExpression "lib.trivial.release";
+      example = "25.11";
+      description = ''
+        The `system.stateVersion` the host flake gets when the runtime info names none: the
+        release of the nixpkgs this bundle was built from, which is also the release of
+        defaultNixpkgs unless that was changed. Set both together. Written to
+        /etc/nixos-kexec/defaults.json as `state_version`.
       '';
     };
 

@@ -2,6 +2,7 @@
 
 use crate::error::user_error;
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// x86 `COMMAND_LINE_SIZE`, including the trailing NUL.
@@ -34,6 +35,57 @@ pub struct Params {
     values: BTreeMap<String, String>,
     /// True when the line is as long as the kernel keeps it, so the last parameter may be cut.
     pub possibly_truncated: bool,
+    /// The last serial `console=` of the line: the installed system gets the same console.
+    pub serial_console: Option<SerialConsole>,
+}
+
+/// A serial console as `console=ttyS0,115200n8` names it (8250 ports, and the PL011 ports of
+/// aarch64 machines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConsole {
+    /// `ttyS0`, `ttyAMA0`.
+    pub device: String,
+    /// Bits per second; 115200 when the parameter names none.
+    pub speed: u32,
+}
+
+impl SerialConsole {
+    /// Most VPS serial consoles run at this speed, and it is what the bundles' own
+    /// `console=` parameters use.
+    pub const DEFAULT_SPEED: u32 = 115200;
+
+    /// The value of one `console=` parameter, when it names a serial port.
+    pub fn parse(value: &str) -> Option<SerialConsole> {
+        let (device, options) = value.split_once(',').unwrap_or((value, ""));
+        let number = device
+            .strip_prefix("ttyS")
+            .or_else(|| device.strip_prefix("ttyAMA"))?;
+        if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // `115200n8`: the speed, then parity and bits, which are 8N1 anyway.
+        let digits: String = options.chars().take_while(char::is_ascii_digit).collect();
+        let speed = digits
+            .parse()
+            .ok()
+            .filter(|s| *s > 0)
+            .unwrap_or(SerialConsole::DEFAULT_SPEED);
+        Some(SerialConsole {
+            device: device.to_string(),
+            speed,
+        })
+    }
+
+    /// `console=ttyS0,115200`.
+    pub fn kernel_param(&self) -> String {
+        format!("console={},{}", self.device, self.speed)
+    }
+
+    /// GRUB's `serial --unit=N` for `ttySN` (unit 0 is COM1, as ttyS0 is); the PL011 ports of
+    /// aarch64 machines have no unit number there.
+    pub fn grub_unit(&self) -> Option<u32> {
+        self.device.strip_prefix("ttyS")?.parse().ok()
+    }
 }
 
 impl Params {
@@ -68,6 +120,12 @@ impl Params {
                 Some((name, value)) => (name, value),
                 None => (word.as_str(), ""),
             };
+            if name == "console" {
+                if let Some(console) = SerialConsole::parse(value) {
+                    params.serial_console = Some(console);
+                }
+                continue;
+            }
             let Some(key) = strip_prefix(name) else {
                 continue;
             };
@@ -188,6 +246,35 @@ mod tests {
         assert_eq!(p.get("stop_before"), Some("install"));
         assert_eq!(p.get("dry_run"), Some(""));
         assert!(!p.possibly_truncated);
+    }
+
+    #[test]
+    fn the_last_serial_console_with_its_speed() {
+        let serial = |line: &str| Params::parse(line).unwrap().serial_console;
+        assert_eq!(
+            serial("console=ttyS1,57600n8 console=tty0"),
+            Some(SerialConsole {
+                device: "ttyS1".into(),
+                speed: 57600
+            })
+        );
+        let last = serial("console=ttyS0,115200 console=tty0 console=ttyS1").unwrap();
+        assert_eq!((last.device.as_str(), last.speed), ("ttyS1", 115200));
+        assert_eq!(last.kernel_param(), "console=ttyS1,115200");
+        assert_eq!(last.grub_unit(), Some(1));
+        let arm = serial("console=ttyAMA0,9600").unwrap();
+        assert_eq!((arm.speed, arm.grub_unit()), (9600, None));
+        for line in [
+            "",
+            "console=tty0",
+            "console=hvc0",
+            "console=ttyS",
+            "console=ttySx,115200",
+            "nixos_kexec.hostname=ttyS0",
+        ] {
+            assert_eq!(serial(line), None, "{line:?}");
+        }
+        assert_eq!(serial("console=ttyS0,fast").unwrap().speed, 115200);
     }
 
     #[test]

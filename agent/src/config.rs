@@ -2,7 +2,7 @@
 //! `nixos_kexec.info=`/`info_deflate=`, the runtime info fetched from `nixos_kexec.config_url=`,
 //! then single `nixos_kexec.*` parameters.
 
-use crate::cmdline::{percent_decode, Params};
+use crate::cmdline::{percent_decode, Params, SerialConsole};
 use crate::error::user_error;
 use crate::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
 use crate::storage::{self, Storage, Table};
@@ -14,8 +14,12 @@ pub const RUNTIME_INFO_FILE: &str = "/etc/nixos-kexec/runtime-info.json";
 pub const DEFAULTS_FILE: &str = "/etc/nixos-kexec/defaults.json";
 pub const SECRETS_DIR: &str = "/etc/nixos-kexec/secrets";
 pub const HOST_KEY_TYPES: [&str; 3] = ["ed25519", "rsa", "ecdsa"];
-pub const DEFAULT_NIXPKGS: &str = "github:NixOS/nixpkgs/nixos-25.11";
-pub const DEFAULT_STATE_VERSION: &str = "25.11";
+/// The release the flake's own nixpkgs input follows (flake.nix), for bundles without
+/// /etc/nixos-kexec/defaults.json (the dev bundle). The Nix bundle writes its own nixpkgs and
+/// `lib.trivial.release` there, and those win. Keep the two in step: a `system.stateVersion`
+/// newer than the nixpkgs of the host flake names a release that system does not know.
+pub const DEFAULT_NIXPKGS: &str = "github:NixOS/nixpkgs/nixos-26.05";
+pub const DEFAULT_STATE_VERSION: &str = "26.05";
 pub const DEFAULT_HOSTNAME: &str = "nixos";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -197,6 +201,9 @@ pub struct Config {
     pub provided_host_keys: Vec<String>,
     /// Whether a disk passphrase came in the secrets archive (its value is never kept here).
     pub disk_passphrase_given: bool,
+    /// The serial console the installer runs with (the kernel command line's last serial
+    /// `console=`), for the installed system too.
+    pub serial_console: Option<SerialConsole>,
 }
 
 impl Default for Config {
@@ -223,6 +230,7 @@ impl Default for Config {
             },
             provided_host_keys: Vec::new(),
             disk_passphrase_given: false,
+            serial_console: None,
         }
     }
 }
@@ -251,7 +259,10 @@ impl Config {
         fetched: Option<RuntimeInfo>,
         params: &Params,
     ) -> Result<Config> {
-        let mut config = Config::default();
+        let mut config = Config {
+            serial_console: params.serial_console.clone(),
+            ..Config::default()
+        };
         for info in files {
             config.apply_info(info);
         }
@@ -493,7 +504,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("etc/nixos-kexec")).unwrap();
         std::fs::write(
             dir.path().join("etc/nixos-kexec/defaults.json"),
-            r#"{"version":1,"nixpkgs":"github:me/nixpkgs/mine","layout":"ext4"}"#,
+            r#"{"version":1,"nixpkgs":"github:me/nixpkgs/mine","layout":"ext4","state_version":"26.11"}"#,
         )
         .unwrap();
         std::fs::write(
@@ -506,7 +517,24 @@ mod tests {
         let params = Params::parse("nixos_kexec.hostname=p").unwrap();
         let config = Config::assemble_layers(vec![defaults.clone(), file.clone()], None, &params).unwrap();
         assert_eq!(config.nixpkgs, "github:me/nixpkgs/mine");
+        assert_eq!(
+            config.state_version, "26.11",
+            "the bundle's release is the default"
+        );
         assert_eq!(config.hostname, "p");
+        // Without the file (the dev bundle), the compiled-in release of flake.nix's nixpkgs.
+        let bare = Config::assemble_layers(vec![file.clone()], None, &params).unwrap();
+        assert_eq!(bare.state_version, DEFAULT_STATE_VERSION);
+        assert!(DEFAULT_NIXPKGS.ends_with(&format!("nixos-{DEFAULT_STATE_VERSION}")));
+        let flake = include_str!("../../flake.nix");
+        assert!(
+            flake.contains(&format!("\"{DEFAULT_NIXPKGS}\"")),
+            "DEFAULT_NIXPKGS must follow the nixpkgs input of flake.nix"
+        );
+        // Runtime info and parameters still win over the bundle's release.
+        let params = Params::parse("nixos_kexec.state_version=25.05").unwrap();
+        let config = Config::assemble_layers(vec![defaults.clone(), file.clone()], None, &params).unwrap();
+        assert_eq!(config.state_version, "25.05");
         let params = Params::parse("nixos_kexec.nixpkgs=github:NixOS/nixpkgs/nixos-unstable").unwrap();
         let config = Config::assemble_layers(vec![defaults, file], None, &params).unwrap();
         assert_eq!(config.nixpkgs, "github:NixOS/nixpkgs/nixos-unstable");
@@ -538,6 +566,16 @@ mod tests {
         assert_eq!(config.config_url.as_deref(), Some("http://c/x"));
         assert!(config.reinstall);
         assert!(!Config::assemble(None, &Params::default()).unwrap().reinstall);
+    }
+
+    #[test]
+    fn serial_console_comes_from_the_command_line() {
+        let params = Params::parse("console=ttyS0,38400 console=tty0 nixos_kexec.hostname=h").unwrap();
+        let config = Config::assemble(None, &params).unwrap();
+        let console = config.serial_console.unwrap();
+        assert_eq!((console.device.as_str(), console.speed), ("ttyS0", 38400));
+        let params = Params::parse("console=tty0 nixos_kexec.hostname=h").unwrap();
+        assert!(Config::assemble(None, &params).unwrap().serial_console.is_none());
     }
 
     #[test]

@@ -109,6 +109,9 @@ pub struct Facts {
     /// Filled by [`find_previous_installs`] in the installer; empty elsewhere.
     #[serde(default)]
     pub previous_installs: Vec<PreviousInstall>,
+    /// Architecture, virtualisation and CPU vendor, for the hardware configuration.
+    #[serde(default)]
+    pub machine: crate::machine::Machine,
 }
 
 impl Facts {
@@ -116,6 +119,9 @@ impl Facts {
     pub fn gather() -> Result<Facts> {
         let mut facts = Facts::read_from(Path::new("/"))?;
         facts.ram_bytes = ram_bytes();
+        if let Some(arch) = crate::machine::uname_arch() {
+            facts.machine.arch = arch;
+        }
         Ok(facts)
     }
 
@@ -145,6 +151,7 @@ impl Facts {
             disks,
             nics: read_nics(&root.join("sys/class/net")),
             previous_installs: Vec::new(),
+            machine: crate::machine::Machine::read_from(root),
         })
     }
 

@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod http;
 pub mod kmod;
 pub mod layout;
+pub mod machine;
 pub mod network;
 pub mod pid1;
 pub mod plan;

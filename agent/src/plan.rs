@@ -8,6 +8,7 @@
 use crate::config::{After, Config, DiskChoice, Layout, Step};
 use crate::error::user_error;
 use crate::facts::{Disk, Facts, Firmware};
+use crate::machine::{CpuVendor, Virtualisation};
 use crate::runtime_info::RuntimeInfo;
 use crate::storage::{Storage, Table};
 use anyhow::Result;
@@ -190,6 +191,20 @@ pub struct TargetDisk {
 pub struct Plan {
     pub hostname: String,
     pub firmware: Firmware,
+    /// `nixpkgs.hostPlatform` of the installed system: the installer's own architecture, since
+    /// it runs on the machine it installs.
+    pub system: String,
+    /// What systemd-detect-virt would say here; the hardware configuration imports the guest
+    /// profile for it, or the firmware of a bare-metal machine.
+    #[serde(default)]
+    pub virtualisation: Virtualisation,
+    /// Whose CPU microcode the installed system loads: on bare metal only, as
+    /// nixos-generate-config decides (a guest cannot update its host's microcode).
+    #[serde(default)]
+    pub microcode: Option<CpuVendor>,
+    /// The installer's serial console; the installed system prints and logs in there too.
+    #[serde(default)]
+    pub serial_console: Option<crate::cmdline::SerialConsole>,
     pub layout: Layout,
     pub disk: TargetDisk,
     pub table: Table,
@@ -263,6 +278,7 @@ pub fn storage_of(config: &Config) -> Result<Storage> {
 }
 
 pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
+    let system = facts.machine.nix_system()?;
     let disk = select_disk(config, facts)?;
     // A machine that PXE-boots the installer again after a finished install must not lose it.
     let replaces = facts.previous_install(&disk.dev_path).cloned();
@@ -315,9 +331,14 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         host_key: format!("{}/{INITRD_HOST_KEY}", state_dir.trim_end_matches('/')),
         nic_modules,
     });
+    let virtualisation = facts.machine.virtualisation;
     Ok(Plan {
         hostname: config.hostname.clone(),
         firmware: facts.firmware,
+        system,
+        virtualisation,
+        microcode: facts.machine.cpu_vendor.filter(|_| !virtualisation.is_vm()),
+        serial_console: config.serial_console.clone(),
         layout: config.layout,
         disk: TargetDisk {
             dev_path: disk.dev_path.clone(),
@@ -576,6 +597,7 @@ pub mod tests {
             disks,
             nics: vec![],
             previous_installs: vec![],
+            machine: crate::machine::tests::qemu_vm(),
         }
     }
 
@@ -809,6 +831,32 @@ pub mod tests {
         assert_eq!(initrd.port, 2222);
         assert_eq!(initrd.host_key, "/etc/secrets/initrd/ssh_host_ed25519_key");
         assert_eq!(initrd.nic_modules, ["virtio_net", "virtio_pci"]);
+    }
+
+    #[test]
+    fn machine_facts_shape_the_hardware_plan() {
+        let config = choose(Some("/dev/vda"), None);
+        let mut f = facts(vec![disk("vda", 4 * GIB, 512, "A")]);
+        let plan = make(&config, &f, &ids()).unwrap();
+        assert_eq!(plan.system, "x86_64-linux");
+        assert_eq!(plan.virtualisation, Virtualisation::Kvm);
+        assert_eq!(plan.microcode, None, "a guest does not update microcode");
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["system"], "x86_64-linux");
+        assert_eq!(json["virtualisation"], "kvm");
+
+        f.machine = crate::machine::Machine {
+            arch: "aarch64".into(),
+            virtualisation: Virtualisation::None,
+            cpu_vendor: Some(CpuVendor::Amd),
+        };
+        let plan = make(&config, &f, &ids()).unwrap();
+        assert_eq!(plan.system, "aarch64-linux");
+        assert_eq!(plan.microcode, Some(CpuVendor::Amd));
+
+        f.machine.arch = "riscv64".into();
+        let err = make(&config, &f, &ids()).unwrap_err();
+        assert!(crate::error::one_line(&err).contains("riscv64"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,10 @@ fn facts(size: u64, sector: u32) -> Facts {
         }],
         nics: vec![],
         previous_installs: vec![],
+        machine: nixos_kexec::machine::Machine {
+            arch: "x86_64".into(),
+            ..Default::default()
+        },
     }
 }
 

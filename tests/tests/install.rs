@@ -110,6 +110,23 @@ fn check_prepared(out: &RunOutcome, disk: &Path, firmware: &str, hostname: &str)
         hardware.contains("virtio_pci") || hardware.contains("nvme"),
         "no disk driver in initrd modules:\n{hardware}"
     );
+    // Every scenario is an x86_64 QEMU guest (DMI says QEMU) booted with console=ttyS0.
+    for needle in [
+        "(modulesPath + \"/profiles/qemu-guest.nix\")",
+        "nixpkgs.hostPlatform = lib.mkDefault \"x86_64-linux\";",
+    ] {
+        ensure!(hardware.contains(needle), "no {needle} in:\n{hardware}");
+    }
+    ensure!(
+        !hardware.contains("updateMicrocode"),
+        "microcode in a VM:\n{hardware}"
+    );
+    for needle in [
+        "boot.kernelParams = [ \"console=tty0\" \"console=ttyS0,115200\" ];",
+        "serial --unit=0 --speed=115200",
+    ] {
+        ensure!(configuration.contains(needle), "no {needle} in:\n{configuration}");
+    }
     let info: Value = serde_json::from_str(&read("/etc/nixos/runtime-info.json")?)?;
     ensure!(info["version"] == 1, "runtime-info.json: {info}");
 

@@ -1,5 +1,6 @@
-//! Every `.nix` file of the repository must parse (`nix-instantiate --parse`), and `flake.nix`
-//! must be an attribute set with `description`, `inputs` and `outputs`.
+//! Every `.nix` file of the repository must parse (`nix-instantiate --parse`), `flake.nix`
+//! must be an attribute set with `description`, `inputs` and `outputs`, and the host flake the
+//! agent writes from `nix/templates/host` must parse with every generated block filled in.
 //!
 //! Nothing here builds or needs nixpkgs: this machine has neither nixpkgs nor a binary cache.
 //! `--parse` also resolves variables, so a misspelt name outside a `with` scope fails here.
@@ -225,6 +226,140 @@ fn flake_has_description_inputs_and_outputs() -> Result<()> {
     }
     if value["outputsIsFunction"] != serde_json::Value::Bool(true) {
         bail!("flake.nix `outputs` is not a function");
+    }
+    Ok(())
+}
+
+/// A plan the agent would make on a machine like `machine`, from the kernel command line
+/// `cmdline` (for its `console=`), on a BIOS machine (so GRUB's lines apply) with one disk.
+fn plan_for(machine: nixos_kexec::machine::Machine, cmdline: &str) -> Result<nixos_kexec::plan::Plan> {
+    use nixos_kexec::config::{Config, DiskChoice};
+    use nixos_kexec::facts::{Disk, Facts, Firmware, Transport};
+    let params = nixos_kexec::cmdline::Params::parse(cmdline)?;
+    let config = Config {
+        disk: DiskChoice::Auto,
+        swap_bytes: 1 << 30,
+        ssh_authorized_keys: vec!["ssh-ed25519 AAAA op@laptop".into()],
+        ..Config::assemble(None, &params)?
+    };
+    let disk = Disk {
+        name: "vda".into(),
+        dev_path: "/dev/vda".into(),
+        size_bytes: 8 << 30,
+        logical_sector: 512,
+        physical_sector: 512,
+        transport: Transport::Virtio,
+        model: None,
+        serial: Some("TARGET".into()),
+        wwn: None,
+        by_id: vec!["virtio-TARGET".into()],
+        removable: false,
+        read_only: false,
+        partitions: vec![],
+        holders: vec![],
+        mounted_at: vec![],
+        modules: vec!["virtio_blk".into(), "virtio_pci".into()],
+    };
+    let facts = Facts {
+        firmware: Firmware::Bios,
+        ram_bytes: 1 << 30,
+        kernel_release: "6.1.0".into(),
+        disks: vec![disk],
+        nics: vec![],
+        previous_installs: vec![],
+        machine,
+    };
+    nixos_kexec::plan::make(&config, &facts, &nixos_kexec::plan::PlanIds::random())
+}
+
+#[test]
+fn rendered_host_flakes_parse() -> Result<()> {
+    use nixos_kexec::machine::{CpuVendor, Machine, Virtualisation};
+    let nix = NixInstantiate::new()?;
+    let cases = [
+        (
+            "QEMU VM, Intel, serial console",
+            plan_for(
+                Machine {
+                    arch: "x86_64".into(),
+                    virtualisation: Virtualisation::Kvm,
+                    cpu_vendor: Some(CpuVendor::Intel),
+                },
+                "console=tty0 console=ttyS0,115200n8",
+            )?,
+            vec![
+                "(modulesPath + \"/profiles/qemu-guest.nix\")",
+                "boot.kernelParams = [ \"console=tty0\" \"console=ttyS0,115200\" ];",
+                "serial --unit=0 --speed=115200",
+                "nixpkgs.hostPlatform = lib.mkDefault \"x86_64-linux\";",
+            ],
+            vec!["updateMicrocode", "not-detected.nix"],
+        ),
+        (
+            "bare-metal AMD, no serial console",
+            plan_for(
+                Machine {
+                    arch: "x86_64".into(),
+                    virtualisation: Virtualisation::None,
+                    cpu_vendor: Some(CpuVendor::Amd),
+                },
+                "console=tty0",
+            )?,
+            vec![
+                "(modulesPath + \"/installer/scan/not-detected.nix\")",
+                "hardware.cpu.amd.updateMicrocode = lib.mkDefault config.hardware.enableRedistributableFirmware;",
+            ],
+            vec!["console=", "qemu-guest", "grub.extraConfig"],
+        ),
+        (
+            "Hyper-V, aarch64 serial console",
+            plan_for(
+                Machine {
+                    arch: "aarch64".into(),
+                    virtualisation: Virtualisation::Microsoft,
+                    cpu_vendor: None,
+                },
+                "console=ttyAMA0,115200",
+            )?,
+            vec![
+                "virtualisation.hypervGuest.enable = true;",
+                "\"console=ttyAMA0,115200\"",
+                "nixpkgs.hostPlatform = lib.mkDefault \"aarch64-linux\";",
+            ],
+            vec!["grub.extraConfig", "updateMicrocode"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, plan, wanted, unwanted) in cases {
+        let rendered = nixos_kexec::steps::flake::render(&plan, None)?;
+        let all = format!("{}\n{}", rendered.configuration, rendered.hardware);
+        for needle in wanted {
+            if !all.contains(needle) {
+                failures.push(format!("{what}: no {needle:?} in:\n{all}"));
+            }
+        }
+        for needle in unwanted {
+            if all.contains(needle) {
+                failures.push(format!("{what}: {needle:?} should not be in:\n{all}"));
+            }
+        }
+        for (name, text) in [
+            ("flake.nix", &rendered.flake),
+            ("configuration.nix", &rendered.configuration),
+            ("hardware-configuration.nix", &rendered.hardware),
+        ] {
+            let output = nix.run(&["--parse", "-E", text])?;
+            if !output.status.success() {
+                failures.push(format!(
+                    "{what}: {name} does not parse:\n{}\n{text}",
+                    String::from_utf8_lossy(&output.stderr).trim_end()
+                ));
+            }
+            eprintln!("--- {what}: {name}\n{text}");
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("\n\n"));
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use super::Execution;
 use crate::facts::Firmware;
+use crate::machine::{CpuVendor, Virtualisation};
 use crate::network::{self, facts::NetworkFacts};
 use crate::plan::{LuksVolume, Plan, PlannedMount, SwapArea};
 use crate::runtime_info::RuntimeInfo;
@@ -38,7 +39,7 @@ pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostF
             ("state_version", Value::Text(plan.state_version.clone())),
             ("firmware", Value::Text(firmware.into())),
             ("boot_disk", Value::Text(boot_disk.clone())),
-            ("system", Value::Text("x86_64-linux".into())),
+            ("system", Value::Text(plan.system.clone())),
         ];
         values.extend(extra);
         values
@@ -96,6 +97,7 @@ pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostF
                     Value::Block(templates::list_lines(&plan.ssh_authorized_keys, 4)),
                 ),
                 ("imports", Value::Block(imports.join(" "))),
+                ("serial_console", Value::Block(serial_console(plan))),
             ]),
         )?,
         hardware: templates::render(
@@ -108,6 +110,8 @@ pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostF
                 ("file_systems", Value::Block(file_systems(&plan.mounts))),
                 ("luks_devices", Value::Block(luks_devices(&plan.luks))),
                 ("swap_devices", Value::Block(swap_devices(&plan.swaps))),
+                ("hardware_imports", Value::Block(hardware_imports(plan))),
+                ("hardware_settings", Value::Block(hardware_settings(plan))),
             ]),
         )?,
         network: plan
@@ -174,6 +178,80 @@ fn swap_devices(swaps: &[SwapArea]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n    ")
+}
+
+/// The installer's serial console for the installed system too: many VPS operators can only
+/// reach their machine that way. The kernel prints to every `console=`, but only the last is
+/// /dev/console (systemd's status, emergency shell), so the serial port goes last.
+fn serial_console(plan: &Plan) -> String {
+    let Some(console) = &plan.serial_console else {
+        return String::new();
+    };
+    // boot.kernelParams: nixos/modules/system/boot/kernel.nix (both boot loaders pass them).
+    let mut text = format!(
+        "# The installer ran with the serial console {}: the kernel, systemd and a login\n  \
+         # prompt use it here too, and the screen (tty0) as well.\n  \
+         boot.kernelParams = [ \"console=tty0\" {} ];",
+        console.device,
+        templates::string(&console.kernel_param())
+    );
+    // boot.loader.grub.extraConfig (types.lines, "inserted in the configuration file just
+    // before the menu entries": nixos/modules/system/boot/loader/grub/grub.nix, whose own
+    // example is a serial console): the GRUB menu on the same port. It only matters where GRUB
+    // boots (BIOS machines here); PL011 ports have no GRUB unit number.
+    if let Some(unit) = console.grub_unit() {
+        text += &format!(
+            "\n  boot.loader.grub.extraConfig = ''\n    \
+             serial --unit={unit} --speed={}\n    \
+             terminal_input serial console\n    \
+             terminal_output serial console\n  \
+             '';",
+            console.speed
+        );
+    }
+    text
+}
+
+/// The module nixos-generate-config imports for this kind of machine, decided as it decides by
+/// systemd-detect-virt's answer (nixos/modules/installer/tools/nixos-generate-config.pl, the
+/// `$virt` checks; unchanged since nixpkgs PR #221050, 2023, so the same in 25.11 and 26.05).
+fn hardware_imports(plan: &Plan) -> String {
+    let module = match plan.virtualisation {
+        // `$virt eq "none"`: nixos/modules/installer/scan/not-detected.nix sets
+        // hardware.enableRedistributableFirmware, for devices no scan detects.
+        Virtualisation::None => "/installer/scan/not-detected.nix",
+        // `qemu`, `kvm`, `bochs`: nixos/modules/profiles/qemu-guest.nix puts the virtio drivers
+        // in the initrd.
+        Virtualisation::Qemu | Virtualisation::Kvm | Virtualisation::Bochs => "/profiles/qemu-guest.nix",
+        _ => return String::new(),
+    };
+    format!("(modulesPath + {})", templates::string(module))
+}
+
+/// The settings nixos-generate-config writes for this machine, in its words (same file).
+fn hardware_settings(plan: &Plan) -> String {
+    let mut lines = Vec::new();
+    match plan.virtualisation {
+        // `microsoft`: nixos/modules/virtualisation/hyperv-guest.nix (the hv_* drivers in the
+        // initrd, the Hyper-V daemons).
+        Virtualisation::Microsoft => lines.push("virtualisation.hypervGuest.enable = true;"),
+        // `oracle`: nixos/modules/virtualisation/virtualbox-guest.nix (guest additions).
+        Virtualisation::Oracle => lines.push("virtualisation.virtualbox.guest.enable = true;"),
+        _ => {}
+    }
+    // Bare metal only (the plan leaves it out in a VM, as nixos-generate-config has since
+    // PR #221050): nixos/modules/hardware/cpu/{intel,amd}-microcode.nix, following
+    // hardware.enableRedistributableFirmware (nixos/modules/hardware/all-firmware.nix).
+    match plan.microcode {
+        Some(CpuVendor::Intel) => lines.push(
+            "hardware.cpu.intel.updateMicrocode = lib.mkDefault config.hardware.enableRedistributableFirmware;",
+        ),
+        Some(CpuVendor::Amd) => lines.push(
+            "hardware.cpu.amd.updateMicrocode = lib.mkDefault config.hardware.enableRedistributableFirmware;",
+        ),
+        None => {}
+    }
+    lines.join("\n  ")
 }
 
 /// `services.openssh.hostKeys` entries for the keys the keys step puts under the persist path.
@@ -298,11 +376,118 @@ mod tests {
             hardware.contains("[ \"virtio_blk\" \"virtio_pci\" ]"),
             "{hardware}"
         );
+        assert!(
+            hardware.contains("imports = [ (modulesPath + \"/profiles/qemu-guest.nix\") ];"),
+            "{hardware}"
+        );
+        assert!(hardware.contains("nixpkgs.hostPlatform = lib.mkDefault \"x86_64-linux\";"));
+        assert!(!hardware.contains("updateMicrocode"), "{hardware}");
         for name in ["flake.nix", "configuration.nix"] {
             parse(dir.path(), name);
         }
+        let configuration = parse(dir.path(), "configuration.nix");
+        assert!(
+            !configuration.contains("console="),
+            "no serial console, nothing added"
+        );
         assert!(!dir.path().join("persist.nix").exists());
         assert!(!dir.path().join("initrd-ssh.nix").exists());
+    }
+
+    /// What nixos-generate-config would add on bare metal, Hyper-V and VirtualBox.
+    #[test]
+    fn hardware_of_the_machine() {
+        use crate::machine::Machine;
+        let config = Config {
+            disk: DiskChoice::Auto,
+            ..Config::default()
+        };
+        for (machine, wanted, unwanted) in [
+            (
+                Machine {
+                    arch: "x86_64".into(),
+                    virtualisation: Virtualisation::None,
+                    cpu_vendor: Some(CpuVendor::Amd),
+                },
+                vec![
+                    "imports = [ (modulesPath + \"/installer/scan/not-detected.nix\") ];",
+                    "hardware.cpu.amd.updateMicrocode = lib.mkDefault config.hardware.enableRedistributableFirmware;",
+                ],
+                vec!["qemu-guest", "intel"],
+            ),
+            (
+                Machine {
+                    arch: "aarch64".into(),
+                    virtualisation: Virtualisation::None,
+                    cpu_vendor: None,
+                },
+                vec![
+                    "not-detected.nix",
+                    "nixpkgs.hostPlatform = lib.mkDefault \"aarch64-linux\";",
+                ],
+                vec!["updateMicrocode"],
+            ),
+            (
+                Machine {
+                    arch: "x86_64".into(),
+                    virtualisation: Virtualisation::Microsoft,
+                    cpu_vendor: Some(CpuVendor::Intel),
+                },
+                vec!["imports = [  ];", "virtualisation.hypervGuest.enable = true;"],
+                vec!["updateMicrocode", "not-detected", "qemu-guest"],
+            ),
+            (
+                Machine {
+                    arch: "x86_64".into(),
+                    virtualisation: Virtualisation::Oracle,
+                    cpu_vendor: Some(CpuVendor::Intel),
+                },
+                vec!["virtualisation.virtualbox.guest.enable = true;"],
+                vec!["updateMicrocode", "not-detected"],
+            ),
+        ] {
+            let mut f = facts(vec![disk("vda", 8 << 30, 512, "A")]);
+            f.machine = machine.clone();
+            let plan = crate::plan::make(&config, &f, &ids()).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
+            let hardware = parse(dir.path(), "hardware-configuration.nix");
+            for needle in wanted {
+                assert!(hardware.contains(needle), "{machine:?}: {needle}\n{hardware}");
+            }
+            for needle in unwanted {
+                assert!(!hardware.contains(needle), "{machine:?}: {needle}\n{hardware}");
+            }
+        }
+    }
+
+    #[test]
+    fn serial_console_of_the_installer() {
+        let params = crate::cmdline::Params::parse("console=tty0 console=ttyS1,57600n8").unwrap();
+        let mut config = Config::assemble(None, &params).unwrap();
+        config.disk = DiskChoice::Auto;
+        let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
+        let configuration = parse(dir.path(), "configuration.nix");
+        for needle in [
+            "boot.kernelParams = [ \"console=tty0\" \"console=ttyS1,57600\" ];",
+            "    serial --unit=1 --speed=57600\n    terminal_input serial console\n    terminal_output serial console\n  '';",
+        ] {
+            assert!(configuration.contains(needle), "{needle}\n{configuration}");
+        }
+        // aarch64's PL011: the kernel parameter, no GRUB lines.
+        let params = crate::cmdline::Params::parse("console=ttyAMA0").unwrap();
+        let mut config = Config::assemble(None, &params).unwrap();
+        config.disk = DiskChoice::Auto;
+        let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids()).unwrap();
+        write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
+        let configuration = parse(dir.path(), "configuration.nix");
+        assert!(
+            configuration.contains("\"console=ttyAMA0,115200\" ];"),
+            "{configuration}"
+        );
+        assert!(!configuration.contains("grub.extraConfig"), "{configuration}");
     }
 
     /// Every preset, with swap and an SSH key (and so initrd SSH when encrypted), writes Nix

@@ -15,6 +15,8 @@ in
   boot.loader.grub.enable = firmware == "bios";
   boot.loader.grub.device = if firmware == "bios" then bootDisk else "nodev";
 
+  /*@serial_console@*/
+
   networking.hostName = "@hostname@";
 
   services.openssh = {

@@ -3,6 +3,8 @@
 { config, lib, pkgs, modulesPath, ... }:
 
 {
+  imports = [ /*@hardware_imports@*/ ];
+
   boot.initrd.availableKernelModules = [ /*@initrd_modules@*/ ];
   boot.initrd.kernelModules = [ ];
   boot.kernelModules = [ ];
@@ -17,6 +19,8 @@
   ];
 
   networking.useDHCP = lib.mkDefault true;
+
+  /*@hardware_settings@*/
 
   nixpkgs.hostPlatform = lib.mkDefault "@system@";
 }
