@@ -123,7 +123,18 @@ fn report_lists_verification(disk: &Path, part: u32, names: &[&str]) -> Result<V
         .filter_map(|s| s["step"].as_str())
         .collect();
     ensure!(
-        steps.ends_with(&["install", "verify", "finish"]),
+        steps
+            == [
+                "wipe",
+                "partition",
+                "format",
+                "mount",
+                "keys",
+                "flake",
+                "install",
+                "verify",
+                "finish"
+            ],
         "steps {steps:?}"
     );
     Ok(report)
@@ -148,10 +159,30 @@ fn bios_virtio_grub_boots() -> Result<()> {
         .run()?;
     installed(&out, &BIOS_GPT_CHECKS)?;
     ensure!(
+        out.contains("install: stand-in nixos-install called with: --root /mnt --flake /mnt/etc/nixos#web1 --no-root-passwd"),
+        "nixos-install was not called as expected"
+    );
+    ensure!(
         out.contains("grub device=/dev/disk/by-id/virtio-BOOTVIRT1"),
         "the configuration did not name the disk by id"
     );
-    report_lists_verification(&out.disks[0], 3, &BIOS_GPT_CHECKS)?;
+    ensure!(
+        out.contains("root moved from the initramfs to a tmpfs"),
+        "the root was not moved"
+    );
+    let report = report_lists_verification(&out.disks[0], 3, &BIOS_GPT_CHECKS)?;
+    ensure!(report["stopped_before"].is_null(), "report: {report}");
+    let root = extract_partition(&out.disks[0], 3)?;
+    let log = String::from_utf8(ext4_read_file(&root, "/var/log/nixos-kexec/install.log")?)?;
+    ensure!(
+        log.contains("building the system configuration..."),
+        "install.log lacks the install's streamed output:\n{log}"
+    );
+    // Nix's build sandbox calls pivot_root first; the kernel refuses it on the initramfs.
+    ensure!(
+        log.contains("sandbox-pivot-root-ok"),
+        "pivot_root failed in the installer:\n{log}"
+    );
     boot_installed_disk(&bundle, "bios_virtio", &out, Firmware::Bios, &[GRUB_MENU])?;
     Ok(())
 }

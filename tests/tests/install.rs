@@ -3,9 +3,8 @@
 //! checked from outside with sgdisk/sfdisk, fsck.fat, e2fsck, debugfs, blkid, ssh-keygen and
 //! nix-instantiate.
 //!
-//! The dev bundle carries no Nix, so these stop before `install` (nixos_kexec.stop_before), except
-//! `install_step_with_stand_in`, which appends a test double for nixos-install: the real one needs
-//! a Nix binary cache this machine cannot reach.
+//! The dev bundle carries no Nix, so these stop before `install` (nixos_kexec.stop_before); the
+//! install step itself, with a test double for nixos-install, is in `boot.rs`.
 
 use anyhow::{ensure, Context, Result};
 use nixos_kexec_tests::*;
@@ -322,88 +321,6 @@ fn dry_run_prints_the_plan_and_writes_nothing() -> Result<()> {
     );
     ensure!(plan["partitions"][2]["start_bytes"] == 514 * MIB, "plan: {plan}");
     ensure!(digest(&disk)? == before, "a dry run changed the disk");
-    Ok(())
-}
-
-/// The install step itself, with a stand-in for nixos-install (a test double: the real one
-/// needs a Nix binary cache). Shows the arguments, the streamed output in the log, the report
-/// and the power-off afterwards.
-#[test]
-fn install_step_with_stand_in() -> Result<()> {
-    let bundle = dev_bundle()?;
-    let scratch = tempfile::tempdir()?;
-    let stand_in = scratch.path().join("stand-in.cpio");
-    Cpio::new()
-        .file(
-            "bin/nixos-install",
-            0o755,
-            b"#!/bin/sh\n# TEST DOUBLE for nixos-install: the real one needs a Nix binary cache.\n\
-              echo \"stand-in nixos-install called with: $*\"\n\
-              test -f /mnt/etc/nixos/flake.nix || { echo 'no flake' >&2; exit 1; }\n\
-              echo 'building the system configuration...' >&2\n\
-              unshare -m sh -c 'mkdir -p /tmp/nr && mount -t tmpfs nr /tmp/nr && mkdir /tmp/nr/old && cd /tmp/nr && pivot_root . old && echo sandbox-pivot-root-ok' || exit 1\n\
-              mkdir -p /mnt/nix/var/nixos-kexec-stand-in && echo \"$*\" > /mnt/nix/var/nixos-kexec-stand-in/args\n",
-        )
-        .write_to(&stand_in)?;
-    let out = Vm::new(&bundle)
-        .extra_initrd(&stand_in)
-        // The install step needs a network (checked before the disk is wiped): QEMU's DHCP.
-        .nic("52:54:00:12:34:90")
-        .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("INSTALL1"))
-        .param("nixos_kexec.disk=/dev/vda")
-        .param("nixos_kexec.hostname=box")
-        .param(key_param())
-        .param("nixos_kexec.after=poweroff")
-        .run()?;
-    out.expect_success()?;
-    ensure!(out.exited_by_itself, "the VM should have powered off");
-    ensure!(
-        out.contains("install: stand-in nixos-install called with: --root /mnt --flake /mnt/etc/nixos#box --no-root-passwd"),
-        "nixos-install was not called as expected"
-    );
-    let root = extract_partition(&out.disks[0], 3)?;
-    e2fsck(&root)?;
-    let args = String::from_utf8(ext4_read_file(&root, "/nix/var/nixos-kexec-stand-in/args")?)?;
-    ensure!(args.contains("--flake /mnt/etc/nixos#box"), "{args}");
-    let log = String::from_utf8(ext4_read_file(&root, "/var/log/nixos-kexec/install.log")?)?;
-    ensure!(
-        log.contains("building the system configuration..."),
-        "install.log lacks the install output:\n{log}"
-    );
-    // What Nix's build sandbox does first; the kernel refuses it on the initramfs itself.
-    ensure!(
-        log.contains("sandbox-pivot-root-ok"),
-        "pivot_root failed in the installer:\n{log}"
-    );
-    ensure!(
-        out.contains("root moved from the initramfs to a tmpfs"),
-        "the root was not moved"
-    );
-    let report: Value = serde_json::from_slice(&ext4_read_file(&root, "/var/log/nixos-kexec/report.json")?)?;
-    ensure!(
-        report["result"] == "success" && report["stopped_before"].is_null(),
-        "report: {report}"
-    );
-    let steps: Vec<&str> = report["steps"]
-        .as_array()
-        .context("steps")?
-        .iter()
-        .filter_map(|s| s["step"].as_str())
-        .collect();
-    ensure!(
-        steps
-            == [
-                "wipe",
-                "partition",
-                "format",
-                "mount",
-                "keys",
-                "flake",
-                "install",
-                "finish"
-            ],
-        "steps {steps:?}"
-    );
     Ok(())
 }
 
