@@ -284,6 +284,14 @@ pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
     };
     let mut config = Config::assemble_layers(layers, fetched, &params)?;
     config.find_secrets(&input.root);
+    // The links udev would have made: the plan and the installed system's config name disks
+    // by them, and grub-install in nixos-install's chroot opens them. Not fatal here: a plan
+    // that names /dev/vda works without them, and the partition step makes them again.
+    if mode == NetworkMode::BringUp {
+        if let Err(e) = crate::devlinks::refresh() {
+            log::warn!("devices: could not make the /dev/disk links: {e:#}");
+        }
+    }
     let mut facts = Facts::gather()?;
     // Mounting (read-only) to look is for the installer; `nixos-kexec plan` on a running
     // system leaves its disks alone.

@@ -9,6 +9,7 @@ pub mod btrfs;
 pub mod cmdline;
 pub mod config;
 pub mod console;
+pub mod devlinks;
 pub mod error;
 pub mod facts;
 pub mod fetch;

@@ -37,6 +37,13 @@ enum Command {
     Gather,
     /// Gather, merge the options below, and kexec into the installer bundle.
     Run(RunArgs),
+    /// Diagnostics: the /dev/disk links the installer makes in place of udev.
+    #[command(hide = true)]
+    Devlinks {
+        /// Print them (`by-id/NAME -> ../../vda`, sorted) instead of creating them.
+        #[arg(long)]
+        print: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -133,6 +140,20 @@ fn main() {
                 1
             }
         },
+        Some(Command::Devlinks { print }) => {
+            let result = if print {
+                nixos_kexec::devlinks::print_lines().map(|lines| lines.iter().for_each(|l| print_stdout(l)))
+            } else {
+                nixos_kexec::devlinks::refresh().map(|_| ())
+            };
+            match result {
+                Ok(()) => 0,
+                Err(e) => {
+                    app::print_error(&e);
+                    1
+                }
+            }
+        }
         Some(Command::Run(args)) => {
             let options = RunOptions {
                 bundle: args.bundle,

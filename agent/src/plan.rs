@@ -342,7 +342,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         layout: config.layout,
         disk: TargetDisk {
             dev_path: disk.dev_path.clone(),
-            by_id: disk.by_id.first().map(|id| format!("/dev/disk/by-id/{id}")),
+            by_id: disk.stable_link(),
             serial: disk.serial.clone(),
             size_bytes: disk.size_bytes,
             logical_sector: disk.logical_sector,
@@ -580,6 +580,7 @@ pub mod tests {
             serial: Some(serial.into()),
             wwn: None,
             by_id: vec![format!("virtio-{serial}")],
+            by_path: vec![],
             removable: false,
             read_only: false,
             partitions: vec![],

@@ -24,6 +24,7 @@ fn facts(size: u64, sector: u32) -> Facts {
             serial: Some("IMG".into()),
             wwn: None,
             by_id: vec!["virtio-IMG".into()],
+            by_path: vec![],
             removable: false,
             read_only: false,
             partitions: vec![],

@@ -25,6 +25,7 @@ fn disk(size: u64, sector: u32) -> Disk {
         serial: None,
         wwn: None,
         by_id: vec![],
+        by_path: vec![],
         removable: false,
         read_only: false,
         partitions: vec![],

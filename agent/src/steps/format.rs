@@ -65,6 +65,10 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
         }
         swap::make(area)?;
     }
+    // New filesystems: by-uuid and by-label, which fileSystems and swapDevices name.
+    if crate::blockdev::is_block_device_path(&plan.disk.dev_path) {
+        crate::devlinks::refresh().context("making /dev/disk links for the new filesystems")?;
+    }
     Ok(())
 }
 

@@ -33,6 +33,10 @@ pub fn run(plan: &Plan) -> Result<()> {
             p.start_bytes >> 20
         );
     }
+    // New partitions, new by-partuuid names; the old partitions' links must go.
+    if blockdev::is_block_device_path(path) {
+        crate::devlinks::refresh().context("making /dev/disk links for the new partitions")?;
+    }
     Ok(())
 }
 
