@@ -253,6 +253,7 @@ fn plan_for(machine: nixos_kexec::machine::Machine, cmdline: &str) -> Result<nix
         serial: Some("TARGET".into()),
         wwn: None,
         by_id: vec!["virtio-TARGET".into()],
+        by_path: vec![],
         removable: false,
         read_only: false,
         partitions: vec![],
