@@ -707,22 +707,16 @@ fn mbr_bios_512_with_swap() -> Result<()> {
     Ok(())
 }
 
-/// 256 MiB of RAM and a swap partition: swap is on while nixos-install (a stand-in that shows
-/// /proc/swaps) runs, and off again at the end.
+/// 256 MiB of RAM and a swap partition: swap is on while nixos-install (the stand-in, which
+/// shows /proc/swaps) runs, and off again at the end; the whole install, boot loader and
+/// verification included, fits.
 #[test]
 fn ext4_swap_used_during_install_in_256_mib() -> Result<()> {
     let bundle = dev_bundle()?;
-    let scratch = tempfile::tempdir()?;
-    let stand_in = scratch.path().join("stand-in.cpio");
-    Cpio::new()
-        .file(
-            "bin/nixos-install",
-            0o755,
-            b"#!/bin/sh\n# TEST DOUBLE for nixos-install: the real one needs a Nix binary cache.\n\
-              echo \"stand-in nixos-install, TMPDIR=$TMPDIR\"\n\
-              sed 's/^/swaps: /' /proc/swaps\n",
-        )
-        .write_to(&stand_in)?;
+    // TEST DOUBLE for nixos-install (tests/stand-in/nixos-install, from build-dev): it stands
+    // for the NixOS closure and installs the boot loader with Debian's grub-install; it prints
+    // its TMPDIR and /proc/swaps.
+    let stand_in = bundle.dir.join("boot-stand-in.cpio.gz");
     let out = Vm::new(&bundle)
         .memory_mib(256)
         // A planned install step needs a network (QEMU's user-mode DHCP gives one).
