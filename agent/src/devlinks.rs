@@ -199,8 +199,9 @@ pub fn print_lines() -> Result<Vec<String>> {
 
 /// What udev's blkid builtin reports for a device that holds a filesystem, swap or LUKS.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Filesystem {
-    kind: &'static str,
+pub(crate) struct Filesystem {
+    /// blkid's TYPE: `ext4`, `btrfs`, `vfat`, `swap`, `crypto_LUKS`.
+    pub(crate) kind: &'static str,
     uuid: Option<String>,
     label: Option<Vec<u8>>,
 }
@@ -242,6 +243,15 @@ fn label_bytes(raw: &[u8]) -> Option<Vec<u8>> {
 /// Recognises ext2/3/4, btrfs, FAT, swap and LUKS. Two different signatures at once make
 /// blkid's safe probe give up (an "ambivalent" result), and then udev makes no link either.
 fn probe_filesystem(head: &[u8]) -> Option<Filesystem> {
+    let mut found = signatures(head);
+    match found.len() {
+        1 => found.pop(),
+        _ => None,
+    }
+}
+
+/// Every filesystem signature in the first bytes of a device, ext4 before btrfs.
+pub(crate) fn signatures(head: &[u8]) -> Vec<Filesystem> {
     let at = |range: std::ops::Range<usize>| head.get(range);
     let mut found = Vec::new();
     if at(1080..1082) == Some(&[0x53, 0xef]) {
@@ -283,10 +293,7 @@ fn probe_filesystem(head: &[u8]) -> Option<Filesystem> {
     if let Some(fat) = probe_fat(head) {
         found.push(fat);
     }
-    match found.len() {
-        1 => found.pop(),
-        _ => None,
-    }
+    found
 }
 
 /// FAT12/16/32: the volume serial as `XXXX-XXXX`, the label from the root directory's volume

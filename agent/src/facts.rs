@@ -194,15 +194,10 @@ impl Facts {
 
 /// Filesystems a root can be on that we can read without a key.
 fn sniff_filesystem(head: &[u8]) -> Option<&'static str> {
-    // ext2/3/4: s_magic 0xEF53 at byte 56 of the superblock, which starts at 1024.
-    if head.get(1080..1082) == Some(&[0x53, 0xef]) {
-        return Some("ext4");
-    }
-    // btrfs: "_BHRfS_M" at byte 64 of the superblock at 64 KiB.
-    if head.get(65600..65608) == Some(b"_BHRfS_M") {
-        return Some("btrfs");
-    }
-    None
+    crate::devlinks::signatures(head)
+        .into_iter()
+        .map(|fs| fs.kind)
+        .find(|kind| matches!(*kind, "ext4" | "btrfs"))
 }
 
 /// Reads a report.json: `Some` only for a run that ended in success.
