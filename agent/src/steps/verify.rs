@@ -78,19 +78,23 @@ pub fn checks(plan: &Plan, root: &Path, efivars: &Path) -> Vec<Check> {
         Check::new("host flake", host_flake(plan, root)),
     ];
     match (plan.firmware, plan.table) {
-        (Firmware::Bios, Table::Gpt) => {
-            checks.push(Check::new("GRUB boot code in the MBR", grub_boot_code(plan)));
+        (Firmware::Bios, table) => {
+            // The MBR is read once; both checks judge what boot.img says.
+            let kernel_sector = grub_kernel_sector(plan);
             checks.push(Check::new(
-                "GRUB core.img in the BIOS boot partition",
-                grub_core_in_bios_boot_partition(plan),
+                "GRUB boot code in the MBR",
+                grub_boot_code(plan, &kernel_sector),
             ));
-        }
-        (Firmware::Bios, Table::Mbr) => {
-            checks.push(Check::new("GRUB boot code in the MBR", grub_boot_code(plan)));
-            checks.push(Check::new(
-                "GRUB core.img after the MBR",
-                grub_core_after_mbr(plan),
-            ));
+            checks.push(match table {
+                Table::Gpt => Check::new(
+                    "GRUB core.img in the BIOS boot partition",
+                    grub_core_in_bios_boot_partition(plan, &kernel_sector),
+                ),
+                Table::Mbr => Check::new(
+                    "GRUB core.img after the MBR",
+                    grub_core_after_mbr(plan, &kernel_sector),
+                ),
+            });
         }
         (Firmware::Uefi, _) => {
             checks.push(Check::new(
@@ -210,7 +214,7 @@ fn read_disk(plan: &Plan, offset: u64, len: usize) -> std::result::Result<Vec<u8
 
 /// The sector boot.img loads core.img from, in the disk's logical sectors; errors when the
 /// MBR holds no GRUB boot code.
-fn grub_kernel_sector(plan: &Plan) -> std::result::Result<u64, String> {
+fn grub_kernel_sector(plan: &Plan) -> KernelSector {
     let mbr = read_disk(plan, 0, 512)?;
     if mbr[..440].iter().all(|b| *b == 0) {
         return Err(format!("the MBR of {} holds no boot code", plan.disk.dev_path));
@@ -226,21 +230,26 @@ fn grub_kernel_sector(plan: &Plan) -> std::result::Result<u64, String> {
     Ok(u64::from_le_bytes(sector))
 }
 
-fn grub_boot_code(plan: &Plan) -> std::result::Result<String, String> {
-    let sector = grub_kernel_sector(plan)?;
+type KernelSector = std::result::Result<u64, String>;
+
+fn grub_boot_code(plan: &Plan, kernel_sector: &KernelSector) -> std::result::Result<String, String> {
+    let sector = kernel_sector.clone()?;
     Ok(format!(
         "{}: GRUB boot.img loads core.img from sector {sector}",
         plan.disk.dev_path
     ))
 }
 
-fn grub_core_in_bios_boot_partition(plan: &Plan) -> std::result::Result<String, String> {
+fn grub_core_in_bios_boot_partition(
+    plan: &Plan,
+    kernel_sector: &KernelSector,
+) -> std::result::Result<String, String> {
     let partition = plan
         .partitions
         .iter()
         .find(|p| p.type_guid == TYPE_BIOS_BOOT)
         .ok_or("the plan has no BIOS boot partition")?;
-    let sector = grub_kernel_sector(plan)?;
+    let sector = kernel_sector.clone()?;
     let sector_bytes = u64::from(plan.disk.logical_sector);
     if sector.checked_mul(sector_bytes) != Some(partition.start_bytes) {
         return Err(format!(
@@ -252,15 +261,15 @@ fn grub_core_in_bios_boot_partition(plan: &Plan) -> std::result::Result<String, 
     core_img_at(plan, partition.start_bytes, &partition.device)
 }
 
-fn grub_core_after_mbr(plan: &Plan) -> std::result::Result<String, String> {
-    let sector = grub_kernel_sector(plan)?;
+fn grub_core_after_mbr(plan: &Plan, kernel_sector: &KernelSector) -> std::result::Result<String, String> {
+    let sector = kernel_sector.clone()?;
     let sector_bytes = u64::from(plan.disk.logical_sector);
     let first_partition = plan
         .partitions
         .iter()
         .map(|p: &PlannedPartition| p.start_bytes)
         .min();
-    let offset = sector.checked_mul(sector_bytes).unwrap_or(u64::MAX);
+    let offset = sector.saturating_mul(sector_bytes);
     if sector == 0 || first_partition.is_some_and(|start| offset >= start) {
         return Err(format!(
             "boot.img loads core.img from sector {sector}, which is not in the gap before the first partition"
