@@ -1,17 +1,18 @@
 //! The installer from start to end: input -> network (DHCP when nothing describes it) ->
 //! config_url -> config -> facts -> plan -> steps -> report.
 
-use crate::cmdline::Params;
-use crate::config::{After, Config, DiskChoice};
+use crate::console;
 use crate::error::{as_user_error, one_line, user_error};
-use crate::facts::Facts;
-use crate::fetch::{self, MachineVars};
+use crate::input::cmdline::Params;
+use crate::input::config::{After, Config, DiskChoice};
+use crate::input::fetch::{self, MachineVars};
+use crate::input::runtime_info::Network;
+use crate::installer::plan::{self, Plan, PlanIds, MIB};
+use crate::installer::steps::{self, finish, Execution};
+use crate::machine::facts::Facts;
+use crate::machine::pid1;
 use crate::network::dhcp;
 use crate::network::facts::NetworkFacts;
-use crate::plan::{self, Plan, PlanIds, MIB};
-use crate::runtime_info::Network;
-use crate::steps::{self, finish, Execution};
-use crate::{console, pid1};
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -278,7 +279,7 @@ pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
         Some(url) => Some(fetch::runtime_info(
             url,
             &machine_vars(&first, &network)?,
-            &crate::http::Options::default(),
+            &crate::input::http::Options::default(),
         )?),
         None => None,
     };
@@ -288,7 +289,7 @@ pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
     // by them, and grub-install in nixos-install's chroot opens them. Not fatal here: a plan
     // that names /dev/vda works without them, and the partition step makes them again.
     if mode == NetworkMode::BringUp {
-        if let Err(e) = crate::devlinks::refresh() {
+        if let Err(e) = crate::machine::devlinks::refresh() {
             log::warn!("devices: could not make the /dev/disk links: {e:#}");
         }
     }
@@ -296,7 +297,7 @@ pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
     // Mounting (read-only) to look is for the installer; `nixos-kexec plan` on a running
     // system leaves its disks alone.
     if mode == NetworkMode::BringUp {
-        crate::facts::find_previous_installs(&mut facts, Path::new(PROBE_DIR));
+        crate::machine::facts::find_previous_installs(&mut facts, Path::new(PROBE_DIR));
     }
     print_facts(&facts);
     if config.disk == DiskChoice::Unspecified && plan::eligible_disks(&facts).len() == 1 {
@@ -338,7 +339,7 @@ pub fn install(input: &Input, force_dry_run: bool) -> Result<Option<After>> {
 fn install_inner(input: &Input, force_dry_run: bool, printed: &mut bool) -> Result<Option<After>> {
     let passphrase_file = input
         .root
-        .join(crate::config::SECRETS_DIR.trim_start_matches('/'))
+        .join(crate::input::config::SECRETS_DIR.trim_start_matches('/'))
         .join("disk-passphrase");
     let Prepared {
         config,

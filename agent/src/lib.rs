@@ -1,30 +1,24 @@
 //! nixos-kexec: installs NixOS from a kexec'd minimal initrd.
 //!
-//! Data flows one way: kernel command line and initrd files -> [`config::Config`] ->
-//! [`facts::Facts`] -> [`plan::Plan`] -> [`steps`] -> report.
+//! The folders are the stages of the flow, in order:
+//!
+//! - [`rescue`]: on the live rescue system, gather runtime info, pack it and kexec (`run`).
+//! - [`input`]: inside the installer, read the kernel command line, runtime info, initrd files
+//!   and `config_url` once, into one [`input::config::Config`].
+//! - [`network`]: bring the network back as the rescue system had it (or DHCP), and describe
+//!   it for the installed system.
+//! - [`machine`]: what the machine is and how the agent talks to its kernel: disk and firmware
+//!   facts, udev's device links, module loading, PID 1 duties, and the one command runner.
+//! - [`installer`]: the pure [`installer::plan::Plan`] made from config and facts, then the
+//!   steps that carry it out, ending in the report.
+//!
+//! [`app`] strings the stages together; [`console`] and [`error`] serve them all.
 
 pub mod app;
-pub mod blockdev;
-pub mod btrfs;
-pub mod cmdline;
-pub mod config;
 pub mod console;
-pub mod devlinks;
 pub mod error;
-pub mod facts;
-pub mod fetch;
-pub mod http;
-pub mod kmod;
-pub mod layout;
+pub mod input;
+pub mod installer;
 pub mod machine;
 pub mod network;
-pub mod pid1;
-pub mod plan;
-pub mod presets;
 pub mod rescue;
-pub mod runner;
-pub mod runtime_info;
-pub mod steps;
-pub mod storage;
-pub mod templates;
-pub mod tls;

@@ -1,7 +1,8 @@
 use clap::{Parser, Subcommand};
+use nixos_kexec::machine::{facts::Facts, pid1};
 use nixos_kexec::rescue::gather::Gathered;
 use nixos_kexec::rescue::run::RunOptions;
-use nixos_kexec::{app, console, facts::Facts, pid1};
+use nixos_kexec::{app, console};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -102,7 +103,9 @@ fn main() {
         .next()
         .is_some_and(|arg0| std::path::Path::new(&arg0).file_name() == Some("modprobe".as_ref()))
     {
-        std::process::exit(nixos_kexec::kmod::modprobe_main(&args.collect::<Vec<_>>()));
+        std::process::exit(nixos_kexec::machine::kmod::modprobe_main(
+            &args.collect::<Vec<_>>(),
+        ));
     }
     if pid1::is_pid1() {
         app::init_main();
@@ -142,9 +145,10 @@ fn main() {
         },
         Some(Command::Devlinks { print }) => {
             let result = if print {
-                nixos_kexec::devlinks::print_lines().map(|lines| lines.iter().for_each(|l| print_stdout(l)))
+                nixos_kexec::machine::devlinks::print_lines()
+                    .map(|lines| lines.iter().for_each(|l| print_stdout(l)))
             } else {
-                nixos_kexec::devlinks::refresh().map(|_| ())
+                nixos_kexec::machine::devlinks::refresh().map(|_| ())
             };
             match result {
                 Ok(()) => 0,

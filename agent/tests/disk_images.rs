@@ -1,11 +1,11 @@
 //! The partition and format code on image files, checked with sgdisk, sfdisk and fsck.fat.
 //! (The kernel side of it, re-reading and mounting, is covered by the QEMU scenarios in tests/.)
 
-use nixos_kexec::config::{Config, DiskChoice, Layout};
-use nixos_kexec::facts::{Disk, Facts, Firmware, Transport};
-use nixos_kexec::plan::{self, PlanIds, GIB};
-use nixos_kexec::steps::{format, partition};
-use nixos_kexec::storage::Table;
+use nixos_kexec::input::config::{Config, DiskChoice, Layout};
+use nixos_kexec::installer::plan::{self, PlanIds, GIB};
+use nixos_kexec::installer::steps::{format, partition};
+use nixos_kexec::installer::storage::Table;
+use nixos_kexec::machine::facts::{Disk, Facts, Firmware, Transport};
 use std::process::Command;
 
 fn facts(size: u64, sector: u32) -> Facts {
@@ -34,7 +34,7 @@ fn facts(size: u64, sector: u32) -> Facts {
         }],
         nics: vec![],
         previous_installs: vec![],
-        machine: nixos_kexec::machine::Machine {
+        machine: nixos_kexec::machine::platform::Machine {
             arch: "x86_64".into(),
             ..Default::default()
         },
@@ -166,7 +166,7 @@ fn mbr_has_primary_partitions_and_one_boot_flag() {
     let size = 5 * GIB;
     std::fs::File::create(&image).unwrap().set_len(size).unwrap();
     let mut facts = facts(size, 512);
-    facts.firmware = nixos_kexec::facts::Firmware::Bios;
+    facts.firmware = nixos_kexec::machine::facts::Firmware::Bios;
     let config = Config {
         disk: DiskChoice::Auto,
         layout: Layout::LuksExt4,

@@ -1,16 +1,16 @@
 //! Property tests: the input parsers never panic, and the partition planner never produces a
 //! layout that overlaps, is misaligned or leaves the disk, for any disk size and both sector sizes.
 
-use nixos_kexec::cmdline::Params;
-use nixos_kexec::config::Config;
-use nixos_kexec::config::Layout;
-use nixos_kexec::facts::Firmware;
-use nixos_kexec::facts::{Disk, Transport};
-use nixos_kexec::layout::place;
-use nixos_kexec::plan::{PlanIds, ALIGNMENT, MIB};
-use nixos_kexec::presets::storage_for;
-use nixos_kexec::runtime_info::{self, Source};
-use nixos_kexec::storage::Table;
+use nixos_kexec::input::cmdline::Params;
+use nixos_kexec::input::config::Config;
+use nixos_kexec::input::config::Layout;
+use nixos_kexec::input::runtime_info::{self, Source};
+use nixos_kexec::installer::layout::place;
+use nixos_kexec::installer::plan::{PlanIds, ALIGNMENT, MIB};
+use nixos_kexec::installer::presets::storage_for;
+use nixos_kexec::installer::storage::Table;
+use nixos_kexec::machine::facts::Firmware;
+use nixos_kexec::machine::facts::{Disk, Transport};
 use proptest::prelude::*;
 
 fn disk(size: u64, sector: u32) -> Disk {
@@ -47,7 +47,7 @@ proptest! {
 
     #[test]
     fn our_parameters_with_arbitrary_values_never_panic(
-        key in prop::sample::select(nixos_kexec::cmdline::KNOWN_KEYS.to_vec()),
+        key in prop::sample::select(nixos_kexec::input::cmdline::KNOWN_KEYS.to_vec()),
         value in "[ -~]{0,200}",
     ) {
         let line = format!("console=ttyS0 nixos_kexec.{key}=\"{value}\"");
@@ -58,14 +58,14 @@ proptest! {
 
     #[test]
     fn config_url_handling_never_panics(text in ".{0,200}", bytes in prop::collection::vec(any::<u8>(), 0..400)) {
-        let _ = nixos_kexec::http::Url::parse(&text);
-        let _ = nixos_kexec::http::parse_response(&bytes);
-        let vars = nixos_kexec::fetch::MachineVars {
+        let _ = nixos_kexec::input::http::Url::parse(&text);
+        let _ = nixos_kexec::input::http::parse_response(&bytes);
+        let vars = nixos_kexec::input::fetch::MachineVars {
             mac: Some("52:54:00:12:34:56".into()),
             serial: Some(text.clone()),
             ..Default::default()
         };
-        let _ = nixos_kexec::fetch::substitute(&text, &vars);
+        let _ = nixos_kexec::input::fetch::substitute(&text, &vars);
     }
 
     #[test]

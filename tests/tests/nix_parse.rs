@@ -232,10 +232,13 @@ fn flake_has_description_inputs_and_outputs() -> Result<()> {
 
 /// A plan the agent would make on a machine like `machine`, from the kernel command line
 /// `cmdline` (for its `console=`), on a BIOS machine (so GRUB's lines apply) with one disk.
-fn plan_for(machine: nixos_kexec::machine::Machine, cmdline: &str) -> Result<nixos_kexec::plan::Plan> {
-    use nixos_kexec::config::{Config, DiskChoice};
-    use nixos_kexec::facts::{Disk, Facts, Firmware, Transport};
-    let params = nixos_kexec::cmdline::Params::parse(cmdline)?;
+fn plan_for(
+    machine: nixos_kexec::machine::platform::Machine,
+    cmdline: &str,
+) -> Result<nixos_kexec::installer::plan::Plan> {
+    use nixos_kexec::input::config::{Config, DiskChoice};
+    use nixos_kexec::machine::facts::{Disk, Facts, Firmware, Transport};
+    let params = nixos_kexec::input::cmdline::Params::parse(cmdline)?;
     let config = Config {
         disk: DiskChoice::Auto,
         swap_bytes: 1 << 30,
@@ -270,12 +273,12 @@ fn plan_for(machine: nixos_kexec::machine::Machine, cmdline: &str) -> Result<nix
         previous_installs: vec![],
         machine,
     };
-    nixos_kexec::plan::make(&config, &facts, &nixos_kexec::plan::PlanIds::random())
+    nixos_kexec::installer::plan::make(&config, &facts, &nixos_kexec::installer::plan::PlanIds::random())
 }
 
 #[test]
 fn rendered_host_flakes_parse() -> Result<()> {
-    use nixos_kexec::machine::{CpuVendor, Machine, Virtualisation};
+    use nixos_kexec::machine::platform::{CpuVendor, Machine, Virtualisation};
     let nix = NixInstantiate::new()?;
     let cases = [
         (
@@ -332,7 +335,7 @@ fn rendered_host_flakes_parse() -> Result<()> {
     ];
     let mut failures = Vec::new();
     for (what, plan, wanted, unwanted) in cases {
-        let rendered = nixos_kexec::steps::flake::render(&plan, None)?;
+        let rendered = nixos_kexec::installer::steps::flake::render(&plan, None)?;
         let all = format!("{}\n{}", rendered.configuration, rendered.hardware);
         for needle in wanted {
             if !all.contains(needle) {

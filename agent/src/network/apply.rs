@@ -9,7 +9,7 @@ use super::facts::{self, Family, Link, NetworkFacts};
 use super::netlink::{consts::*, Builder, IfAddr, IfInfo, KernelError, RtMsg, Socket};
 use super::{choose_link, Prefix};
 use crate::error::user_error;
-use crate::runtime_info::{self, Interface, Network};
+use crate::input::runtime_info::{self, Interface, Network};
 use anyhow::{bail, Context, Result};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -488,7 +488,7 @@ fn run_dhcp(options: &Options, interface: &str, script: &Path) -> Result<()> {
         let _ = std::fs::remove_file(options.run_dir.join(format!("{file}.{interface}")));
     }
     let mut command = dhcp_command(options, interface, script)?;
-    let output = crate::runner::run(&mut command).map_err(|e| {
+    let output = crate::machine::runner::run(&mut command).map_err(|e| {
         // udhcpc's own words for the common case; the command line is in the log already.
         if format!("{e:#}").contains("no lease") {
             anyhow::anyhow!("no DHCP lease (5 requests, 3 s apart)")
@@ -674,7 +674,7 @@ mod tests {
         };
         let command = dhcp_command(&options, "eth0", Path::new("/run/x/udhcpc.script")).unwrap();
         assert_eq!(
-            crate::runner::describe(&command),
+            crate::machine::runner::describe(&command),
             "busybox udhcpc -i eth0 -n -q -t 5 -T 3 -O staticroutes -O mtu -s /run/x/udhcpc.script"
         );
     }

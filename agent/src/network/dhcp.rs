@@ -9,7 +9,7 @@ use super::apply::{self, describe_link};
 use super::choose_link;
 use super::facts::{self, Family, Link, NetworkFacts, Scope};
 use super::netlink::{consts::IFA_F_TENTATIVE, Socket};
-use crate::runtime_info::{Interface, Network};
+use crate::input::runtime_info::{Interface, Network};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -300,13 +300,14 @@ mod tests {
             .all(|i| i.dhcp && i.addresses.is_empty() && i.routes.is_empty()));
         assert!(network.nameservers.is_empty());
         // What apply checks before it touches anything.
-        let json = serde_json::to_vec(&crate::runtime_info::RuntimeInfo {
+        let json = serde_json::to_vec(&crate::input::runtime_info::RuntimeInfo {
             version: 1,
             network: Some(network),
             ..Default::default()
         })
         .unwrap();
-        crate::runtime_info::parse_json(&json, crate::runtime_info::Source::File, false).unwrap();
+        crate::input::runtime_info::parse_json(&json, crate::input::runtime_info::Source::File, false)
+            .unwrap();
     }
 
     #[test]

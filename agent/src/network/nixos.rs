@@ -11,8 +11,8 @@
 
 use super::facts::NetworkFacts;
 use super::{choose_link, mac_is_shared};
-use crate::runtime_info::{self, Interface, Network};
-use crate::templates::{self, Value};
+use crate::input::runtime_info::{self, Interface, Network};
+use crate::installer::templates::{self, Value};
 use anyhow::Result;
 use std::collections::BTreeSet;
 

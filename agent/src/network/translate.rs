@@ -8,7 +8,7 @@
 
 use super::facts::{self, Address, Family, Link, NetworkFacts, Protocol, Route, Scope};
 use super::{is_link_local, Prefix};
-use crate::runtime_info::{self, Interface, Network};
+use crate::input::runtime_info::{self, Interface, Network};
 use anyhow::Result;
 use std::net::IpAddr;
 use std::path::Path;

@@ -1,8 +1,8 @@
 //! `nixos-kexec gather`: runtime info about the running system, read natively from sysfs and
 //! procfs (no ip, lsblk or udevadm needed).
 
-use crate::facts::{read_trimmed, Disk, Facts, Firmware};
-use crate::runtime_info::{self, RuntimeInfo};
+use crate::input::runtime_info::{self, RuntimeInfo};
+use crate::machine::facts::{read_trimmed, Disk, Facts, Firmware};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! a fallback to a `kexec` binary where the kernel only has the old kexec_load syscall.
 
 use crate::error::user_error;
-use crate::runner;
+use crate::machine::runner;
 use anyhow::{Context, Result};
 use std::ffi::CString;
 use std::fs::File;

@@ -4,18 +4,18 @@
 use super::cpio::Archive;
 use super::gather::{self, Gathered};
 use super::kexec;
-use crate::cmdline::{Params, COMMAND_LINE_SIZE};
-use crate::config::Config;
 use crate::console;
 use crate::error::user_error;
-use crate::facts::{Disk, Facts};
-use crate::plan::{self, PlanIds, MIB};
-use crate::runtime_info::{self, DiskSelector, RuntimeInfo};
+use crate::input::cmdline::{Params, COMMAND_LINE_SIZE};
+use crate::input::config::Config;
+use crate::input::runtime_info::{self, DiskSelector, RuntimeInfo};
+use crate::installer::plan::{self, PlanIds, MIB};
+use crate::machine::facts::{Disk, Facts};
 use anyhow::{Context, Result};
 use base64::Engine;
 use std::path::{Path, PathBuf};
 
-use crate::config::{HOST_KEY_TYPES, SECRETS_DIR};
+use crate::input::config::{HOST_KEY_TYPES, SECRETS_DIR};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -48,7 +48,7 @@ pub struct Handover {
 /// Console parameters carried over from the running kernel, so the installer talks where the
 /// operator is looking (and as verbosely); a serial and a screen console when there were none.
 fn console_params(running_cmdline: &str) -> Vec<String> {
-    let words = crate::cmdline::split(running_cmdline);
+    let words = crate::input::cmdline::split(running_cmdline);
     let mut params: Vec<String> = words
         .iter()
         .filter(|w| w.starts_with("console="))
@@ -196,7 +196,7 @@ pub fn hand_over(info: &RuntimeInfo, base_params: &[String], mut archive: Archiv
             archive,
         });
     }
-    archive.file(crate::config::RUNTIME_INFO_FILE, 0o644, json, false);
+    archive.file(crate::input::config::RUNTIME_INFO_FILE, 0o644, json, false);
     let cmdline = join(None);
     if !fits(&cmdline) {
         return Err(user_error(
@@ -263,7 +263,7 @@ pub fn prepare(
     // operator is watching the rescue system's.
     let bundle_params = std::fs::read_to_string(options.bundle.join("kernel-params")).unwrap_or_default();
     base.extend(
-        crate::cmdline::split(&bundle_params)
+        crate::input::cmdline::split(&bundle_params)
             .into_iter()
             .filter(|w| !w.starts_with("console=")),
     );
@@ -307,7 +307,7 @@ pub fn prepare(
             })?;
             console::line(&format!(
                 "host key: {}",
-                crate::steps::keys::fingerprint_line(&key)
+                crate::installer::steps::keys::fingerprint_line(&key)
             ));
             archive.file(&format!("{SECRETS_DIR}/ssh_host_{kind}_key"), 0o600, data, true);
             found += 1;
@@ -325,8 +325,8 @@ pub fn prepare(
         let hostname = info
             .hostname
             .as_deref()
-            .unwrap_or(crate::config::DEFAULT_HOSTNAME);
-        let (private, fingerprint) = crate::steps::keys::new_ed25519(&format!("root@{hostname}"))?;
+            .unwrap_or(crate::input::config::DEFAULT_HOSTNAME);
+        let (private, fingerprint) = crate::installer::steps::keys::new_ed25519(&format!("root@{hostname}"))?;
         archive.file(
             &format!("{SECRETS_DIR}/ssh_host_ed25519_key"),
             0o600,
@@ -351,7 +351,7 @@ pub fn plan_as_installer(options: &RunOptions, facts: &Facts, handover: &Handove
         .archive
         .entries()
         .iter()
-        .find(|e| e.path == crate::config::RUNTIME_INFO_FILE.trim_start_matches('/'))
+        .find(|e| e.path == crate::input::config::RUNTIME_INFO_FILE.trim_start_matches('/'))
         .map(|e| runtime_info::parse_json(&e.data, runtime_info::Source::File, false))
         .transpose()?;
     let mut config = Config::assemble(info_file, &params)?;
@@ -425,7 +425,7 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::tests::{disk, facts};
+    use crate::installer::plan::tests::{disk, facts};
 
     const KEY: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD me@host";
@@ -435,7 +435,7 @@ mod tests {
         Gathered {
             info: info(1),
             machine: gather::Machine {
-                firmware: crate::facts::Firmware::Bios,
+                firmware: crate::machine::facts::Firmware::Bios,
                 ram_bytes: 1 << 30,
                 arch: "x86_64".into(),
                 dmi_vendor: None,

@@ -6,7 +6,7 @@
 //! Read from sysfs and procfs under a root directory, so unit tests can give a fake tree.
 
 use crate::error::user_error;
-use crate::facts::read_trimmed;
+use crate::machine::facts::read_trimmed;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;

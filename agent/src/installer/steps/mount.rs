@@ -2,8 +2,8 @@
 //! switches the swap on, so nixos-install has it on a machine with little RAM.
 
 use super::{swap::SwapOn, Execution};
-use crate::blockdev::Mount;
-use crate::plan::Plan;
+use crate::installer::plan::Plan;
+use crate::machine::blockdev::Mount;
 use anyhow::Result;
 use std::path::Path;
 

@@ -2,9 +2,9 @@
 //! FAT32 natively for the ESP, `mkfs.*` for the rest, btrfs subvolumes, and swap signatures.
 
 use super::{crypt, swap, Execution};
-use crate::blockdev::Mount;
-use crate::plan::{Filesystem, FsKind, Plan};
-use crate::runner;
+use crate::installer::plan::{Filesystem, FsKind, Plan};
+use crate::machine::blockdev::Mount;
+use crate::machine::runner;
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::process::Command;
@@ -66,8 +66,8 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
         swap::make(area)?;
     }
     // New filesystems: by-uuid and by-label, which fileSystems and swapDevices name.
-    if crate::blockdev::is_block_device_path(&plan.disk.dev_path) {
-        crate::devlinks::refresh().context("making /dev/disk links for the new filesystems")?;
+    if crate::machine::blockdev::is_block_device_path(&plan.disk.dev_path) {
+        crate::machine::devlinks::refresh().context("making /dev/disk links for the new filesystems")?;
     }
     Ok(())
 }
@@ -80,7 +80,7 @@ fn create_subvolumes(fs: &Filesystem) -> Result<()> {
     let dir = Path::new("/run/nixos-kexec/btrfs-top");
     let top = Mount::new(&fs.device, dir, "btrfs", &["subvolid=5".into()])?;
     for name in &fs.subvolumes {
-        crate::btrfs::create_subvolume(top.target(), name)?;
+        crate::machine::btrfs::create_subvolume(top.target(), name)?;
         log::info!("created btrfs subvolume {name} on {}", fs.device);
     }
     top.unmount()

@@ -1,8 +1,10 @@
-//! The one-word layouts, written in the declarative form of [`crate::storage`] so the planner
+//! The one-word layouts, written in the declarative form of [`crate::installer::storage`] so the planner
 //! has one input. Each returns the same partitions the README's layout table shows.
 
-use crate::config::Layout;
-use crate::storage::{format_size, FsSpec, PartitionSpec, Storage, SubvolumeSpec, Table, TmpfsSpec};
+use crate::input::config::Layout;
+use crate::installer::storage::{
+    format_size, FsSpec, PartitionSpec, Storage, SubvolumeSpec, Table, TmpfsSpec,
+};
 use anyhow::{bail, Result};
 
 /// Mount options of every preset btrfs subvolume: zstd compression pays for itself on the Nix

@@ -2,10 +2,10 @@
 //! `nixos_kexec.info=`/`info_deflate=`, the runtime info fetched from `nixos_kexec.config_url=`,
 //! then single `nixos_kexec.*` parameters.
 
-use crate::cmdline::{percent_decode, Params, SerialConsole};
 use crate::error::user_error;
-use crate::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
-use crate::storage::{self, Storage, Table};
+use crate::input::cmdline::{percent_decode, Params, SerialConsole};
+use crate::input::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
+use crate::installer::storage::{self, Storage, Table};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -135,7 +135,9 @@ impl Layout {
     pub fn parse(text: &str) -> Result<Layout> {
         let normalised = text.trim().to_ascii_lowercase().replace('_', "-");
         if normalised.contains("zfs") {
-            return Err(crate::storage::zfs_refusal(&format!("Layout {text:?}")));
+            return Err(crate::installer::storage::zfs_refusal(&format!(
+                "Layout {text:?}"
+            )));
         }
         if let Some(layout) = Layout::PRESETS.into_iter().find(|l| l.name() == normalised) {
             return Ok(layout);
@@ -526,7 +528,7 @@ mod tests {
         let bare = Config::assemble_layers(vec![file.clone()], None, &params).unwrap();
         assert_eq!(bare.state_version, DEFAULT_STATE_VERSION);
         assert!(DEFAULT_NIXPKGS.ends_with(&format!("nixos-{DEFAULT_STATE_VERSION}")));
-        let flake = include_str!("../../flake.nix");
+        let flake = include_str!("../../../flake.nix");
         assert!(
             flake.contains(&format!("\"{DEFAULT_NIXPKGS}\"")),
             "DEFAULT_NIXPKGS must follow the nixpkgs input of flake.nix"
@@ -625,8 +627,8 @@ mod tests {
 
     #[test]
     fn declarative_storage_excludes_preset_options() {
-        let storage = crate::storage::Storage {
-            partitions: vec![crate::storage::PartitionSpec {
+        let storage = crate::installer::storage::Storage {
+            partitions: vec![crate::installer::storage::PartitionSpec {
                 size: "rest".into(),
                 ..Default::default()
             }],

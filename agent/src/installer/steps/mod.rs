@@ -12,10 +12,10 @@ pub mod swap;
 pub mod verify;
 pub mod wipe;
 
-use crate::blockdev::Mount;
-use crate::config::Step;
 use crate::console;
-use crate::plan::Plan;
+use crate::input::config::Step;
+use crate::installer::plan::Plan;
+use crate::machine::blockdev::Mount;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -43,7 +43,7 @@ pub struct Execution {
     /// The installer's network as the kernel reports it after the network step.
     pub network_facts: Option<crate::network::facts::NetworkFacts>,
     /// The runtime-info network already applied before planning (config_url needed it).
-    pub network_applied: Option<crate::runtime_info::Network>,
+    pub network_applied: Option<crate::input::runtime_info::Network>,
     pub records: Vec<StepRecord>,
     /// The step running now, so a report written during it (finish, or after a failure)
     /// includes it.

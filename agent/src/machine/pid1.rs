@@ -2,7 +2,7 @@
 //! a console, kernel modules, reaping orphans, and never exiting (an exiting PID 1 panics the
 //! kernel, which would reboot a machine whose install just failed).
 
-use crate::kmod::{self, ModuleIndex};
+use crate::machine::kmod::{self, ModuleIndex};
 use anyhow::{Context, Result};
 use nix::mount::{mount, MsFlags};
 use nix::sys::wait::{waitpid, WaitStatus};

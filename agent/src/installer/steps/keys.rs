@@ -2,7 +2,7 @@
 //! fingerprint before the first boot.
 
 use super::Execution;
-use crate::plan::Plan;
+use crate::installer::plan::Plan;
 use anyhow::{anyhow, Context, Result};
 use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey};
 use std::io::Write;

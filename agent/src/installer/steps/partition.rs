@@ -1,9 +1,9 @@
 //! Writes the partition table (GPT with its protective MBR, or an MBR with primary partitions
 //! only) and waits for the kernel's partition nodes.
 
-use crate::blockdev;
-use crate::plan::Plan;
-use crate::storage::Table;
+use crate::installer::plan::Plan;
+use crate::installer::storage::Table;
+use crate::machine::blockdev;
 use anyhow::{anyhow, bail, Context, Result};
 use gpt::disk::LogicalBlockSize;
 use gpt::mbr::ProtectiveMBR;
@@ -35,7 +35,7 @@ pub fn run(plan: &Plan) -> Result<()> {
     }
     // New partitions, new by-partuuid names; the old partitions' links must go.
     if blockdev::is_block_device_path(path) {
-        crate::devlinks::refresh().context("making /dev/disk links for the new partitions")?;
+        crate::machine::devlinks::refresh().context("making /dev/disk links for the new partitions")?;
     }
     Ok(())
 }

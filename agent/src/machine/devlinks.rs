@@ -4,11 +4,11 @@
 //! The installer has no udev, yet the generated config names disks by these paths and
 //! nixos-install's chroot (which bind-mounts our /dev) runs grub-install on them. The names
 //! follow systemd 252's stock `60-persistent-storage.rules`: by-id and by-path come from
-//! [`crate::facts`], filesystem UUIDs and labels from the superblocks (what udev's blkid
+//! [`crate::machine::facts`], filesystem UUIDs and labels from the superblocks (what udev's blkid
 //! builtin reports), partition UUIDs and names from the partition table.
 
 use crate::console;
-use crate::facts::{read_trimmed, Facts};
+use crate::machine::facts::{read_trimmed, Facts};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -534,8 +534,12 @@ mod tests {
         luks[7] = 1;
         assert_eq!(probe_filesystem(&luks).unwrap().label, None);
 
-        let swap = crate::steps::swap::header(64 << 20, "5f4dcc3b-5aa7-4d61-8d32-2b9e8e1d0a01", Some("swap"))
-            .unwrap();
+        let swap = crate::installer::steps::swap::header(
+            64 << 20,
+            "5f4dcc3b-5aa7-4d61-8d32-2b9e8e1d0a01",
+            Some("swap"),
+        )
+        .unwrap();
         let fs = probe_filesystem(&swap).unwrap();
         assert_eq!(fs.uuid.as_deref(), Some("5f4dcc3b-5aa7-4d61-8d32-2b9e8e1d0a01"));
         assert_eq!(fs.label.as_deref(), Some(&b"swap"[..]));
@@ -546,16 +550,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("esp");
         fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
-        let esp = crate::plan::Filesystem {
+        let esp = crate::installer::plan::Filesystem {
             device: image.to_string_lossy().into_owned(),
-            kind: crate::plan::FsKind::Vfat,
+            kind: crate::installer::plan::FsKind::Vfat,
             label: Some("EFI BOOT".into()),
             uuid: "1234-ABCD".into(),
             volume_id: Some(0x1234abcd),
             size_bytes: 64 << 20,
             subvolumes: vec![],
         };
-        crate::steps::format::format_esp(&esp, 512).unwrap();
+        crate::installer::steps::format::format_esp(&esp, 512).unwrap();
         let fs = probe_filesystem(&read_head(&image)).unwrap();
         assert_eq!(fs.kind, "vfat");
         assert_eq!(fs.uuid.as_deref(), Some("1234-ABCD"));

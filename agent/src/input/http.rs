@@ -1,5 +1,5 @@
 //! A minimal HTTP/1.1 GET client, for `nixos_kexec.config_url=`: plain TCP, or TLS through
-//! [`crate::tls`] for `https://`.
+//! [`crate::input::tls`] for `https://`.
 //!
 //! Responses may use `Content-Length`, `Transfer-Encoding: chunked`, or end at connection
 //! close; redirects are followed, except from HTTPS down to plain HTTP. Transient failures
@@ -176,7 +176,7 @@ pub struct Options {
     /// Wait after the first failed attempt; doubled after each further one.
     pub first_delay: Duration,
     pub max_delay: Duration,
-    /// CA certificate files and directories for `https://` (see [`crate::tls`]).
+    /// CA certificate files and directories for `https://` (see [`crate::input::tls`]).
     pub trust: Vec<PathBuf>,
 }
 
@@ -188,7 +188,7 @@ impl Default for Options {
             attempts: 5,
             first_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(16),
-            trust: crate::tls::default_trust_sources(),
+            trust: crate::input::tls::default_trust_sources(),
         }
     }
 }
@@ -243,7 +243,7 @@ fn describe_delay(delay: Duration) -> String {
 fn get_following_redirects(
     url: &Url,
     options: &Options,
-    tls: &mut Option<crate::tls::Client>,
+    tls: &mut Option<crate::input::tls::Client>,
 ) -> Result<Vec<u8>, Failure> {
     let mut current = url.clone();
     for _ in 0..=MAX_REDIRECTS {
@@ -312,10 +312,14 @@ impl<T: Read + Write> Stream for T {}
 
 /// One request on a fresh connection (`Connection: close`). `tls` holds the client once the
 /// CA certificates are loaded.
-fn get_once(url: &Url, options: &Options, tls: &mut Option<crate::tls::Client>) -> Result<Response, Failure> {
+fn get_once(
+    url: &Url,
+    options: &Options,
+    tls: &mut Option<crate::input::tls::Client>,
+) -> Result<Response, Failure> {
     if url.scheme == Scheme::Https && tls.is_none() {
         // Before connecting: a bundle without CA certificates is not a network problem.
-        *tls = Some(crate::tls::load_client(&options.trust).map_err(Failure::Final)?);
+        *tls = Some(crate::input::tls::load_client(&options.trust).map_err(Failure::Final)?);
     }
     let tcp = connect(url, options)?;
     let io = |e: std::io::Error| Failure::Transient(format!("{e}"));
@@ -824,7 +828,7 @@ mod tls_tests {
             text.contains("(1 from ") && text.contains("ca0.pem)"),
             "names what it trusts: {text}"
         );
-        assert!(text.contains(crate::tls::EXTRA_DIR), "{text}");
+        assert!(text.contains(crate::input::tls::EXTRA_DIR), "{text}");
     }
 
     #[test]

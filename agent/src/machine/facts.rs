@@ -98,7 +98,7 @@ impl PreviousInstall {
         );
         text + &format!(
             "; its report is /{}/report.json on {}",
-            crate::steps::finish::REPORT_DIR,
+            crate::installer::steps::finish::REPORT_DIR,
             self.partition
         )
     }
@@ -116,7 +116,7 @@ pub struct Facts {
     pub previous_installs: Vec<PreviousInstall>,
     /// Architecture, virtualisation and CPU vendor, for the hardware configuration.
     #[serde(default)]
-    pub machine: crate::machine::Machine,
+    pub machine: crate::machine::platform::Machine,
 }
 
 impl Disk {
@@ -141,7 +141,7 @@ impl Facts {
     pub fn gather() -> Result<Facts> {
         let mut facts = Facts::read_from(Path::new("/"))?;
         facts.ram_bytes = ram_bytes();
-        if let Some(arch) = crate::machine::uname_arch() {
+        if let Some(arch) = crate::machine::platform::uname_arch() {
             facts.machine.arch = arch;
         }
         Ok(facts)
@@ -174,7 +174,7 @@ impl Facts {
             disks,
             nics: read_nics(&root.join("sys/class/net")),
             previous_installs: Vec::new(),
-            machine: crate::machine::Machine::read_from(root),
+            machine: crate::machine::platform::Machine::read_from(root),
         })
     }
 
@@ -194,7 +194,7 @@ impl Facts {
 
 /// Filesystems a root can be on that we can read without a key.
 fn sniff_filesystem(head: &[u8]) -> Option<&'static str> {
-    crate::devlinks::signatures(head)
+    crate::machine::devlinks::signatures(head)
         .into_iter()
         .map(|fs| fs.kind)
         .find(|kind| matches!(*kind, "ext4" | "btrfs"))
@@ -239,14 +239,16 @@ pub fn find_previous_installs(facts: &mut Facts, probe_dir: &Path) {
             };
             let target = probe_dir.join(&part.name);
             let options = if fstype == "ext4" { "noload" } else { "nologreplay" };
-            let mount = match crate::blockdev::Mount::read_only(&device, &target, fstype, options) {
+            let mount = match crate::machine::blockdev::Mount::read_only(&device, &target, fstype, options) {
                 Ok(m) => m,
                 Err(e) => {
                     log::info!("previous install: cannot look into {device}: {e:#}");
                     continue;
                 }
             };
-            let report = target.join(crate::steps::finish::REPORT_DIR).join("report.json");
+            let report = target
+                .join(crate::installer::steps::finish::REPORT_DIR)
+                .join("report.json");
             let mut bytes = Vec::new();
             let read = fs::File::open(&report).and_then(|f| f.take(1 << 20).read_to_end(&mut bytes));
             if let Err(e) = mount.unmount() {

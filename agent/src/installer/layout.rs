@@ -3,12 +3,12 @@
 //! overlaps, roots, what the boot loader can read). Pure: the random values come in [`PlanIds`].
 
 use crate::error::user_error;
-use crate::facts::{Disk, Firmware};
-use crate::plan::{
+use crate::installer::plan::{
     partition_device, Filesystem, FsKind, LuksVolume, Pbkdf, PlanIds, PlannedMount, PlannedPartition,
     SwapArea, GIB, MIB,
 };
-use crate::storage::{self, FsSpec, Storage, SubvolumeSpec, Table};
+use crate::installer::storage::{self, FsSpec, Storage, SubvolumeSpec, Table};
+use crate::machine::facts::{Disk, Firmware};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -351,7 +351,7 @@ impl Builder<'_> {
                 }
                 let (uuid, volume_id) = if kind == FsKind::Vfat {
                     let id = self.ids.fat_volume_id()?;
-                    (crate::plan::fat_uuid(id), Some(id))
+                    (crate::installer::plan::fat_uuid(id), Some(id))
                 } else {
                     (self.ids.uuid()?, None)
                 };
@@ -861,7 +861,7 @@ fn check_mounts(
     placed: &mut Placed,
     mut mounts: Vec<(PlannedMount, Option<usize>)>,
     firmware: Firmware,
-    specs: &[crate::storage::PartitionSpec],
+    specs: &[crate::installer::storage::PartitionSpec],
 ) -> Result<()> {
     let mut seen = BTreeSet::new();
     for (mount, _) in &mounts {
@@ -998,9 +998,9 @@ fn check_mounts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Layout;
-    use crate::plan::tests::{disk, ids};
-    use crate::presets::storage_for;
+    use crate::input::config::Layout;
+    use crate::installer::plan::tests::{disk, ids};
+    use crate::installer::presets::storage_for;
 
     fn preset(
         layout: Layout,

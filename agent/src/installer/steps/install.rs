@@ -1,11 +1,11 @@
 //! Runs `nixos-install` on the prepared target, streaming its output to the console and log.
 
 use super::Execution;
-use crate::config::Step;
 use crate::console;
 use crate::error::user_error;
-use crate::plan::Plan;
-use crate::runner;
+use crate::input::config::Step;
+use crate::installer::plan::Plan;
+use crate::machine::runner;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::Command;

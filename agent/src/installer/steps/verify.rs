@@ -6,10 +6,10 @@
 //! failed check fails the run, which then does not reboot.
 
 use super::Execution;
-use crate::facts::Firmware;
-use crate::layout::{TYPE_BIOS_BOOT, TYPE_ESP};
-use crate::plan::{Plan, PlannedPartition};
-use crate::storage::Table;
+use crate::installer::layout::{TYPE_BIOS_BOOT, TYPE_ESP};
+use crate::installer::plan::{Plan, PlannedPartition};
+use crate::installer::storage::Table;
+use crate::machine::facts::Firmware;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileExt;
@@ -528,21 +528,21 @@ mod tests {
 
     #[test]
     fn efi_entries_must_name_a_loader_on_this_esp() {
-        use crate::config::{Config, DiskChoice};
-        use crate::plan::tests::{disk, facts, ids};
+        use crate::input::config::{Config, DiskChoice};
+        use crate::installer::plan::tests::{disk, facts, ids};
         let root = tempfile::tempdir().unwrap();
         let efivars = tempfile::tempdir().unwrap();
         let mut facts = facts(vec![disk("vda", 10 << 30, 512, "S")]);
         facts.firmware = Firmware::Uefi;
         let config = Config {
-            disk: DiskChoice::Selected(crate::runtime_info::DiskSelector {
+            disk: DiskChoice::Selected(crate::input::runtime_info::DiskSelector {
                 path: Some("/dev/vda".into()),
                 serial: None,
                 size_bytes: None,
             }),
             ..Config::default()
         };
-        let mut plan = crate::plan::make(&config, &facts, &ids()).unwrap();
+        let mut plan = crate::installer::plan::make(&config, &facts, &ids()).unwrap();
         let esp = plan
             .partitions
             .iter_mut()

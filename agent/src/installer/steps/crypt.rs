@@ -5,8 +5,8 @@
 //! /proc shows and the log keeps); the file it came in is wiped as soon as it has been read.
 
 use crate::error::user_error;
-use crate::plan::{LuksVolume, SwapArea};
-use crate::runner;
+use crate::installer::plan::{LuksVolume, SwapArea};
+use crate::machine::runner;
 use anyhow::Result;
 use std::path::Path;
 use std::process::Command;
@@ -39,7 +39,7 @@ impl std::fmt::Debug for Passphrase {
 /// is dropped (files written with `echo` have one; the passphrase typed at boot has none).
 pub fn take_passphrase(path: &Path) -> Result<Passphrase> {
     let read = std::fs::read(path);
-    crate::steps::keys::wipe_file(path);
+    crate::installer::steps::keys::wipe_file(path);
     let mut data = Passphrase(read.map_err(|e| {
         user_error(
             format!("The disk passphrase file {} cannot be read ({e}).", path.display()),
@@ -193,7 +193,7 @@ pub fn open_random_swap(swap: &SwapArea) -> Result<Opened> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Pbkdf;
+    use crate::installer::plan::Pbkdf;
 
     #[test]
     fn passphrase_file_is_wiped_and_trimmed() {

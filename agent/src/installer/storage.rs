@@ -1,8 +1,8 @@
 //! The declarative form of a disk layout: partitions and what goes on them, as the runtime info
 //! JSON carries it under `storage` (README, "Declarative storage").
 //!
-//! The presets (`layout=btrfs`, ...) are written in this same form by [`crate::presets`], and the
-//! planner ([`crate::layout`]) reads only this form, so a preset and the equivalent hand-written
+//! The presets (`layout=btrfs`, ...) are written in this same form by [`crate::installer::presets`], and the
+//! planner ([`crate::installer::layout`]) reads only this form, so a preset and the equivalent hand-written
 //! description produce the same plan.
 //!
 //! Unknown fields are refused here, unlike at the top level of the runtime info: a misspelt

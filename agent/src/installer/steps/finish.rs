@@ -2,7 +2,7 @@
 
 use super::Execution;
 use crate::console;
-use crate::plan::Plan;
+use crate::installer::plan::Plan;
 use anyhow::{Context, Result};
 use serde_json::json;
 

@@ -7,7 +7,7 @@
 //! a file in the extra directory adds to it.
 
 use crate::error::user_error;
-use crate::http::Failure;
+use crate::input::http::Failure;
 use anyhow::Result;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};

@@ -1,12 +1,12 @@
 //! Writes the host flake to /etc/nixos on the target, from the templates in nix/templates/host.
 
 use super::Execution;
-use crate::facts::Firmware;
-use crate::machine::{CpuVendor, Virtualisation};
+use crate::input::runtime_info::RuntimeInfo;
+use crate::installer::plan::{LuksVolume, Plan, PlannedMount, SwapArea};
+use crate::installer::templates::{self, Value};
+use crate::machine::facts::Firmware;
+use crate::machine::platform::{CpuVendor, Virtualisation};
 use crate::network::{self, facts::NetworkFacts};
-use crate::plan::{LuksVolume, Plan, PlannedMount, SwapArea};
-use crate::runtime_info::RuntimeInfo;
-use crate::templates::{self, Value};
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -339,8 +339,8 @@ pub fn write_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, DiskChoice, Layout};
-    use crate::plan::tests::{disk, facts, ids};
+    use crate::input::config::{Config, DiskChoice, Layout};
+    use crate::installer::plan::tests::{disk, facts, ids};
 
     fn parse(dir: &Path, name: &str) -> String {
         let path = dir.join(name);
@@ -367,7 +367,9 @@ mod tests {
             ssh_authorized_keys: vec!["ssh-ed25519 AAAA \"quoted\" ${x}".into()],
             ..Config::default()
         };
-        let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids()).unwrap();
+        let plan =
+            crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
+                .unwrap();
         let dir = tempfile::tempdir().unwrap();
         write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
         let hardware = parse(dir.path(), "hardware-configuration.nix");
@@ -397,7 +399,7 @@ mod tests {
     /// What nixos-generate-config would add on bare metal, Hyper-V and VirtualBox.
     #[test]
     fn hardware_of_the_machine() {
-        use crate::machine::Machine;
+        use crate::machine::platform::Machine;
         let config = Config {
             disk: DiskChoice::Auto,
             ..Config::default()
@@ -448,7 +450,7 @@ mod tests {
         ] {
             let mut f = facts(vec![disk("vda", 8 << 30, 512, "A")]);
             f.machine = machine.clone();
-            let plan = crate::plan::make(&config, &f, &ids()).unwrap();
+            let plan = crate::installer::plan::make(&config, &f, &ids()).unwrap();
             let dir = tempfile::tempdir().unwrap();
             write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
             let hardware = parse(dir.path(), "hardware-configuration.nix");
@@ -463,10 +465,12 @@ mod tests {
 
     #[test]
     fn serial_console_of_the_installer() {
-        let params = crate::cmdline::Params::parse("console=tty0 console=ttyS1,57600n8").unwrap();
+        let params = crate::input::cmdline::Params::parse("console=tty0 console=ttyS1,57600n8").unwrap();
         let mut config = Config::assemble(None, &params).unwrap();
         config.disk = DiskChoice::Auto;
-        let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids()).unwrap();
+        let plan =
+            crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
+                .unwrap();
         let dir = tempfile::tempdir().unwrap();
         write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
         let configuration = parse(dir.path(), "configuration.nix");
@@ -477,10 +481,12 @@ mod tests {
             assert!(configuration.contains(needle), "{needle}\n{configuration}");
         }
         // aarch64's PL011: the kernel parameter, no GRUB lines.
-        let params = crate::cmdline::Params::parse("console=ttyAMA0").unwrap();
+        let params = crate::input::cmdline::Params::parse("console=ttyAMA0").unwrap();
         let mut config = Config::assemble(None, &params).unwrap();
         config.disk = DiskChoice::Auto;
-        let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids()).unwrap();
+        let plan =
+            crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
+                .unwrap();
         write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
         let configuration = parse(dir.path(), "configuration.nix");
         assert!(
@@ -505,8 +511,8 @@ mod tests {
                     ..Config::default()
                 };
                 if with_network {
-                    config.network = Some(crate::runtime_info::Network {
-                        interfaces: vec![crate::runtime_info::Interface {
+                    config.network = Some(crate::input::runtime_info::Network {
+                        interfaces: vec![crate::input::runtime_info::Interface {
                             mac: "52:54:00:12:34:56".into(),
                             addresses: vec!["203.0.113.10/32".into()],
                             ..Default::default()
@@ -514,8 +520,12 @@ mod tests {
                         nameservers: vec![],
                     });
                 }
-                let plan = crate::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 4096, "A")]), &ids())
-                    .unwrap();
+                let plan = crate::installer::plan::make(
+                    &config,
+                    &facts(vec![disk("vda", 8 << 30, 4096, "A")]),
+                    &ids(),
+                )
+                .unwrap();
                 let dir = tempfile::tempdir().unwrap();
                 write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
                 let hardware = parse(dir.path(), "hardware-configuration.nix");

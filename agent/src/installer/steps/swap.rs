@@ -1,7 +1,7 @@
 //! Swap: the signature written natively (the layout of util-linux's mkswap, version 1), and
 //! swapon/swapoff with the system calls, so a small machine has swap while nixos-install runs.
 
-use crate::plan::SwapArea;
+use crate::installer::plan::SwapArea;
 use anyhow::{bail, Context, Result};
 use std::ffi::CString;
 use std::io::{Seek, SeekFrom, Write};
@@ -35,7 +35,7 @@ pub fn header(size_bytes: u64, uuid: &str, label: Option<&str>) -> Result<Vec<u8
 
 /// Writes the swap signature onto `swap.device`.
 pub fn make(swap: &SwapArea) -> Result<()> {
-    let size = crate::blockdev::size_bytes(&swap.device)?;
+    let size = crate::machine::blockdev::size_bytes(&swap.device)?;
     let page = header(size, &swap.uuid, swap.label.as_deref())?;
     let mut device = std::fs::OpenOptions::new()
         .write(true)

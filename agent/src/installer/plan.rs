@@ -2,21 +2,23 @@
 //! (device paths, byte offsets, sizes, labels, UUIDs), so it can be printed, tested and
 //! checked before anything touches a disk.
 //!
-//! The disk layout comes from the declarative form ([`crate::storage`]): a preset is first
-//! written in that form ([`crate::presets`]), then placed on the disk ([`crate::layout`]).
+//! The disk layout comes from the declarative form ([`crate::installer::storage`]): a preset is first
+//! written in that form ([`crate::installer::presets`]), then placed on the disk ([`crate::installer::layout`]).
 
-use crate::config::{After, Config, DiskChoice, Layout, Step};
 use crate::error::user_error;
-use crate::facts::{Disk, Facts, Firmware};
-use crate::machine::{CpuVendor, Virtualisation};
-use crate::runtime_info::RuntimeInfo;
-use crate::storage::{Storage, Table};
+use crate::input::config::{After, Config, DiskChoice, Layout, Step};
+use crate::input::runtime_info::RuntimeInfo;
+use crate::installer::storage::{Storage, Table};
+use crate::machine::facts::{Disk, Facts, Firmware};
+use crate::machine::platform::{CpuVendor, Virtualisation};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
-pub use crate::layout::{ALIGNMENT, MIN_ROOT_SIZE, TYPE_BIOS_BOOT, TYPE_ESP, TYPE_LINUX, TYPE_SWAP};
+pub use crate::installer::layout::{
+    ALIGNMENT, MIN_ROOT_SIZE, TYPE_BIOS_BOOT, TYPE_ESP, TYPE_LINUX, TYPE_SWAP,
+};
 /// The initrd's sshd for unlocking LUKS listens here, so its host key (a different one, kept
 /// on the unencrypted /boot) does not clash with the system's in the client's known_hosts.
 pub const INITRD_SSH_PORT: u16 = 2222;
@@ -204,7 +206,7 @@ pub struct Plan {
     pub microcode: Option<CpuVendor>,
     /// The installer's serial console; the installed system prints and logs in there too.
     #[serde(default)]
-    pub serial_console: Option<crate::cmdline::SerialConsole>,
+    pub serial_console: Option<crate::input::cmdline::SerialConsole>,
     pub layout: Layout,
     pub disk: TargetDisk,
     pub table: Table,
@@ -242,10 +244,10 @@ pub struct Plan {
     /// Host private keys the operator supplied in the secrets archive; empty: generate.
     pub provided_host_keys: Vec<String>,
     /// The network to bring up in the installer and to write for the installed system.
-    pub network: Option<crate::runtime_info::Network>,
+    pub network: Option<crate::input::runtime_info::Network>,
     /// The earlier install on the disk that `nixos_kexec.reinstall` allowed to be replaced.
     #[serde(default)]
-    pub replaces: Option<crate::facts::PreviousInstall>,
+    pub replaces: Option<crate::machine::facts::PreviousInstall>,
 }
 
 impl Plan {
@@ -273,7 +275,7 @@ pub fn storage_of(config: &Config) -> Result<Storage> {
             "Layout custom needs the partitions described as \"storage\" in the runtime info.",
             "add a \"storage\" object to the runtime info (see the README), or choose a preset layout.",
         )),
-        (None, layout) => crate::presets::storage_for(layout, config.table, config.swap_bytes),
+        (None, layout) => crate::installer::presets::storage_for(layout, config.table, config.swap_bytes),
     }
 }
 
@@ -289,7 +291,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         ));
     }
     let storage = storage_of(config)?;
-    let placed = crate::layout::place(&storage, disk, facts.firmware, facts.ram_bytes, ids)?;
+    let placed = crate::installer::layout::place(&storage, disk, facts.firmware, facts.ram_bytes, ids)?;
     if !placed.luks.is_empty() && !config.disk_passphrase_given {
         return Err(user_error(
             format!(
@@ -564,9 +566,9 @@ pub fn select_disk<'a>(config: &Config, facts: &'a Facts) -> Result<&'a Disk> {
 #[cfg(test)]
 pub mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::facts::Transport;
-    use crate::runtime_info::DiskSelector;
+    use crate::input::config::Config;
+    use crate::input::runtime_info::DiskSelector;
+    use crate::machine::facts::Transport;
 
     pub fn disk(name: &str, size: u64, sector: u32, serial: &str) -> Disk {
         Disk {
@@ -598,7 +600,7 @@ pub mod tests {
             disks,
             nics: vec![],
             previous_installs: vec![],
-            machine: crate::machine::tests::qemu_vm(),
+            machine: crate::machine::platform::tests::qemu_vm(),
         }
     }
 
@@ -730,7 +732,7 @@ pub mod tests {
     #[test]
     fn a_finished_install_is_kept_unless_reinstall() {
         let mut f = facts(vec![disk("vda", 4 * GIB, 512, "A")]);
-        f.previous_installs = vec![crate::facts::PreviousInstall {
+        f.previous_installs = vec![crate::machine::facts::PreviousInstall {
             disk: "/dev/vda".into(),
             partition: "/dev/vda3".into(),
             hostname: Some("web1".into()),
@@ -822,7 +824,7 @@ pub mod tests {
         assert!(plan.initrd_ssh.is_none());
         config.ssh_authorized_keys = vec!["ssh-ed25519 AAAA me".into()];
         let mut f = f;
-        f.nics = vec![crate::facts::Nic {
+        f.nics = vec![crate::machine::facts::Nic {
             name: "eth0".into(),
             mac: "52:54:00:12:34:56".into(),
             modules: vec!["virtio_net".into(), "virtio_pci".into()],
@@ -846,7 +848,7 @@ pub mod tests {
         assert_eq!(json["system"], "x86_64-linux");
         assert_eq!(json["virtualisation"], "kvm");
 
-        f.machine = crate::machine::Machine {
+        f.machine = crate::machine::platform::Machine {
             arch: "aarch64".into(),
             virtualisation: Virtualisation::None,
             cpu_vendor: Some(CpuVendor::Amd),

@@ -36,7 +36,7 @@ pub struct RuntimeInfo {
     pub table: Option<String>,
     /// A declarative disk layout, instead of a preset `layout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub storage: Option<crate::storage::Storage>,
+    pub storage: Option<crate::installer::storage::Storage>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,10 +233,10 @@ impl RuntimeInfo {
             validate_state_version(version)?;
         }
         if let Some(swap) = &self.swap {
-            crate::storage::parse_swap(swap)?;
+            crate::installer::storage::parse_swap(swap)?;
         }
         if let Some(table) = &self.table {
-            crate::storage::Table::parse(table)?;
+            crate::installer::storage::Table::parse(table)?;
         }
         Ok(())
     }

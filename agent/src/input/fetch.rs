@@ -6,8 +6,8 @@
 
 use crate::console;
 use crate::error::{as_user_error, user_error};
-use crate::http;
-use crate::runtime_info::{self, RuntimeInfo, Source};
+use crate::input::http;
+use crate::input::runtime_info::{self, RuntimeInfo, Source};
 use anyhow::Result;
 use std::path::Path;
 

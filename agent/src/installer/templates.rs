@@ -5,11 +5,11 @@
 
 use anyhow::{bail, Result};
 
-pub const FLAKE: &str = include_str!("../../nix/templates/host/flake.nix");
-pub const CONFIGURATION: &str = include_str!("../../nix/templates/host/configuration.nix");
-pub const HARDWARE: &str = include_str!("../../nix/templates/host/hardware-configuration.nix");
-pub const PERSIST: &str = include_str!("../../nix/templates/host/persist.nix");
-pub const INITRD_SSH: &str = include_str!("../../nix/templates/host/initrd-ssh.nix");
+pub const FLAKE: &str = include_str!("../../../nix/templates/host/flake.nix");
+pub const CONFIGURATION: &str = include_str!("../../../nix/templates/host/configuration.nix");
+pub const HARDWARE: &str = include_str!("../../../nix/templates/host/hardware-configuration.nix");
+pub const PERSIST: &str = include_str!("../../../nix/templates/host/persist.nix");
+pub const INITRD_SSH: &str = include_str!("../../../nix/templates/host/initrd-ssh.nix");
 
 pub enum Value {
     /// Goes inside an existing Nix string; escaped.

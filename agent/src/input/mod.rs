@@ -1,0 +1,9 @@
+//! Everything the installer is told, read once at the edge: the kernel command line, runtime
+//! info, initrd files and `config_url`, fetched over HTTP(S) when needed.
+
+pub mod cmdline;
+pub mod config;
+pub mod fetch;
+pub mod http;
+pub mod runtime_info;
+pub mod tls;
