@@ -431,8 +431,12 @@ pub fn finish_machine(after: After) -> Result<()> {
 /// The agent as `/init`.
 pub fn init_main() -> ! {
     if let Err(e) = pid1::move_root_to_tmpfs() {
-        // Still usable for everything but building with Nix's sandbox; say so and go on.
-        eprintln!("nixos-kexec: could not move the root to a tmpfs ({e:#}); nixos-install may fail");
+        // Part of the root may already be gone (files are deleted as they are copied): nothing
+        // that runs from here on can be trusted, and no disk has been touched yet.
+        let _ = pid1::mount_basics();
+        pid1::stop(&format!(
+            "could not move the root from the initramfs to a tmpfs: {e:#}. No disk was touched; the machine stays up without installing. Boot the installer again (a machine with more RAM if the tmpfs was full)"
+        ));
     }
     if let Err(e) = pid1::mount_basics() {
         eprintln!("nixos-kexec: error: {e:#}");

@@ -243,6 +243,14 @@ pub fn supervise(work: impl FnOnce() -> i32) -> ! {
     }
 }
 
+/// Ends the run as PID 1 without a reboot: an exiting PID 1 would panic the kernel and reboot
+/// a machine whose console the operator has not read yet.
+pub fn stop(why: &str) -> ! {
+    // After a partial line the kernel may have left ("Probing EDD ... ok"), so ours is whole.
+    eprintln!("\nnixos-kexec: result: failure: {why}");
+    reap_forever(Pid::from_raw(0))
+}
+
 fn reap_forever(agent: Pid) -> ! {
     loop {
         match waitpid(None, None) {

@@ -68,9 +68,17 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
         // Nix's download and evaluation caches would otherwise grow in RAM under /root.
         .env("XDG_CACHE_HOME", tmp.join(".cache"))
         .env("NIX_CONFIG", "experimental-features = nix-command flakes");
-    runner::run_streaming(&mut command, &|line| {
-        console::line(&format!("install: {line}"));
-    })?;
+    runner::run_streaming(
+        &mut command,
+        &|line| console::line(&format!("install: {line}")),
+        runner::QUIET_NOTICE,
+        &|silent| {
+            console::line(&format!(
+                "install: no output from {program} for {} min; still running (downloads and builds can be silent for long)",
+                silent.as_secs() / 60
+            ))
+        },
+    )?;
     if tmp != root.join("tmp") {
         // Not the system's /tmp, so nothing else would ever clean it.
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
