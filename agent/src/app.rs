@@ -297,7 +297,7 @@ pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
     // Mounting (read-only) to look is for the installer; `nixos-kexec plan` on a running
     // system leaves its disks alone.
     if mode == NetworkMode::BringUp {
-        crate::machine::facts::find_previous_installs(&mut facts, Path::new(PROBE_DIR));
+        crate::installer::previous::find_on_disks(&mut facts, Path::new(PROBE_DIR));
     }
     print_facts(&facts);
     if config.disk == DiskChoice::Unspecified && plan::eligible_disks(&facts).len() == 1 {

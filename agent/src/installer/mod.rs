@@ -4,6 +4,8 @@
 pub mod layout;
 pub mod plan;
 pub mod presets;
+pub mod previous;
+pub mod report;
 pub mod steps;
 pub mod storage;
 pub mod templates;

@@ -71,7 +71,8 @@ pub struct Nic {
 }
 
 /// An earlier nixos-kexec run that finished on a disk: its report on the disk's root
-/// filesystem says `success` (also when it stopped before `install` on purpose).
+/// filesystem says `success` (also when it stopped before `install` on purpose). The installer
+/// finds and describes it, as it alone knows where and how it writes reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreviousInstall {
     /// The disk, as in [`Disk::dev_path`].
@@ -84,26 +85,6 @@ pub struct PreviousInstall {
     pub stopped_before: Option<String>,
 }
 
-impl PreviousInstall {
-    pub fn describe(&self) -> String {
-        let what = match &self.stopped_before {
-            Some(step) => format!("a NixOS prepared (stopped before {step}) by"),
-            None => "a NixOS installed by".to_string(),
-        };
-        let text = format!(
-            "{} holds {what} nixos-kexec {} for host {}",
-            self.disk,
-            self.nixos_kexec_version.as_deref().unwrap_or("(unknown version)"),
-            self.hostname.as_deref().unwrap_or("(unknown)")
-        );
-        text + &format!(
-            "; its report is /{}/report.json on {}",
-            crate::installer::steps::finish::REPORT_DIR,
-            self.partition
-        )
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Facts {
     pub firmware: Firmware,
@@ -111,7 +92,7 @@ pub struct Facts {
     pub kernel_release: String,
     pub disks: Vec<Disk>,
     pub nics: Vec<Nic>,
-    /// Filled by [`find_previous_installs`] in the installer; empty elsewhere.
+    /// Filled by the installer before it plans; empty elsewhere.
     #[serde(default)]
     pub previous_installs: Vec<PreviousInstall>,
     /// Architecture, virtualisation and CPU vendor, for the hardware configuration.
@@ -190,79 +171,6 @@ impl Facts {
         }
         modules.into_iter().collect()
     }
-}
-
-/// Filesystems a root can be on that we can read without a key.
-fn sniff_filesystem(head: &[u8]) -> Option<&'static str> {
-    crate::machine::devlinks::signatures(head)
-        .into_iter()
-        .map(|fs| fs.kind)
-        .find(|kind| matches!(*kind, "ext4" | "btrfs"))
-}
-
-/// Reads a report.json: `Some` only for a run that ended in success.
-pub fn parse_report(json: &[u8], disk: &str, partition: &str) -> Option<PreviousInstall> {
-    let report: serde_json::Value = serde_json::from_slice(json).ok()?;
-    if report.get("result")?.as_str()? != "success" {
-        return None;
-    }
-    let text = |key: &str| report.get(key).and_then(|v| v.as_str()).map(str::to_string);
-    Some(PreviousInstall {
-        disk: disk.to_string(),
-        partition: partition.to_string(),
-        hostname: text("hostname"),
-        nixos_kexec_version: text("nixos_kexec_version"),
-        stopped_before: text("stopped_before"),
-    })
-}
-
-/// Looks for our own report on every partition of every disk nothing uses, mounting ext4 and
-/// btrfs filesystems read-only (without replaying journals: not one byte changes) under
-/// `probe_dir`. What cannot be read (encrypted, damaged, another filesystem) counts as no
-/// install. The plan then refuses to install over a finished install unless told to.
-pub fn find_previous_installs(facts: &mut Facts, probe_dir: &Path) {
-    use std::io::Read;
-    let mut found = Vec::new();
-    for disk in &facts.disks {
-        if !disk.mounted_at.is_empty() || !disk.holders.is_empty() {
-            continue;
-        }
-        for part in &disk.partitions {
-            let device = format!("/dev/{}", part.name);
-            let mut head = Vec::new();
-            if let Err(e) = fs::File::open(&device).and_then(|f| f.take(65608).read_to_end(&mut head)) {
-                log::info!("previous install: cannot read {device}: {e}");
-                continue;
-            }
-            let Some(fstype) = sniff_filesystem(&head) else {
-                continue;
-            };
-            let target = probe_dir.join(&part.name);
-            let options = if fstype == "ext4" { "noload" } else { "nologreplay" };
-            let mount = match crate::machine::blockdev::Mount::read_only(&device, &target, fstype, options) {
-                Ok(m) => m,
-                Err(e) => {
-                    log::info!("previous install: cannot look into {device}: {e:#}");
-                    continue;
-                }
-            };
-            let report = target
-                .join(crate::installer::steps::finish::REPORT_DIR)
-                .join("report.json");
-            let mut bytes = Vec::new();
-            let read = fs::File::open(&report).and_then(|f| f.take(1 << 20).read_to_end(&mut bytes));
-            if let Err(e) = mount.unmount() {
-                log::warn!("previous install: {e:#}");
-            }
-            let _ = fs::remove_dir(&target);
-            if read.is_ok() {
-                if let Some(previous) = parse_report(&bytes, &disk.dev_path, &device) {
-                    found.push(previous);
-                }
-            }
-        }
-    }
-    facts.previous_installs = found;
 }
 
 fn ram_bytes() -> u64 {
@@ -1079,37 +987,6 @@ mod tests {
             ["nvme-QEMU_NVMe_Ctrl_NV123", "nvme-eui.0011223344556677"]
         );
         assert_eq!(nvme.modules, ["nvme"]);
-    }
-
-    #[test]
-    fn filesystems_and_reports_are_recognised() {
-        let mut head = vec![0u8; 65608];
-        assert_eq!(sniff_filesystem(&head), None);
-        head[1080] = 0x53;
-        head[1081] = 0xef;
-        assert_eq!(sniff_filesystem(&head), Some("ext4"));
-        let mut btrfs = vec![0u8; 65608];
-        btrfs[65600..].copy_from_slice(b"_BHRfS_M");
-        assert_eq!(sniff_filesystem(&btrfs), Some("btrfs"));
-        assert_eq!(sniff_filesystem(&btrfs[..1000]), None);
-
-        let ok = br#"{"result":"success","hostname":"web1","nixos_kexec_version":"0.1.0","stopped_before":"install"}"#;
-        let previous = parse_report(ok, "/dev/vda", "/dev/vda3").unwrap();
-        assert_eq!(previous.hostname.as_deref(), Some("web1"));
-        assert_eq!(previous.stopped_before.as_deref(), Some("install"));
-        let text = previous.describe();
-        assert!(
-            text.contains(
-                "/dev/vda holds a NixOS prepared (stopped before install) by nixos-kexec 0.1.0 for host web1"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("/var/log/nixos-kexec/report.json on /dev/vda3"),
-            "{text}"
-        );
-        assert!(parse_report(br#"{"result":"failure"}"#, "/dev/vda", "/dev/vda3").is_none());
-        assert!(parse_report(b"not json", "/dev/vda", "/dev/vda3").is_none());
     }
 
     #[test]

@@ -3,10 +3,9 @@
 use super::Execution;
 use crate::console;
 use crate::installer::plan::Plan;
+use crate::installer::report::{Report, Run, FILE_NAME, REPORT_DIR};
 use anyhow::{Context, Result};
-use serde_json::json;
-
-pub const REPORT_DIR: &str = "var/log/nixos-kexec";
+use std::time::Instant;
 
 /// Writes report.json and install.log under the target root, if it is mounted.
 pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str>) -> Result<()> {
@@ -15,38 +14,33 @@ pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str
         return Ok(());
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let report = json!({
-        "result": if failure.is_some() { "failure" } else { "success" },
-        "failure": failure,
-        "nixos_kexec_version": env!("CARGO_PKG_VERSION"),
-        "hostname": plan.hostname,
-        "firmware": plan.firmware,
-        "layout": plan.layout,
-        "disk": plan.disk,
-        "table": plan.table,
-        "partitions": plan.partitions,
-        "luks": plan.luks,
-        "filesystems": plan.filesystems,
-        "mounts": plan.mounts,
-        "swaps": plan.swaps,
-        "host_key_fingerprints": execution.host_key_fingerprints,
-        "steps": execution.records_so_far(),
-        "verification": execution.verification,
-        "agent_peak_rss_kib": peak_rss_kib(),
-        "stopped_before": plan.stop_before,
-    });
-    let text = serde_json::to_string_pretty(&report).context("serialising the report")? + "\n";
-    std::fs::write(dir.join("report.json"), text)
-        .with_context(|| format!("writing {}/report.json", dir.display()))?;
+    report(plan, execution, failure, Instant::now(), peak_rss_kib()).write(&dir)?;
     if failure.is_none() {
         console::line(&format!(
-            "report written to {}/report.json on the target",
+            "report written to {}/{FILE_NAME} on the target",
             plan.state_path(REPORT_DIR)
         ));
     }
     std::fs::write(dir.join("install.log"), console::log_text())
         .with_context(|| format!("writing {}/install.log", dir.display()))?;
     Ok(())
+}
+
+/// The report of the run as far as it got at `now`.
+pub fn report(
+    plan: &Plan,
+    execution: &Execution,
+    failure: Option<&str>,
+    now: Instant,
+    agent_peak_rss_kib: Option<i64>,
+) -> Report {
+    let run = Run {
+        host_key_fingerprints: execution.host_key_fingerprints.clone(),
+        steps: execution.records_so_far(now),
+        verification: execution.verification.clone(),
+        agent_peak_rss_kib,
+    };
+    Report::new(plan, run, failure)
 }
 
 /// Switches swap off, unmounts in reverse order, closes the encrypted mappings and flushes

@@ -15,18 +15,11 @@ pub mod wipe;
 use crate::console;
 use crate::input::config::Step;
 use crate::installer::plan::Plan;
+use crate::installer::report::{Check, StepRecord};
 use crate::machine::blockdev::Mount;
 use anyhow::{Context, Result};
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    pub step: Step,
-    pub seconds: f64,
-    pub ok: bool,
-}
 
 /// State the steps share: what is switched on, mounted and opened (undone when dropped, in
 /// reverse), and what the report needs.
@@ -50,7 +43,7 @@ pub struct Execution {
     pub current: Option<(Step, Instant)>,
     pub host_key_fingerprints: Vec<String>,
     /// The post-install checks, once the verify step ran.
-    pub verification: Vec<verify::Check>,
+    pub verification: Vec<Check>,
 }
 
 impl Drop for Execution {
@@ -64,13 +57,13 @@ impl Drop for Execution {
 }
 
 impl Execution {
-    /// Finished steps plus the one in progress (not `ok` yet).
-    pub fn records_so_far(&self) -> Vec<StepRecord> {
+    /// Finished steps plus the one in progress at `now` (not `ok` yet).
+    pub fn records_so_far(&self, now: Instant) -> Vec<StepRecord> {
         let mut records = self.records.clone();
         if let Some((step, start)) = self.current {
             records.push(StepRecord {
                 step,
-                seconds: start.elapsed().as_secs_f64(),
+                seconds: now.saturating_duration_since(start).as_secs_f64(),
                 ok: step == Step::Finish,
             });
         }

@@ -8,34 +8,12 @@
 use super::Execution;
 use crate::installer::layout::{TYPE_BIOS_BOOT, TYPE_ESP};
 use crate::installer::plan::{Plan, PlannedPartition};
+use crate::installer::report::Check;
 use crate::installer::storage::Table;
 use crate::machine::facts::Firmware;
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-/// One verification, as the console and the report show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Check {
-    pub name: String,
-    pub ok: bool,
-    pub detail: String,
-}
-
-impl Check {
-    fn new(name: &str, outcome: std::result::Result<String, String>) -> Check {
-        let (ok, detail) = match outcome {
-            Ok(detail) => (true, detail),
-            Err(detail) => (false, detail),
-        };
-        Check {
-            name: name.to_string(),
-            ok,
-            detail,
-        }
-    }
-}
 
 /// Where efivarfs shows the firmware's variables (mounted by the installer as PID 1).
 pub const EFIVARS: &str = "/sys/firmware/efi/efivars";

@@ -1,0 +1,391 @@
+//! The install report, `report.json` on the target: what was planned, what each step did and
+//! how the run ended. The finish step writes it (also after a failure); the reinstall guard
+//! reads it back from disks where an earlier run may have installed NixOS.
+
+use crate::input::config::{Layout, Step};
+use crate::installer::plan::{
+    Filesystem, LuksVolume, Plan, PlannedMount, PlannedPartition, SwapArea, TargetDisk,
+};
+use crate::installer::storage::Table;
+use crate::machine::facts::Firmware;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::Path;
+
+/// Where the report and the install log live, under the target's state directory.
+pub const REPORT_DIR: &str = "var/log/nixos-kexec";
+pub const FILE_NAME: &str = "report.json";
+/// A report is a few KiB; a bigger file is not one of ours and is not read into the
+/// installer's RAM.
+const MAX_BYTES: u64 = 1 << 20;
+
+/// The whole document: one flat JSON object. `summary` and `run` group fields for the code
+/// only; their fields stand beside the others in the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub summary: Summary,
+    pub firmware: Firmware,
+    pub layout: Layout,
+    pub disk: TargetDisk,
+    pub table: Table,
+    pub partitions: Vec<PlannedPartition>,
+    pub luks: Vec<LuksVolume>,
+    pub filesystems: Vec<Filesystem>,
+    pub mounts: Vec<PlannedMount>,
+    pub swaps: Vec<SwapArea>,
+    #[serde(flatten)]
+    pub run: Run,
+}
+
+/// How the run ended and what it installed: the part of the report the reinstall guard reads.
+/// Other versions of nixos-kexec read it too (an older installer booted on a newer install),
+/// so it holds plain strings that any of them can take, and every field but `result` may be
+/// missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub result: Outcome,
+    /// Why the run failed, in one line.
+    pub failure: Option<String>,
+    pub nixos_kexec_version: Option<String>,
+    pub hostname: Option<String>,
+    /// The step the run stopped before on purpose (`nixos_kexec.stop_before`).
+    pub stopped_before: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+/// What the run did, as far as it got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    pub host_key_fingerprints: Vec<String>,
+    pub steps: Vec<StepRecord>,
+    /// The post-install checks; empty when the run did not get to verify.
+    pub verification: Vec<Check>,
+    /// The agent's own peak resident memory (children such as mkfs are not counted).
+    pub agent_peak_rss_kib: Option<i64>,
+}
+
+/// One step: how long it took and whether it ended well.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: Step,
+    pub seconds: f64,
+    pub ok: bool,
+}
+
+/// One verification, as the console and the report show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Check {
+    /// A check that passed (`Ok`) or failed (`Err`), with what it found.
+    pub fn new(name: &str, outcome: std::result::Result<String, String>) -> Check {
+        let (ok, detail) = match outcome {
+            Ok(detail) => (true, detail),
+            Err(detail) => (false, detail),
+        };
+        Check {
+            name: name.to_string(),
+            ok,
+            detail,
+        }
+    }
+}
+
+impl Report {
+    /// The report of `plan`'s run; `failure` is why it stopped, if it did.
+    pub fn new(plan: &Plan, run: Run, failure: Option<&str>) -> Report {
+        Report {
+            summary: Summary {
+                result: if failure.is_some() {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                },
+                failure: failure.map(str::to_string),
+                nixos_kexec_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+                hostname: Some(plan.hostname.clone()),
+                stopped_before: plan.stop_before.map(|step| step.name().to_string()),
+            },
+            firmware: plan.firmware,
+            layout: plan.layout,
+            disk: plan.disk.clone(),
+            table: plan.table,
+            partitions: plan.partitions.clone(),
+            luks: plan.luks.clone(),
+            filesystems: plan.filesystems.clone(),
+            mounts: plan.mounts.clone(),
+            swaps: plan.swaps.clone(),
+            run,
+        }
+    }
+
+    /// The document as written: pretty JSON with a final newline. Keys are sorted at every
+    /// level, as they have been since the first report: it goes through `Value`, whose maps
+    /// sort (serde_json without `preserve_order`), so reports of different versions compare
+    /// line by line.
+    pub fn to_json(&self) -> Result<String> {
+        let value = serde_json::to_value(self).context("serialising the report")?;
+        Ok(serde_json::to_string_pretty(&value).context("serialising the report")? + "\n")
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Report> {
+        serde_json::from_slice(bytes).context("parsing an install report")
+    }
+
+    /// Writes report.json into `dir`, the report directory of the target.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(FILE_NAME);
+        std::fs::write(&path, self.to_json()?).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+impl Summary {
+    pub fn from_json(bytes: &[u8]) -> Result<Summary> {
+        serde_json::from_slice(bytes).context("parsing an install report")
+    }
+
+    /// Reads the summary of report.json in `dir`: [`REPORT_DIR`] under a filesystem that
+    /// holds the installed system's `/` or state directory, or wherever else a layout puts it.
+    pub fn read(dir: &Path) -> Result<Summary> {
+        let path = dir.join(FILE_NAME);
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|file| file.take(MAX_BYTES).read_to_end(&mut bytes))
+            .with_context(|| format!("reading {}", path.display()))?;
+        Summary::from_json(&bytes).with_context(|| format!("reading {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::config::{Config, DiskChoice};
+    use crate::installer::plan::tests::{disk, facts, ids};
+    use crate::installer::plan::{self, GIB};
+    use crate::installer::steps::{finish, Execution};
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    /// The version the fixtures say they were written by, so they do not change with every
+    /// release.
+    const FIXTURE_VERSION: &str = "0.1.0";
+
+    fn fixture_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/report")
+    }
+
+    /// The plan the installer makes for `layout` on one 20 GiB virtio disk: ext4 on BIOS (as in
+    /// the bios_virtio boot test), the other presets on UEFI.
+    fn plan_for(layout: Layout) -> Plan {
+        let mut facts = facts(vec![disk("vda", 20 * GIB, 512, "ROOT")]);
+        if layout != Layout::Ext4 {
+            facts.firmware = Firmware::Uefi;
+        }
+        let config = Config {
+            hostname: "web1".into(),
+            disk: DiskChoice::Auto,
+            layout,
+            disk_passphrase_given: matches!(layout, Layout::LuksBtrfs | Layout::LuksExt4),
+            ..Config::default()
+        };
+        plan::make(&config, &facts, &ids()).unwrap()
+    }
+
+    /// Fixed times for the steps, roughly as a QEMU run takes them.
+    fn seconds(step: Step) -> f64 {
+        match step {
+            Step::Format => 1.5,
+            Step::Keys => 0.25,
+            Step::Install => 187.75,
+            _ => 0.125,
+        }
+    }
+
+    /// What the verify step finds on a disk that boots.
+    fn good_checks(plan: &Plan) -> Vec<Check> {
+        let ok = |name: &str, detail: String| Check::new(name, Ok(detail));
+        let system = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-web1-26.05";
+        let mut checks = vec![
+            ok(
+                "system profile",
+                format!("/nix/var/nix/profiles/system -> {system}"),
+            ),
+            ok("host keys", plan.state_path("etc/ssh/ssh_host_ed25519_key")),
+            ok("host flake", plan.state_path("etc/nixos/flake.nix")),
+        ];
+        let partition = |name: &str| plan.partitions.iter().find(|p| p.name == name).unwrap();
+        match plan.firmware {
+            Firmware::Bios => {
+                let bios_boot = partition("bios-boot");
+                checks.push(ok(
+                    "GRUB boot code in the MBR",
+                    format!(
+                        "{}: GRUB boot.img loads core.img from sector {}",
+                        plan.disk.dev_path,
+                        bios_boot.start_bytes / u64::from(plan.disk.logical_sector)
+                    ),
+                ));
+                checks.push(ok(
+                    "GRUB core.img in the BIOS boot partition",
+                    format!(
+                        "core.img at byte {} ({})",
+                        bios_boot.start_bytes, bios_boot.device
+                    ),
+                ));
+            }
+            Firmware::Uefi => {
+                let esp = partition("ESP");
+                checks.push(ok(
+                    "EFI boot entry for a loader on the ESP",
+                    format!(
+                        "Boot0001 \"Linux Boot Manager\" -> \\EFI\\systemd\\systemd-bootx64.efi on {} (PARTUUID {})",
+                        esp.device, esp.guid
+                    ),
+                ));
+            }
+        }
+        checks
+    }
+
+    /// A run of `plan` that got to `finish` (running for a quarter of a second), or, with
+    /// `failure`, one whose install step failed.
+    fn report_for(layout: Layout, failure: Option<&str>) -> Report {
+        let plan = plan_for(layout);
+        let mut execution = Execution::default();
+        let start = Instant::now();
+        let mut now = start;
+        for step in plan.steps.iter().copied().filter(|s| *s != Step::Finish) {
+            let ok = failure.is_none() || step != Step::Install;
+            execution.records.push(StepRecord {
+                step,
+                seconds: seconds(step),
+                ok,
+            });
+            now += Duration::from_secs_f64(seconds(step));
+            if !ok {
+                break;
+            }
+        }
+        execution.host_key_fingerprints =
+            vec!["256 SHA256:qUZFJmvlZ/KPAD1e8kjqkzE9XodGkYgnlVuUh/TMUO8 root@web1 (ED25519)".into()];
+        if plan.initrd_ssh.is_some() {
+            execution.host_key_fingerprints.push(
+                "initrd: 256 SHA256:3mF0PqVZL1mKxj8vT2Yb6cWnRgH4sUe9dAoLiNzQwXk initrd@web1 (ED25519)".into(),
+            );
+        }
+        if failure.is_none() {
+            execution.verification = good_checks(&plan);
+            execution.current = Some((Step::Finish, now));
+            now += Duration::from_millis(250);
+        }
+        let mut report = finish::report(&plan, &execution, failure, now, Some(23456));
+        report.summary.nixos_kexec_version = Some(FIXTURE_VERSION.into());
+        report
+    }
+
+    /// Every fixture: one per preset, and a failed run.
+    fn fixtures() -> Vec<(String, Report)> {
+        let mut fixtures: Vec<(String, Report)> = Layout::PRESETS
+            .into_iter()
+            .map(|layout| (layout.name().to_string(), report_for(layout, None)))
+            .collect();
+        fixtures.push((
+            "ext4-failed".into(),
+            report_for(
+                Layout::Ext4,
+                Some("step install: nixos-install exited with exit status: 1"),
+            ),
+        ));
+        fixtures
+    }
+
+    /// The fixtures are what the writer writes today; `UPDATE_FIXTURES=1` rewrites them after a
+    /// deliberate change of the report.
+    #[test]
+    fn fixtures_are_what_the_writer_writes() {
+        let update = std::env::var_os("UPDATE_FIXTURES").is_some_and(|v| v == "1");
+        let written = tempfile::tempdir().unwrap();
+        for (name, report) in fixtures() {
+            report.write(written.path()).unwrap();
+            let text = std::fs::read_to_string(written.path().join(FILE_NAME)).unwrap();
+            let fixture = fixture_dir().join(format!("{name}.json"));
+            if update {
+                std::fs::create_dir_all(fixture_dir()).unwrap();
+                std::fs::write(&fixture, &text).unwrap();
+                continue;
+            }
+            let expected = std::fs::read_to_string(&fixture).unwrap_or_default();
+            assert!(
+                text == expected,
+                "{} differs from what the writer writes now; if the change is meant, run UPDATE_FIXTURES=1 cargo test -p nixos-kexec fixtures_are_what_the_writer_writes\n{text}",
+                fixture.display()
+            );
+        }
+    }
+
+    #[test]
+    fn fixtures_read_back_into_the_same_report() {
+        for (name, report) in fixtures() {
+            let bytes = std::fs::read(fixture_dir().join(format!("{name}.json"))).unwrap();
+            assert_eq!(Report::from_json(&bytes).unwrap(), report, "{name}");
+            assert_eq!(Summary::from_json(&bytes).unwrap(), report.summary, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_guard_sees_a_finished_install_and_not_a_failed_one() {
+        for (name, report) in fixtures() {
+            let root = tempfile::tempdir().unwrap();
+            let dir = root.path().join(REPORT_DIR);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(fixture_dir().join(format!("{name}.json")), dir.join(FILE_NAME)).unwrap();
+            let previous = crate::installer::previous::read(root.path(), "/dev/vda", "/dev/vda3");
+            match report.summary.result {
+                Outcome::Failure => assert_eq!(previous, None, "{name}"),
+                Outcome::Success => {
+                    let previous = previous.unwrap_or_else(|| panic!("{name}: no install seen"));
+                    assert_eq!(previous.hostname.as_deref(), Some("web1"));
+                    assert_eq!(previous.nixos_kexec_version.as_deref(), Some(FIXTURE_VERSION));
+                    assert_eq!(previous.stopped_before, None);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_run_stopped_on_purpose_names_the_step() {
+        let mut plan = plan_for(Layout::Ext4);
+        plan.stop_before = Some(Step::Install);
+        let report = Report::new(
+            &plan,
+            Run {
+                host_key_fingerprints: vec![],
+                steps: vec![],
+                verification: vec![],
+                agent_peak_rss_kib: None,
+            },
+            None,
+        );
+        let text = report.to_json().unwrap();
+        assert!(text.contains("\"stopped_before\": \"install\""), "{text}");
+        assert_eq!(
+            Summary::from_json(text.as_bytes())
+                .unwrap()
+                .stopped_before
+                .as_deref(),
+            Some("install")
+        );
+    }
+}
