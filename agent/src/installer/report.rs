@@ -147,7 +147,8 @@ impl Report {
     /// Writes report.json into `dir`, the report directory of the target.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join(FILE_NAME);
-        std::fs::write(&path, self.to_json()?).with_context(|| format!("writing {}", path.display()))
+        // Only root reads it: it names disks, addresses and the installed system's keys.
+        crate::installer::steps::keys::write_file(&path, self.to_json()?.as_bytes(), 0o600)
     }
 }
 
@@ -387,5 +388,18 @@ mod tests {
                 .as_deref(),
             Some("install")
         );
+    }
+
+    #[test]
+    fn only_root_reads_the_written_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, report) = fixtures().remove(0);
+        report.write(dir.path()).unwrap();
+        let mode = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+        assert_eq!(Summary::read(dir.path()).unwrap(), report.summary);
     }
 }

@@ -21,8 +21,7 @@ pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str
             plan.state_path(REPORT_DIR)
         ));
     }
-    std::fs::write(dir.join("install.log"), console::log_text())
-        .with_context(|| format!("writing {}/install.log", dir.display()))?;
+    super::keys::write_file(&dir.join("install.log"), console::log_text().as_bytes(), 0o600)?;
     Ok(())
 }
 
