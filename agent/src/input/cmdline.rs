@@ -115,7 +115,13 @@ impl Params {
             possibly_truncated: cmdline.trim_end_matches(['\n', '\0']).len() >= COMMAND_LINE_SIZE - 1,
             ..Params::default()
         };
-        for word in split(cmdline) {
+        let words = split(cmdline);
+        if params.possibly_truncated {
+            if let Some(last) = words.last().filter(|w| is_ours_or_console(w)) {
+                return Err(cut_at_the_limit(last));
+            }
+        }
+        for word in words {
             let (name, value) = match word.split_once('=') {
                 Some((name, value)) => (name, value),
                 None => (word.as_str(), ""),
@@ -133,6 +139,26 @@ impl Params {
         }
         Ok(params)
     }
+}
+
+fn is_ours_or_console(word: &str) -> bool {
+    let name = word.split_once('=').map_or(word, |(name, _)| name);
+    name == "console" || strip_prefix(name).is_some()
+}
+
+/// The kernel keeps only the first `COMMAND_LINE_SIZE - 1` bytes of its command line, so a
+/// parameter that ends there may be the front of a longer one (`layout=btrfs-impermanence`
+/// kept as `layout=btrfs`), which would install something else than asked.
+fn cut_at_the_limit(word: &str) -> anyhow::Error {
+    let shown: String = word.chars().take(60).collect();
+    let ellipsis = if shown.len() < word.len() { "..." } else { "" };
+    user_error(
+        format!(
+            "The kernel command line is {} bytes long, the most the kernel keeps, so its last parameter `{shown}{ellipsis}` may have been cut short; it is not used.",
+            COMMAND_LINE_SIZE - 1
+        ),
+        "shorten the command line: put long values into the runtime info (nixos_kexec.info_deflate=, nixos_kexec.config_url=, or `nixos-kexec run`, which packs it into the initrd), or drop parameters the installer does not need.",
+    )
 }
 
 fn strip_prefix(name: &str) -> Option<String> {
@@ -283,11 +309,46 @@ mod tests {
         assert!(err.to_string().contains("nixos_kexec.dsik"), "{err}");
     }
 
+    /// A line of exactly the length the kernel keeps, ending in `tail`.
+    fn full_line_ending(tail: &str) -> String {
+        let line = format!("x={} {tail}", "p".repeat(COMMAND_LINE_SIZE - 4 - tail.len()));
+        assert_eq!(line.len(), COMMAND_LINE_SIZE - 1);
+        line
+    }
+
+    #[test]
+    fn a_parameter_ending_at_the_limit_is_refused_not_used() {
+        // What the kernel keeps of `nixos_kexec.layout=btrfs-impermanence` at the limit.
+        let err = Params::parse(&full_line_ending("nixos_kexec.layout=btrfs")).unwrap_err();
+        let text = crate::error::one_line(&err);
+        assert!(
+            text.contains("`nixos_kexec.layout=btrfs` may have been cut short"),
+            "{text}"
+        );
+        assert!(text.contains("runtime info"), "{text}");
+        // The installed system would get the console, so a cut one is not used either.
+        assert!(Params::parse(&full_line_ending("console=ttyS1")).is_err());
+        // Someone else's parameter at the end does not matter to us.
+        let other = Params::parse(&format!(
+            "nixos_kexec.layout=btrfs {}",
+            full_line_ending("q=1")[25..].to_string()
+        ))
+        .unwrap();
+        assert_eq!(other.get("layout"), Some("btrfs"));
+        // One byte short of the limit, nothing can have been cut.
+        let short = &full_line_ending("nixos_kexec.disk=/dev/vda")[1..];
+        assert_eq!(Params::parse(short).unwrap().get("disk"), Some("/dev/vda"));
+    }
+
     #[test]
     fn full_length_line_is_flagged() {
-        let line = format!("nixos_kexec.info={}", "A".repeat(COMMAND_LINE_SIZE));
         assert!(
-            Params::parse(&line[..COMMAND_LINE_SIZE - 1])
+            Params::parse(&full_line_ending("quiet"))
+                .unwrap()
+                .possibly_truncated
+        );
+        assert!(
+            !Params::parse(&full_line_ending("quiet")[1..])
                 .unwrap()
                 .possibly_truncated
         );

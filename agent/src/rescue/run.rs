@@ -171,7 +171,9 @@ fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
 pub fn hand_over(info: &RuntimeInfo, base_params: &[String], mut archive: Archive) -> Result<Handover> {
     let json = serde_json::to_vec(info).context("serialising runtime info")?;
     let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    let fits = |line: &str| line.len() < COMMAND_LINE_SIZE;
+    // One byte under what the kernel keeps: the installer refuses a line of full length, whose
+    // last parameter may have been cut.
+    let fits = |line: &str| line.len() < COMMAND_LINE_SIZE - 1;
     let join = |extra: Option<String>| {
         let mut words = base_params.to_vec();
         words.extend(extra);
@@ -467,7 +469,7 @@ mod tests {
     fn repetitive_info_is_deflated_and_huge_info_goes_to_cpio() {
         let h = hand_over(&info(20), &[], Archive::default()).unwrap();
         assert_eq!(h.carrier, Carrier::CmdlineDeflated);
-        assert!(h.cmdline.len() < COMMAND_LINE_SIZE);
+        assert!(h.cmdline.len() < COMMAND_LINE_SIZE - 1);
         let config = Config::assemble(None, &Params::parse(&h.cmdline).unwrap()).unwrap();
         assert_eq!(config.ssh_authorized_keys.len(), 20);
 
