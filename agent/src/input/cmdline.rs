@@ -331,7 +331,7 @@ mod tests {
         // Someone else's parameter at the end does not matter to us.
         let other = Params::parse(&format!(
             "nixos_kexec.layout=btrfs {}",
-            full_line_ending("q=1")[25..].to_string()
+            &full_line_ending("q=1")[25..]
         ))
         .unwrap();
         assert_eq!(other.get("layout"), Some("btrfs"));
