@@ -11,7 +11,7 @@ use anyhow::{anyhow, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Runtime info is small; anything bigger is a wrong URL (a directory listing, an image).
 pub const MAX_BODY: usize = 1 << 20;
@@ -170,8 +170,10 @@ impl Response {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub connect_timeout: Duration,
-    /// For each read and write, not for the whole transfer.
+    /// For each read and write.
     pub io_timeout: Duration,
+    /// For a whole attempt: connection, TLS handshake, headers and body.
+    pub attempt_timeout: Duration,
     pub attempts: u32,
     /// Wait after the first failed attempt; doubled after each further one.
     pub first_delay: Duration,
@@ -185,6 +187,8 @@ impl Default for Options {
         Options {
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(20),
+            // Runtime info is a few KiB; a server slower than this is as good as down.
+            attempt_timeout: Duration::from_secs(60),
             attempts: 5,
             first_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(16),
@@ -321,10 +325,15 @@ fn get_once(
         // Before connecting: a bundle without CA certificates is not a network problem.
         *tls = Some(crate::input::tls::load_client(&options.trust).map_err(Failure::Final)?);
     }
+    let until = Instant::now() + options.attempt_timeout;
     let tcp = connect(url, options)?;
     let io = |e: std::io::Error| Failure::Transient(format!("{e}"));
-    tcp.set_read_timeout(Some(options.io_timeout)).map_err(io)?;
-    tcp.set_write_timeout(Some(options.io_timeout)).map_err(io)?;
+    let tcp = Deadline {
+        tcp,
+        until,
+        io_timeout: options.io_timeout,
+        whole: options.attempt_timeout,
+    };
     let mut stream: Box<dyn Stream> = match (url.scheme, tls.as_ref()) {
         (Scheme::Https, Some(client)) => Box::new(client.connect(&url.host, tcp)?),
         _ => Box::new(tcp),
@@ -337,6 +346,66 @@ fn get_once(
     );
     stream.write_all(request.as_bytes()).map_err(io)?;
     read_response(BufReader::new(stream))
+}
+
+/// A connection that gives up at `until`: each read and write waits at most `io_timeout` and
+/// never past `until`, so a server that sends a byte now and then, each just in time, cannot
+/// hold the installer for longer than one attempt may take.
+struct Deadline {
+    tcp: TcpStream,
+    until: Instant,
+    io_timeout: Duration,
+    whole: Duration,
+}
+
+impl Deadline {
+    fn arm(&self) -> std::io::Result<()> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.too_late());
+        }
+        let wait = Some(left.min(self.io_timeout));
+        self.tcp.set_read_timeout(wait)?;
+        self.tcp.set_write_timeout(wait)
+    }
+
+    fn too_late(&self) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the server took longer than {} s to answer", self.whole.as_secs()),
+        )
+    }
+
+    /// A wait cut short by the deadline says so, rather than "temporarily unavailable".
+    fn explain(&self, error: std::io::Error) -> std::io::Error {
+        let timed_out = matches!(
+            error.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        );
+        if timed_out && Instant::now() >= self.until {
+            self.too_late()
+        } else {
+            error
+        }
+    }
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.tcp.read(buf).map_err(|e| self.explain(e))
+    }
+}
+
+impl Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.tcp.write(buf).map_err(|e| self.explain(e))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
 }
 
 fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<String, Failure> {
@@ -457,7 +526,7 @@ fn read_chunked(reader: &mut impl BufRead) -> Result<Vec<u8>, Failure> {
             }
             return Ok(body);
         }
-        if body.len() + size > MAX_BODY {
+        if body.len().checked_add(size).is_none_or(|total| total > MAX_BODY) {
             return Err(too_big());
         }
         let start = body.len();
@@ -625,6 +694,7 @@ mod tests {
         Options {
             connect_timeout: Duration::from_secs(2),
             io_timeout: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(10),
             attempts: 5,
             first_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(40),
@@ -633,6 +703,52 @@ mod tests {
     }
 
     const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{\"version\":1}";
+
+    #[test]
+    fn a_chunk_size_past_any_length_is_refused_not_a_panic() {
+        for size in ["ffffffffffffffff", "fffffffffffffff0", "10000000000000000"] {
+            let answer =
+                format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nx\r\n0\r\n\r\n");
+            assert!(parse_response(answer.as_bytes()).is_err(), "{size}");
+        }
+    }
+
+    #[test]
+    fn a_server_dripping_bytes_cannot_hold_an_attempt_past_its_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n");
+            // Each byte well inside io_timeout, the whole answer never.
+            for _ in 0..1000 {
+                std::thread::sleep(Duration::from_millis(100));
+                if stream.write_all(b"x").is_err() {
+                    return;
+                }
+            }
+        });
+        let options = Options {
+            io_timeout: Duration::from_secs(1),
+            attempt_timeout: Duration::from_millis(1500),
+            attempts: 1,
+            ..quick()
+        };
+        let started = std::time::Instant::now();
+        let err = get(&format!("{base}/slow.json"), &options, &mut |_| {}).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let text = crate::error::one_line(&err);
+        assert!(text.contains("took longer than 1 s"), "{text}");
+    }
+
     const FAIL: &str = "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n";
 
     #[test]
@@ -768,6 +884,7 @@ mod tls_tests {
         Options {
             connect_timeout: Duration::from_secs(2),
             io_timeout: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(10),
             attempts: 3,
             first_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(40),

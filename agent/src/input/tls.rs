@@ -12,7 +12,7 @@ use anyhow::Result;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{CertificateError, ClientConfig, ClientConnection, RootCertStore, StreamOwned};
-use std::net::TcpStream;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,7 +26,7 @@ pub fn default_trust_sources() -> Vec<PathBuf> {
     vec![PathBuf::from(SYSTEM_BUNDLE), PathBuf::from(EXTRA_DIR)]
 }
 
-pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
+pub type TlsStream<S> = StreamOwned<ClientConnection, S>;
 
 /// A client configuration and what it trusts (for error messages).
 pub struct Client {
@@ -118,7 +118,7 @@ impl Client {
     /// Completes the handshake with `host` over `tcp`, so that certificate problems surface
     /// here, classified, rather than as a read error later: a network error is worth another
     /// try, a certificate or TLS protocol problem is not.
-    pub(crate) fn connect(&self, host: &str, mut tcp: TcpStream) -> Result<TlsStream, Failure> {
+    pub(crate) fn connect<S: Read + Write>(&self, host: &str, mut tcp: S) -> Result<TlsStream<S>, Failure> {
         let name = ServerName::try_from(host.to_string()).map_err(|_| {
             Failure::Final(user_error(
                 format!("{host:?} cannot be checked against a certificate (not a DNS name or IP address)."),
