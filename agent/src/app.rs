@@ -240,7 +240,7 @@ fn machine_vars(first: &Config, network: &EarlyNetwork) -> Result<MachineVars> {
         (None, None) => dhcp::primary_mac(&crate::network::facts::gather()?, &[]),
     };
     Ok(MachineVars {
-        mac,
+        mac: mac.map(|m| m.to_string()),
         serial,
         uuid,
         // Named on purpose (parameter or runtime info) wins over what DHCP says.

@@ -4,6 +4,7 @@
 //! the fields below must keep their meaning.
 
 use crate::error::user_error;
+use crate::network::types::{self, Destination, MacAddr, Prefix};
 use anyhow::Result;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -53,17 +54,17 @@ pub struct DiskSelector {
 pub struct Network {
     #[serde(default)]
     pub interfaces: Vec<Interface>,
-    #[serde(default)]
-    pub nameservers: Vec<String>,
+    #[serde(default, deserialize_with = "types::deserialize_ips")]
+    pub nameservers: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Interface {
-    pub mac: String,
+    pub mac: MacAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default)]
-    pub addresses: Vec<String>,
+    pub addresses: Vec<Prefix>,
     #[serde(default)]
     pub routes: Vec<Route>,
     #[serde(default)]
@@ -72,9 +73,13 @@ pub struct Interface {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Route {
-    pub to: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub via: Option<String>,
+    pub to: Destination,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "types::deserialize_optional_ip"
+    )]
+    pub via: Option<IpAddr>,
     #[serde(default)]
     pub onlink: bool,
 }
@@ -162,6 +167,10 @@ pub fn from_param(value: &str, source: Source, truncated: bool) -> Result<Runtim
 
 pub fn parse_json(json: &[u8], source: Source, truncated: bool) -> Result<RuntimeInfo> {
     let info: RuntimeInfo = serde_json::from_slice(json).map_err(|e| {
+        // A network value that does not parse reads as it always did: value, problem, fix.
+        if let Some(refused) = types::refused_value(&e) {
+            return anyhow::Error::new(refused);
+        }
         let fix = if truncated || e.is_eof() {
             TOO_LONG_FIX.to_string()
         } else {
@@ -207,25 +216,6 @@ impl RuntimeInfo {
         for key in &self.ssh_authorized_keys {
             validate_ssh_key(key)?;
         }
-        if let Some(network) = &self.network {
-            for interface in &network.interfaces {
-                validate_mac(&interface.mac)?;
-                for address in &interface.addresses {
-                    parse_cidr(address)?;
-                }
-                for route in &interface.routes {
-                    if route.to != "default" {
-                        parse_cidr(&route.to)?;
-                    }
-                    if let Some(via) = &route.via {
-                        parse_ip(via)?;
-                    }
-                }
-            }
-            for server in &network.nameservers {
-                parse_ip(server)?;
-            }
-        }
         if let Some(nixpkgs) = &self.nixpkgs {
             validate_flake_ref(nixpkgs)?;
         }
@@ -268,48 +258,6 @@ pub fn validate_ssh_key(key: &str) -> Result<()> {
                 "pass the whole line of an id_*.pub file, e.g. \"ssh-ed25519 AAAA... me@host\".",
             )
         })
-}
-
-pub fn validate_mac(mac: &str) -> Result<()> {
-    let parts: Vec<&str> = mac.split(':').collect();
-    if parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
-    {
-        Ok(())
-    } else {
-        Err(user_error(
-            format!("{mac:?} is not a MAC address."),
-            "write MAC addresses as six hex pairs, e.g. 52:54:00:12:34:56.",
-        ))
-    }
-}
-
-pub fn parse_ip(text: &str) -> Result<IpAddr> {
-    text.parse().map_err(|_| {
-        user_error(
-            format!("{text:?} is not an IP address."),
-            "write addresses like 192.0.2.10 or 2001:db8::1.",
-        )
-    })
-}
-
-pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8)> {
-    let bad = || {
-        user_error(
-            format!("{text:?} is not an address with prefix length."),
-            "write addresses as CIDR, e.g. 192.0.2.10/32 or 2001:db8::1/64.",
-        )
-    };
-    let (ip, prefix) = text.split_once('/').ok_or_else(bad)?;
-    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
-    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    if prefix > max {
-        return Err(bad());
-    }
-    Ok((ip, prefix))
 }
 
 pub fn validate_flake_ref(text: &str) -> Result<()> {
@@ -404,5 +352,56 @@ mod tests {
             let err = parse_json(bad.as_bytes(), Source::File, false).unwrap_err();
             assert!(crate::error::one_line(&err).contains(needle), "{err}");
         }
+    }
+
+    /// Network values are refused while the JSON is read, each with its own problem and fix,
+    /// worded as when they were checked after reading.
+    #[test]
+    fn bad_network_values_name_the_value_and_the_fix() {
+        for (bad, message) in [
+            (
+                example().replace("52:54:00:12:34:56", "52:54:00:12:34"),
+                "\"52:54:00:12:34\" is not a MAC address. Fix: write MAC addresses as six hex pairs, e.g. 52:54:00:12:34:56.",
+            ),
+            (
+                example().replace("192.0.2.10/32", "192.0.2.10/33"),
+                "\"192.0.2.10/33\" is not an address with prefix length. Fix: write addresses as CIDR, e.g. 192.0.2.10/32 or 2001:db8::1/64.",
+            ),
+            (
+                example().replace("\"to\":\"default\",\"via\":\"fe80::1\"", "\"to\":\"10.0.0.0\""),
+                "\"10.0.0.0\" is not an address with prefix length. Fix: write addresses as CIDR, e.g. 192.0.2.10/32 or 2001:db8::1/64.",
+            ),
+            (
+                example().replace("172.31.1.1", "172.31.1"),
+                "\"172.31.1\" is not an IP address. Fix: write addresses like 192.0.2.10 or 2001:db8::1.",
+            ),
+            (
+                example().replace("185.12.64.1", "dns.example"),
+                "\"dns.example\" is not an IP address. Fix: write addresses like 192.0.2.10 or 2001:db8::1.",
+            ),
+        ] {
+            let err = parse_json(bad.as_bytes(), Source::File, false).unwrap_err();
+            assert!(crate::error::as_user_error(&err).is_some(), "{err:#}");
+            assert_eq!(crate::error::one_line(&err), message);
+        }
+    }
+
+    #[test]
+    fn network_reads_and_writes_the_same_text() {
+        let json = r#"{"version":1,"network":{"interfaces":[{"mac":"96:00:02:1a:2b:3c","name":"eth0","addresses":["203.0.113.10/32","2001:db8:c0de:1::1/64"],"routes":[{"to":"default","via":"172.31.1.1","onlink":true},{"to":"default","via":"fe80::1","onlink":false},{"to":"0.0.0.0/0","via":"fe80::1","onlink":false},{"to":"::/0","onlink":false},{"to":"10.7.0.0/16","onlink":false}],"dhcp":false},{"mac":"52:54:00:12:34:57","addresses":[],"routes":[],"dhcp":true}],"nameservers":["185.12.64.1","2a01:4ff:ff00::add:1"]}}"#;
+        let info = parse_json(json.as_bytes(), Source::File, false).unwrap();
+        assert_eq!(serde_json::to_string(&info).unwrap(), json);
+        let route = &info.network.unwrap().interfaces[0].routes[2];
+        assert_eq!(route.to, "0.0.0.0/0".parse().unwrap());
+        assert_eq!(route.via, Some("fe80::1".parse().unwrap()));
+
+        // MAC addresses compare, and are written, in lower case.
+        let upper = example().replace("52:54:00:12:34:56", "52:54:00:AB:CD:EF");
+        let info = parse_json(upper.as_bytes(), Source::File, false).unwrap();
+        let interface = &info.network.as_ref().unwrap().interfaces[0];
+        assert_eq!(interface.mac, "52:54:00:ab:cd:ef".parse().unwrap());
+        assert!(serde_json::to_string(&info)
+            .unwrap()
+            .contains("\"mac\":\"52:54:00:ab:cd:ef\""));
     }
 }

@@ -84,11 +84,11 @@ pub fn string(text: &str) -> String {
 }
 
 /// List items, one per line at the given indentation (the template holds the brackets).
-pub fn list_lines(items: &[String], indent: usize) -> String {
+pub fn list_lines(items: &[impl ToString], indent: usize) -> String {
     let pad = " ".repeat(indent);
     items
         .iter()
-        .map(|i| string(i))
+        .map(|i| string(&i.to_string()))
         .collect::<Vec<_>>()
         .join(&format!("\n{pad}"))
 }
@@ -103,7 +103,7 @@ mod tests {
             "x = \"@a@\"; y = [ /*@b@*/ ];",
             &[
                 ("a", Value::Text("q\"${x}".into())),
-                ("b", Value::Block(list_lines(&["m".into(), "n".into()], 0))),
+                ("b", Value::Block(list_lines(&["m", "n"], 0))),
             ],
         )
         .unwrap();

@@ -7,7 +7,7 @@
 
 use super::facts::{self, Family, Link, NetworkFacts};
 use super::netlink::{consts::*, Builder, IfAddr, IfInfo, KernelError, RtMsg, Socket};
-use super::{choose_link, Prefix};
+use super::{choose_link, Destination, Prefix};
 use crate::error::user_error;
 use crate::input::runtime_info::{self, Interface, Network};
 use anyhow::{bail, Context, Result};
@@ -57,7 +57,7 @@ pub fn apply_with(network: &Network, options: &Options) -> Result<NetworkFacts> 
     let mut failures: Vec<String> = Vec::new();
     let mut configured: Vec<(&Interface, Link)> = Vec::new();
     for interface in &network.interfaces {
-        let Some(link) = choose_link(&facts, &interface.mac).cloned() else {
+        let Some(link) = choose_link(&facts, interface.mac).cloned() else {
             continue;
         };
         log::info!(
@@ -111,23 +111,15 @@ pub fn apply_with(network: &Network, options: &Options) -> Result<NetworkFacts> 
         }
     }
     for (interface, link) in &configured {
-        for cidr in &interface.addresses {
-            let prefix = runtime_info::parse_cidr(cidr)?;
-            if let Err(e) = add_address(&mut socket, link.ifindex, Prefix::new(prefix.0, prefix.1)) {
-                failures.push(format!("address {cidr} on {}: {e}", link.name));
+        for &prefix in &interface.addresses {
+            if let Err(e) = add_address(&mut socket, link.ifindex, prefix) {
+                failures.push(format!("address {prefix} on {}: {e}", link.name));
             }
         }
     }
     for (interface, link) in &configured {
         for route in &interface.routes {
-            let request = match route_request(route, link.ifindex) {
-                Ok(r) => r,
-                Err(e) => {
-                    failures.push(format!("route {} on {}: {e:#}", route.to, link.name));
-                    continue;
-                }
-            };
-            match socket.execute(request) {
+            match socket.execute(route_request(route, link.ifindex)) {
                 Ok(()) => {}
                 Err(e) if e.errno == libc::EEXIST => {
                     log::info!(
@@ -182,7 +174,7 @@ fn wait_for_macs(socket: &mut Socket, network: &Network, options: &Options) -> R
         let missing: Vec<&Interface> = network
             .interfaces
             .iter()
-            .filter(|i| choose_link(&facts, &i.mac).is_none())
+            .filter(|i| choose_link(&facts, i.mac).is_none())
             .collect();
         if missing.is_empty() {
             return Ok(facts);
@@ -196,7 +188,7 @@ fn wait_for_macs(socket: &mut Socket, network: &Network, options: &Options) -> R
                     format!(
                         "{} {}{}",
                         l.name,
-                        l.mac.as_deref().unwrap_or("(no MAC)"),
+                        l.mac.map_or("(no MAC)".to_string(), |m| m.to_string()),
                         l.driver.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
                     )
                 })
@@ -205,7 +197,7 @@ fn wait_for_macs(socket: &mut Socket, network: &Network, options: &Options) -> R
                 .iter()
                 .map(|i| match &i.name {
                     Some(name) => format!("{} (was {name})", i.mac),
-                    None => i.mac.clone(),
+                    None => i.mac.to_string(),
                 })
                 .collect();
             return Err(user_error(
@@ -272,22 +264,18 @@ fn add_address(socket: &mut Socket, ifindex: u32, prefix: Prefix) -> Result<(), 
     socket.execute(address_request(ifindex, prefix))
 }
 
-/// Destination, gateway and family of a runtime-info route (see the module docs of
-/// [`super`] for how `default` takes its family).
-pub(crate) fn route_target(route: &runtime_info::Route) -> Result<(Family, Option<Prefix>, Option<IpAddr>)> {
-    let via = route.via.as_deref().map(runtime_info::parse_ip).transpose()?;
-    if route.to == "default" {
-        let family = via.map(Family::of).unwrap_or(Family::Inet);
-        return Ok((family, None, via));
+/// Family and destination (`None` for a default route) of a runtime-info route; see the
+/// module docs of [`super`] for how `default` takes its family.
+fn route_target(route: &runtime_info::Route) -> (Family, Option<Prefix>) {
+    match route.to {
+        Destination::Default => (route.via.map(Family::of).unwrap_or(Family::Inet), None),
+        Destination::Prefix(prefix) => (Family::of(prefix.addr), (prefix.len > 0).then_some(prefix)),
     }
-    let (addr, len) = runtime_info::parse_cidr(&route.to)?;
-    let family = Family::of(addr);
-    let destination = (len > 0).then(|| Prefix::new(addr, len));
-    Ok((family, destination, via))
 }
 
-pub(crate) fn route_request(route: &runtime_info::Route, ifindex: u32) -> Result<Builder> {
-    let (family, destination, via) = route_target(route)?;
+pub(crate) fn route_request(route: &runtime_info::Route, ifindex: u32) -> Builder {
+    let (family, destination) = route_target(route);
+    let via = route.via;
     let af = match family {
         Family::Inet => AF_INET,
         Family::Inet6 => AF_INET6,
@@ -323,11 +311,11 @@ pub(crate) fn route_request(route: &runtime_info::Route, ifindex: u32) -> Result
             request.attr(RTA_VIA, &super::netlink::via_bytes(gateway))
         };
     }
-    Ok(request.attr_u32(RTA_OIF, ifindex))
+    request.attr_u32(RTA_OIF, ifindex)
 }
 
 fn describe_route(route: &runtime_info::Route) -> String {
-    let mut text = route.to.clone();
+    let mut text = route.to.to_string();
     if let Some(via) = &route.via {
         text.push_str(&format!(" via {via}"));
     }
@@ -377,7 +365,7 @@ pub fn describe_link(facts: &NetworkFacts, ifindex: u32) -> Vec<String> {
         format!(
             "network: {} {} {}: addresses: {}",
             link.name,
-            link.mac.as_deref().unwrap_or(""),
+            link.mac.map(|m| m.to_string()).unwrap_or_default(),
             if link.up { "up" } else { "down" },
             if addresses.is_empty() {
                 none()
@@ -503,20 +491,18 @@ fn run_dhcp(options: &Options, interface: &str, script: &Path) -> Result<()> {
 }
 
 /// What the lease said about DNS, checked: the file holds whatever the server sent.
-fn dhcp_nameservers(run_dir: &Path, interface: &str) -> Vec<String> {
+fn dhcp_nameservers(run_dir: &Path, interface: &str) -> Vec<IpAddr> {
     std::fs::read_to_string(run_dir.join(format!("dhcp-dns.{interface}")))
         .unwrap_or_default()
         .split_whitespace()
-        .filter_map(|w| w.parse::<IpAddr>().ok())
-        .map(|ip| ip.to_string())
+        .filter_map(|w| w.parse().ok())
         .collect()
 }
 
 /// The address a lease gave `interface`, as the DHCP script recorded it; `None`: no lease.
-pub fn dhcp_lease(run_dir: &Path, interface: &str) -> Option<String> {
+pub fn dhcp_lease(run_dir: &Path, interface: &str) -> Option<Prefix> {
     let text = std::fs::read_to_string(run_dir.join(format!("dhcp-lease.{interface}"))).ok()?;
-    let cidr = text.trim();
-    runtime_info::parse_cidr(cidr).ok().map(|_| cidr.to_string())
+    text.trim().parse().ok()
 }
 
 /// The host name the DHCP server gave (option 12), first label only and checked: the file
@@ -527,7 +513,7 @@ pub fn dhcp_hostname(run_dir: &Path, interface: &str) -> Option<String> {
     runtime_info::validate_hostname(&name).ok().map(|_| name)
 }
 
-pub fn resolv_conf_text(nameservers: &[String]) -> String {
+pub fn resolv_conf_text(nameservers: &[IpAddr]) -> String {
     let mut text = String::from("# Written by nixos-kexec from the runtime info and DHCP.\n");
     for server in nameservers {
         text.push_str(&format!("nameserver {server}\n"));
@@ -535,7 +521,7 @@ pub fn resolv_conf_text(nameservers: &[String]) -> String {
     text
 }
 
-pub fn write_resolv_conf(path: &Path, nameservers: &[String]) -> Result<()> {
+pub fn write_resolv_conf(path: &Path, nameservers: &[IpAddr]) -> Result<()> {
     if nameservers.is_empty() {
         log::warn!("network: no nameservers known; names will not resolve");
     } else if nameservers.len() > 3 {
@@ -553,7 +539,8 @@ pub fn write_resolv_conf(path: &Path, nameservers: &[String]) -> Result<()> {
         .with_context(|| format!("writing {}", temporary.display()))?;
     std::fs::rename(&temporary, path).with_context(|| format!("replacing {}", path.display()))?;
     if !nameservers.is_empty() {
-        log::info!("network: nameservers: {}", nameservers.join(", "));
+        let list: Vec<String> = nameservers.iter().map(IpAddr::to_string).collect();
+        log::info!("network: nameservers: {}", list.join(", "));
     }
     Ok(())
 }
@@ -562,7 +549,7 @@ pub fn write_resolv_conf(path: &Path, nameservers: &[String]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::network::netlink::{self, split_messages};
-    use crate::network::test_fixtures::fixture;
+    use crate::network::test_fixtures::{fixture, route, texts};
 
     fn body(builder: Builder) -> (u16, u16, Vec<u8>) {
         let messages = split_messages(&builder.finish(7)).unwrap();
@@ -570,17 +557,9 @@ mod tests {
         (messages[0].kind, messages[0].flags, messages[0].payload.clone())
     }
 
-    fn route(to: &str, via: Option<&str>, onlink: bool) -> runtime_info::Route {
-        runtime_info::Route {
-            to: to.into(),
-            via: via.map(str::to_string),
-            onlink,
-        }
-    }
-
     #[test]
     fn ipv6_addresses_skip_dad_ipv4_ones_need_not() {
-        let (kind, flags, payload) = body(address_request(3, Prefix::parse_cidr("2001:db8::2/64").unwrap()));
+        let (kind, flags, payload) = body(address_request(3, "2001:db8::2/64".parse().unwrap()));
         assert_eq!(kind, RTM_NEWADDR);
         assert_ne!(flags & NLM_F_ACK, 0);
         assert_ne!(flags & NLM_F_REPLACE, 0);
@@ -590,7 +569,7 @@ mod tests {
         assert_eq!(parsed.ifindex, 3);
         assert_eq!(parsed.flags & IFA_F_NODAD, IFA_F_NODAD);
 
-        let (_, _, payload) = body(address_request(3, Prefix::parse_cidr("203.0.113.10/32").unwrap()));
+        let (_, _, payload) = body(address_request(3, "203.0.113.10/32".parse().unwrap()));
         let parsed = facts::parse_address(&payload).unwrap();
         assert_eq!(parsed.prefix().to_string(), "203.0.113.10/32");
         assert_eq!(parsed.flags & IFA_F_NODAD, 0);
@@ -629,7 +608,7 @@ mod tests {
             ),
         ];
         for (r, family, dst, gw, onlink) in cases {
-            let (kind, flags, payload) = body(route_request(&r, 4).unwrap());
+            let (kind, flags, payload) = body(route_request(&r, 4));
             assert_eq!(kind, RTM_NEWROUTE);
             assert_ne!(flags & NLM_F_EXCL, 0);
             let parsed = facts::parse_route(&payload);
@@ -643,10 +622,9 @@ mod tests {
             assert_eq!(p.protocol, facts::Protocol::STATIC);
         }
         // A device route (no gateway) is link-scoped.
-        let (_, _, payload) = body(route_request(&route("10.1.0.0/16", None, false), 4).unwrap());
+        let (_, _, payload) = body(route_request(&route("10.1.0.0/16", None, false), 4));
         let p = &facts::parse_route(&payload)[0];
         assert_eq!(p.scope, facts::Scope::LINK);
-        assert!(route_request(&route("bogus", None, false), 4).is_err());
     }
 
     #[test]
@@ -661,7 +639,7 @@ mod tests {
     fn azure_runtime_info_lands_on_hv_netvsc() {
         let facts = fixture("azure-accelerated");
         let network = crate::network::translate::translate(&facts, vec![]);
-        let chosen = choose_link(&facts, &network.interfaces[0].mac).unwrap();
+        let chosen = choose_link(&facts, network.interfaces[0].mac).unwrap();
         assert_eq!(chosen.name, "eth0");
         assert_eq!(chosen.driver.as_deref(), Some("hv_netvsc"));
     }
@@ -701,12 +679,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            dhcp_nameservers(dir.path(), "eth0"),
+            texts(&dhcp_nameservers(dir.path(), "eth0")),
             ["192.0.2.53", "2001:db8::53"]
         );
         assert!(dhcp_nameservers(dir.path(), "eth1").is_empty());
         let path = dir.path().join("etc/resolv.conf");
-        write_resolv_conf(&path, &["185.12.64.1".into(), "2a01:4ff:ff00::add:1".into()]).unwrap();
+        let nameservers = [
+            "185.12.64.1".parse().unwrap(),
+            "2a01:4ff:ff00::add:1".parse().unwrap(),
+        ];
+        write_resolv_conf(&path, &nameservers).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("nameserver 185.12.64.1\nnameserver 2a01:4ff:ff00::add:1\n"));
     }
@@ -716,7 +698,7 @@ mod tests {
         // This host has no link with this MAC; nothing is changed before the check fails.
         let network = Network {
             interfaces: vec![Interface {
-                mac: "02:00:00:de:ad:01".into(),
+                mac: "02:00:00:de:ad:01".parse().unwrap(),
                 name: Some("eth0".into()),
                 ..Interface::default()
             }],
@@ -802,9 +784,12 @@ mod tests {
         sh("ip link add nk0 address 96:00:02:1a:2b:3c type veth peer name nk1");
         let network = Network {
             interfaces: vec![Interface {
-                mac: "96:00:02:1A:2B:3C".into(),
+                mac: "96:00:02:1A:2B:3C".parse().unwrap(),
                 name: Some("eth0".into()),
-                addresses: vec!["203.0.113.10/32".into(), "2001:db8:c0de:1::1/64".into()],
+                addresses: vec![
+                    "203.0.113.10/32".parse().unwrap(),
+                    "2001:db8:c0de:1::1/64".parse().unwrap(),
+                ],
                 routes: vec![
                     route("default", Some("172.31.1.1"), true),
                     route("default", Some("fe80::1"), false),
@@ -813,7 +798,7 @@ mod tests {
                 ],
                 dhcp: false,
             }],
-            nameservers: vec!["185.12.64.1".into(), "185.12.64.2".into()],
+            nameservers: vec!["185.12.64.1".parse().unwrap(), "185.12.64.2".parse().unwrap()],
         };
         let dir = tempfile::tempdir().unwrap();
         let options = Options {
@@ -886,7 +871,7 @@ mod tests {
         let translated = crate::network::translate::translate(&as_nic, network.nameservers.clone());
         assert_eq!(translated.interfaces.len(), 1);
         let t = &translated.interfaces[0];
-        assert_eq!(t.mac, "96:00:02:1a:2b:3c");
+        assert_eq!(t.mac.to_string(), "96:00:02:1a:2b:3c");
         assert_eq!(t.addresses, network.interfaces[0].addresses);
         for r in &network.interfaces[0].routes {
             assert!(t.routes.contains(r), "{r:?} not in {:?}", t.routes);
@@ -934,13 +919,13 @@ EOF
         ));
         let network = Network {
             interfaces: vec![Interface {
-                mac: "52:54:00:12:34:56".into(),
+                mac: "52:54:00:12:34:56".parse().unwrap(),
                 name: Some("eth0".into()),
-                addresses: vec!["2001:db8::5/64".into()],
+                addresses: vec!["2001:db8::5/64".parse().unwrap()],
                 routes: vec![route("default", Some("fe80::1"), false)],
                 dhcp: true,
             }],
-            nameservers: vec!["185.12.64.1".into()],
+            nameservers: vec!["185.12.64.1".parse().unwrap()],
         };
         let options = Options {
             resolv_conf: dir.path().join("resolv.conf"),
@@ -960,9 +945,7 @@ EOF
             .collect();
         assert_eq!(v4.len(), 1, "{v4:?}");
         assert_eq!(v4[0].prefix, 32);
-        assert!(Prefix::parse_cidr("172.31.5.0/24")
-            .unwrap()
-            .contains(v4[0].address));
+        assert!("172.31.5.0/24".parse::<Prefix>().unwrap().contains(v4[0].address));
         assert_eq!(nk0.mtu, Some(1400));
         let routes: Vec<String> = after
             .routes_of(nk0.ifindex)
@@ -992,7 +975,7 @@ EOF
             .any(|a| a.prefix().to_string() == "2001:db8::5/64"));
         let run = dir.path().join("run");
         let lease = dhcp_lease(&run, "nk0").expect("the lease is recorded");
-        assert_eq!(lease, format!("{}/32", v4[0].address));
+        assert_eq!(lease.to_string(), format!("{}/32", v4[0].address));
         assert_eq!(dhcp_hostname(&run, "nk0").as_deref(), Some("web-7"));
         let resolv = std::fs::read_to_string(dir.path().join("resolv.conf")).unwrap();
         assert!(

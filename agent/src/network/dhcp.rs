@@ -6,9 +6,9 @@
 //! interface per NIC, so the lease is applied exactly as a rescue system's DHCP interface is.
 
 use super::apply::{self, describe_link};
-use super::choose_link;
 use super::facts::{self, Family, Link, NetworkFacts, Scope};
 use super::netlink::{consts::IFA_F_TENTATIVE, Socket};
+use super::{choose_link, MacAddr, Prefix};
 use crate::input::runtime_info::{Interface, Network};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -38,10 +38,10 @@ impl Default for Options {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub name: String,
-    pub mac: String,
+    pub mac: MacAddr,
     pub ifindex: u32,
-    /// `address/prefix` as the server gave it.
-    pub address: String,
+    /// As the server gave it.
+    pub address: Prefix,
     /// Option 12, when the server sent one.
     pub hostname: Option<String>,
 }
@@ -59,7 +59,7 @@ pub struct Outcome {
 
 impl Outcome {
     /// The MAC of the NIC that got the lease, preferring one with the IPv4 default route.
-    pub fn primary_mac(&self) -> Option<String> {
+    pub fn primary_mac(&self) -> Option<MacAddr> {
         let leased: Vec<u32> = self.leases.iter().map(|l| l.ifindex).collect();
         primary_mac(&self.facts, &leased)
     }
@@ -69,17 +69,16 @@ impl Outcome {
         let primary = self.primary_mac();
         self.leases
             .iter()
-            .filter(|l| Some(&l.mac) == primary.as_ref())
+            .filter(|l| Some(l.mac) == primary)
             .chain(self.leases.iter())
             .find_map(|l| l.hostname.clone())
     }
 }
 
-/// The runtime-info network that asks for DHCP on each of `macs` (lower-cased, once each).
-pub fn dhcp_network(macs: &[String]) -> Network {
+/// The runtime-info network that asks for DHCP on each of `macs` (once each).
+pub fn dhcp_network(macs: &[MacAddr]) -> Network {
     let mut interfaces: Vec<Interface> = Vec::new();
-    for mac in macs {
-        let mac = mac.to_ascii_lowercase();
+    for &mac in macs {
         if interfaces.iter().any(|i| i.mac == mac) {
             continue;
         }
@@ -97,7 +96,7 @@ pub fn dhcp_network(macs: &[String]) -> Network {
 
 /// The MAC a config URL's `${mac}` means: of a leased NIC carrying the IPv4 default route,
 /// else the first leased NIC, else of any NIC carrying a default route (static networks).
-pub fn primary_mac(facts: &NetworkFacts, leased: &[u32]) -> Option<String> {
+pub fn primary_mac(facts: &NetworkFacts, leased: &[u32]) -> Option<MacAddr> {
     let default_oifs = |family: Option<Family>| -> Vec<u32> {
         let mut routes: Vec<&facts::Route> = facts
             .routes
@@ -107,7 +106,7 @@ pub fn primary_mac(facts: &NetworkFacts, leased: &[u32]) -> Option<String> {
         routes.sort_by_key(|r| r.metric.unwrap_or(0));
         routes.iter().filter_map(|r| r.oif).collect()
     };
-    let mac_of = |ifindex: u32| facts.link(ifindex).and_then(|l| l.mac.clone());
+    let mac_of = |ifindex: u32| facts.link(ifindex).and_then(|l| l.mac);
     default_oifs(Some(Family::Inet))
         .into_iter()
         .find(|oif| leased.contains(oif))
@@ -121,8 +120,8 @@ pub fn primary_mac(facts: &NetworkFacts, leased: &[u32]) -> Option<String> {
 fn candidates(facts: &NetworkFacts) -> Vec<Link> {
     let mut links: Vec<Link> = Vec::new();
     for link in &facts.links {
-        let Some(mac) = &link.mac else { continue };
-        if link.loopback || !link.physical || mac == "00:00:00:00:00:00" {
+        let Some(mac) = link.mac else { continue };
+        if link.loopback || !link.physical || mac.is_zero() {
             continue;
         }
         if choose_link(facts, mac).is_some_and(|chosen| chosen.ifindex == link.ifindex)
@@ -135,7 +134,8 @@ fn candidates(facts: &NetworkFacts) -> Vec<Link> {
 }
 
 fn describe(link: &Link) -> String {
-    format!("{} {}", link.name, link.mac.as_deref().unwrap_or(""))
+    let mac = link.mac.map(|m| m.to_string()).unwrap_or_default();
+    format!("{} {mac}", link.name)
 }
 
 fn has_carrier(options: &Options, link: &Link) -> bool {
@@ -195,7 +195,7 @@ pub fn bring_up(options: &Options) -> Result<Outcome> {
         outcome.facts = facts::gather_from(&mut socket, &options.apply.sys_class_net)?;
         return Ok(outcome);
     }
-    let macs: Vec<String> = with_link.iter().filter_map(|l| l.mac.clone()).collect();
+    let macs: Vec<MacAddr> = with_link.iter().filter_map(|l| l.mac).collect();
     outcome.tried = with_link.iter().map(|l| describe(l)).collect();
     log::info!("network: DHCP on {}", outcome.tried.join(", "));
     if let Err(e) = apply::apply_with(&dhcp_network(&macs), &options.apply) {
@@ -205,7 +205,7 @@ pub fn bring_up(options: &Options) -> Result<Outcome> {
         if let Some(address) = apply::dhcp_lease(&options.apply.run_dir, &link.name) {
             outcome.leases.push(Lease {
                 name: link.name.clone(),
-                mac: link.mac.clone().unwrap_or_default(),
+                mac: link.mac.unwrap_or_default(),
                 ifindex: link.ifindex,
                 address,
                 hostname: apply::dhcp_hostname(&options.apply.run_dir, &link.name),
@@ -288,11 +288,11 @@ mod tests {
     #[test]
     fn one_dhcp_interface_per_mac() {
         let network = dhcp_network(&[
-            "52:54:00:AA:00:01".into(),
-            "52:54:00:aa:00:02".into(),
-            "52:54:00:aa:00:01".into(),
+            "52:54:00:AA:00:01".parse().unwrap(),
+            "52:54:00:aa:00:02".parse().unwrap(),
+            "52:54:00:aa:00:01".parse().unwrap(),
         ]);
-        let macs: Vec<&str> = network.interfaces.iter().map(|i| i.mac.as_str()).collect();
+        let macs: Vec<String> = network.interfaces.iter().map(|i| i.mac.to_string()).collect();
         assert_eq!(macs, ["52:54:00:aa:00:01", "52:54:00:aa:00:02"]);
         assert!(network
             .interfaces

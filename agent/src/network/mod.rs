@@ -1,6 +1,8 @@
 //! The network on both sides of the kexec.
 //!
-//! - [`facts`]: what the running kernel has (rtnetlink + sysfs, or recorded `ip -j` JSON).
+//! - [`types`]: MAC addresses, prefixes and route destinations, as runtime info writes them.
+//! - [`facts`]: what the running kernel has (rtnetlink + sysfs; tests read recorded `ip -j`
+//!   JSON instead).
 //! - [`translate`]: facts + resolv.conf -> runtime info `network` (rescue side).
 //! - [`apply`]: runtime info `network` -> links, addresses, routes, DHCP, resolv.conf
 //!   (installer side, before anything needs the network).
@@ -21,70 +23,12 @@ pub mod facts;
 pub mod netlink;
 pub mod nixos;
 pub mod translate;
+pub mod types;
+
+pub use types::{Destination, MacAddr, Prefix};
 
 use facts::{Link, NetworkFacts};
-use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::net::IpAddr;
-
-/// An address with prefix length; also a route destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Prefix {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl Prefix {
-    /// Clamps the length to the family's width so that `contains` cannot overflow.
-    pub fn new(addr: IpAddr, len: u8) -> Prefix {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        Prefix {
-            addr,
-            len: len.min(max),
-        }
-    }
-
-    pub fn parse_cidr(text: &str) -> Option<Prefix> {
-        let (addr, len) = text.split_once('/')?;
-        let addr: IpAddr = addr.parse().ok()?;
-        let len: u8 = len.parse().ok()?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        (len <= max).then_some(Prefix { addr, len })
-    }
-
-    /// iproute2 prints host routes without a length.
-    pub fn parse_host_or_cidr(text: &str) -> Option<Prefix> {
-        if text.contains('/') {
-            return Prefix::parse_cidr(text);
-        }
-        let addr: IpAddr = text.parse().ok()?;
-        Some(Prefix::new(addr, if addr.is_ipv4() { 32 } else { 128 }))
-    }
-
-    pub fn is_host(&self) -> bool {
-        self.len == if self.addr.is_ipv4() { 32 } else { 128 }
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - self.len as u32).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
 
 /// fe80::/10 and 169.254.0.0/16: valid on one link only, made up again by every kernel.
 pub fn is_link_local(ip: IpAddr) -> bool {
@@ -101,12 +45,11 @@ pub fn is_link_local(ip: IpAddr) -> bool {
 /// virtio-net failover the standby and the VF are enslaved to a failover master. The one to
 /// configure is the master, never a link enslaved to a twin. Before hv_netvsc has enslaved
 /// its VF (it does so a moment after the VF appears) the driver decides.
-pub fn choose_link<'a>(facts: &'a NetworkFacts, mac: &str) -> Option<&'a Link> {
-    let mac = mac.to_ascii_lowercase();
+pub fn choose_link(facts: &NetworkFacts, mac: MacAddr) -> Option<&Link> {
     let twins: Vec<&Link> = facts
         .links
         .iter()
-        .filter(|l| !l.loopback && l.mac.as_deref() == Some(mac.as_str()))
+        .filter(|l| !l.loopback && l.mac == Some(mac))
         .collect();
     twins.iter().copied().min_by_key(|l| {
         let enslaved_to_twin = l.master.is_some_and(|m| twins.iter().any(|t| t.ifindex == m));
@@ -125,19 +68,20 @@ pub fn choose_link<'a>(facts: &'a NetworkFacts, mac: &str) -> Option<&'a Link> {
 
 /// Whether `mac` is carried by more than one link, as on Azure, so that name-free matching
 /// in the installed system needs the driver too.
-pub fn mac_is_shared(facts: &NetworkFacts, mac: &str) -> bool {
-    let mac = mac.to_ascii_lowercase();
+pub fn mac_is_shared(facts: &NetworkFacts, mac: MacAddr) -> bool {
     facts
         .links
         .iter()
-        .filter(|l| !l.loopback && l.mac.as_deref() == Some(mac.as_str()))
+        .filter(|l| !l.loopback && l.mac == Some(mac))
         .count()
         > 1
 }
 
 #[cfg(test)]
 pub(crate) mod test_fixtures {
-    use super::facts::{from_iproute2_json, NetworkFacts};
+    use super::facts::iproute2_json::from_iproute2_json;
+    use super::facts::NetworkFacts;
+    use crate::input::runtime_info;
     use std::path::PathBuf;
 
     pub const PROVIDERS: [&str; 4] = [
@@ -155,6 +99,19 @@ pub(crate) mod test_fixtures {
 
     pub fn read(name: &str, file: &str) -> Option<String> {
         std::fs::read_to_string(dir(name).join(file)).ok()
+    }
+
+    /// Values as text, to compare with what runtime info writes.
+    pub fn texts(values: &[impl ToString]) -> Vec<String> {
+        values.iter().map(ToString::to_string).collect()
+    }
+
+    pub fn route(to: &str, via: Option<&str>, onlink: bool) -> runtime_info::Route {
+        runtime_info::Route {
+            to: to.parse().unwrap(),
+            via: via.map(|v| v.parse().unwrap()),
+            onlink,
+        }
     }
 
     /// A recorded provider shape, with the drivers its NOTES.md names (iproute2's JSON has
@@ -186,29 +143,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prefixes_contain_what_they_should() {
-        let p = Prefix::parse_cidr("10.0.0.0/24").unwrap();
-        assert!(p.contains("10.0.0.1".parse().unwrap()));
-        assert!(!p.contains("10.0.1.1".parse().unwrap()));
-        assert!(!p.contains("::1".parse().unwrap()));
-        let host = Prefix::parse_cidr("203.0.113.10/32").unwrap();
-        assert!(host.is_host());
-        assert!(!host.contains("172.31.1.1".parse().unwrap()));
-        let all = Prefix::parse_cidr("::/0").unwrap();
-        assert!(all.contains("2001:db8::1".parse().unwrap()));
-        let v6 = Prefix::parse_cidr("2001:db8:c0de:1::1/64").unwrap();
-        assert!(v6.contains("2001:db8:c0de:1::ffff".parse().unwrap()));
-        assert!(!v6.contains("2001:db8:c0de:2::1".parse().unwrap()));
-        assert_eq!(Prefix::parse_cidr("10.0.0.0/33"), None);
-        assert_eq!(Prefix::parse_cidr("10.0.0.0"), None);
-        assert_eq!(
-            Prefix::parse_host_or_cidr("172.31.1.1").unwrap().to_string(),
-            "172.31.1.1/32"
-        );
-        assert_eq!(Prefix::new("::".parse().unwrap(), 200).len, 128);
-    }
-
-    #[test]
     fn link_local_covers_both_families() {
         for ip in ["fe80::1", "febf::1", "169.254.169.254"] {
             assert!(is_link_local(ip.parse().unwrap()), "{ip}");
@@ -221,7 +155,7 @@ mod tests {
     #[test]
     fn azure_mac_chooses_the_synthetic_nic_not_the_vf() {
         let mut facts = fixture("azure-accelerated");
-        let mac = "00:22:48:6A:1B:2C";
+        let mac: MacAddr = "00:22:48:6A:1B:2C".parse().unwrap();
         assert!(mac_is_shared(&facts, mac));
         assert_eq!(choose_link(&facts, mac).unwrap().name, "eth0");
 
@@ -247,10 +181,14 @@ mod tests {
     #[test]
     fn a_unique_mac_is_simply_found_and_a_missing_one_is_not() {
         let facts = fixture("digitalocean");
-        assert_eq!(choose_link(&facts, "5a:1f:0e:11:22:02").unwrap().name, "eth1");
-        assert!(!mac_is_shared(&facts, "5a:1f:0e:11:22:02"));
-        assert!(choose_link(&facts, "52:54:00:00:00:01").is_none());
+        let mac = |text: &str| text.parse::<MacAddr>().unwrap();
+        assert_eq!(
+            choose_link(&facts, mac("5a:1f:0e:11:22:02")).unwrap().name,
+            "eth1"
+        );
+        assert!(!mac_is_shared(&facts, mac("5a:1f:0e:11:22:02")));
+        assert!(choose_link(&facts, mac("52:54:00:00:00:01")).is_none());
         // lo's all-zero MAC never matches.
-        assert!(choose_link(&facts, "00:00:00:00:00:00").is_none());
+        assert!(choose_link(&facts, MacAddr::default()).is_none());
     }
 }

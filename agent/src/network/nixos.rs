@@ -10,7 +10,7 @@
 //! files allows `RequiredForOnline` with "routable" and "no".
 
 use super::facts::NetworkFacts;
-use super::{choose_link, mac_is_shared};
+use super::{choose_link, mac_is_shared, Destination};
 use crate::input::runtime_info::{self, Interface, Network};
 use crate::installer::templates::{self, Value};
 use anyhow::Result;
@@ -26,7 +26,6 @@ pub fn render(network: &Network, facts: Option<&NetworkFacts>) -> Result<String>
     let mut names = BTreeSet::new();
     let mut blocks = Vec::new();
     for (interface, way_out) in network.interfaces.iter().zip(carries_default) {
-        runtime_info::validate_mac(&interface.mac)?;
         let name = unit_name(interface, &mut names);
         blocks.push(network_block(interface, &name, way_out, network, facts)?);
     }
@@ -48,18 +47,14 @@ pub fn nic_modules(network: &Network, facts: &NetworkFacts) -> Vec<String> {
     let modules: BTreeSet<String> = network
         .interfaces
         .iter()
-        .filter_map(|i| choose_link(facts, &i.mac))
+        .filter_map(|i| choose_link(facts, i.mac))
         .filter_map(|l| l.module.clone())
         .collect();
     modules.into_iter().collect()
 }
 
-fn is_default(route: &runtime_info::Route) -> bool {
-    route.to == "default" || route.to == "0.0.0.0/0" || route.to == "::/0"
-}
-
 fn has_way_out(interface: &Interface) -> bool {
-    interface.dhcp || interface.routes.iter().any(is_default)
+    interface.dhcp || interface.routes.iter().any(|r| r.to.is_default())
 }
 
 /// `10-<name>`, from the name the rescue system used (only a label: matching is by MAC).
@@ -67,7 +62,7 @@ fn unit_name(interface: &Interface, used: &mut BTreeSet<String>) -> String {
     let base: String = interface
         .name
         .clone()
-        .unwrap_or_else(|| interface.mac.replace(':', ""))
+        .unwrap_or_else(|| interface.mac.to_string().replace(':', ""))
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
@@ -89,16 +84,17 @@ fn unit_name(interface: &Interface, used: &mut BTreeSet<String>) -> String {
 
 fn route_nix(route: &runtime_info::Route) -> String {
     let mut fields = Vec::new();
-    if route.to != "default" || route.via.is_none() {
-        let destination = if route.to == "default" {
-            "0.0.0.0/0"
-        } else {
-            &route.to
-        };
-        fields.push(format!("Destination = {};", templates::string(destination)));
+    let destination = match route.to {
+        // networkd takes a route's family from its gateway, as runtime info does.
+        Destination::Default if route.via.is_some() => None,
+        Destination::Default => Some("0.0.0.0/0".to_string()),
+        Destination::Prefix(prefix) => Some(prefix.to_string()),
+    };
+    if let Some(destination) = destination {
+        fields.push(format!("Destination = {};", templates::string(&destination)));
     }
-    if let Some(via) = &route.via {
-        fields.push(format!("Gateway = {};", templates::string(via)));
+    if let Some(via) = route.via {
+        fields.push(format!("Gateway = {};", templates::string(&via.to_string())));
         if route.onlink {
             fields.push("GatewayOnLink = true;".into());
         }
@@ -117,12 +113,12 @@ fn network_block(
     let mut push = |line: String| lines.push(format!("  {line}"));
     push(format!(
         "matchConfig.MACAddress = {};",
-        templates::string(&interface.mac.to_ascii_lowercase())
+        templates::string(&interface.mac.to_string())
     ));
-    let link = facts.and_then(|f| choose_link(f, &interface.mac).map(|l| (f, l)));
+    let link = facts.and_then(|f| choose_link(f, interface.mac).map(|l| (f, l)));
     if let Some((facts, link)) = link {
         if let Some(driver) = &link.driver {
-            if driver == "hv_netvsc" || mac_is_shared(facts, &interface.mac) {
+            if driver == "hv_netvsc" || mac_is_shared(facts, interface.mac) {
                 push("# The SR-IOV VF has this MAC too; naming the driver leaves it alone.".into());
                 push(format!("matchConfig.Driver = {};", templates::string(driver)));
             }
@@ -154,9 +150,11 @@ fn network_block(
     // A static IPv6 default (Hetzner's fe80::1) needs no router advertisements; anywhere
     // else they are how IPv6, if any, arrives.
     let static_v6_default = interface.routes.iter().any(|r| {
-        is_default(r)
-            && r.to != "0.0.0.0/0"
-            && (r.to == "::/0" || r.via.as_deref().is_some_and(|v| v.contains(':')))
+        r.to.is_default()
+            && match r.to {
+                Destination::Prefix(prefix) => prefix.addr.is_ipv6(),
+                Destination::Default => r.via.is_some_and(|v| v.is_ipv6()),
+            }
     });
     push(format!("networkConfig.IPv6AcceptRA = {};", !static_v6_default));
     // Waiting for a secondary NIC without a default route would only delay boot.
@@ -171,7 +169,7 @@ fn network_block(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::network::test_fixtures::{fixture, read, PROVIDERS};
+    use crate::network::test_fixtures::{fixture, read, route, PROVIDERS};
     use crate::network::translate::{nameservers_from, translate};
     use serde_json::{json, Value as Json};
     use std::process::Command;
@@ -258,7 +256,7 @@ mod tests {
     #[test]
     fn hetzner_static_onlink_gateway() {
         let facts = fixture("hetzner-cloud-static");
-        let network = translate(&facts, vec!["185.12.64.1".into()]);
+        let network = translate(&facts, vec!["185.12.64.1".parse().unwrap()]);
         let v = evaluate(&render(&network, Some(&facts)).unwrap());
         let eth0 = &v["systemd"]["network"]["networks"]["10-eth0"];
         assert_eq!(
@@ -367,37 +365,29 @@ mod tests {
         let network = Network {
             interfaces: vec![
                 Interface {
-                    mac: "52:54:00:12:34:56".into(),
+                    mac: "52:54:00:12:34:56".parse().unwrap(),
                     name: Some("we\"ird ${x}".into()),
-                    addresses: vec!["192.0.2.10/24".into()],
+                    addresses: vec!["192.0.2.10/24".parse().unwrap()],
                     routes: vec![
-                        runtime_info::Route {
-                            to: "0.0.0.0/0".into(),
-                            via: Some("fe80::1".into()),
-                            onlink: false,
-                        },
-                        runtime_info::Route {
-                            to: "10.0.0.0/8".into(),
-                            via: None,
-                            onlink: false,
-                        },
+                        route("0.0.0.0/0", Some("fe80::1"), false),
+                        route("10.0.0.0/8", None, false),
                     ],
                     dhcp: false,
                 },
                 Interface {
-                    mac: "52:54:00:12:34:57".into(),
+                    mac: "52:54:00:12:34:57".parse().unwrap(),
                     name: None,
                     dhcp: true,
                     ..Interface::default()
                 },
                 Interface {
-                    mac: "52:54:00:12:34:58".into(),
+                    mac: "52:54:00:12:34:58".parse().unwrap(),
                     name: Some("we\"ird ${x}".into()),
                     dhcp: true,
                     ..Interface::default()
                 },
             ],
-            nameservers: vec!["192.0.2.53".into()],
+            nameservers: vec!["192.0.2.53".parse().unwrap()],
         };
         let v = evaluate(&render(&network, None).unwrap());
         let networks = &v["systemd"]["network"]["networks"];
@@ -414,13 +404,8 @@ mod tests {
         assert_eq!(networks["10-525400123457"]["networkConfig"]["DHCP"], "ipv4");
         assert!(networks["10-we-ird---x--2"].is_object(), "{networks}");
 
-        let bad = Network {
-            interfaces: vec![Interface {
-                mac: "not a mac".into(),
-                ..Interface::default()
-            }],
-            nameservers: vec![],
-        };
-        assert!(render(&bad, None).is_err());
+        // A MAC that is none cannot get this far: reading the runtime info refuses it.
+        let bad = serde_json::from_value::<Network>(json!({"interfaces": [{"mac": "not a mac"}]}));
+        assert!(bad.is_err());
     }
 }

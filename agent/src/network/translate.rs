@@ -7,10 +7,10 @@
 //! (a re-assigned cloud IP) cannot leave a stale address behind.
 
 use super::facts::{self, Address, Family, Link, NetworkFacts, Protocol, Route, Scope};
-use super::{is_link_local, Prefix};
+use super::{is_link_local, Destination, MacAddr, Prefix};
 use crate::input::runtime_info::{self, Interface, Network};
 use anyhow::Result;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -24,12 +24,12 @@ pub fn gather_network() -> Result<Network> {
     Ok(translate(&facts, nameservers))
 }
 
-pub fn translate(facts: &NetworkFacts, nameservers: Vec<String>) -> Network {
+pub fn translate(facts: &NetworkFacts, nameservers: Vec<IpAddr>) -> Network {
     let mut interfaces: Vec<Interface> = Vec::new();
     let mut chosen: Vec<&Link> = Vec::new();
     for (nic, source) in configurable_nics(facts) {
-        let Some(mac) = nic.mac.clone() else { continue };
-        if chosen.iter().any(|c| c.mac.as_deref() == Some(mac.as_str())) {
+        let Some(mac) = nic.mac else { continue };
+        if chosen.iter().any(|c| c.mac == Some(mac)) {
             continue;
         }
         chosen.push(nic);
@@ -45,7 +45,7 @@ pub fn translate(facts: &NetworkFacts, nameservers: Vec<String>) -> Network {
     }
     if !interfaces
         .iter()
-        .any(|i| i.dhcp || i.routes.iter().any(|r| r.to == "default" || r.to.ends_with("/0")))
+        .any(|i| i.dhcp || i.routes.iter().any(|r| r.to.is_default()))
     {
         log::warn!("network: no interface has a default route or DHCP; the installer will have no way out");
     }
@@ -117,7 +117,7 @@ fn configurable_nics(facts: &NetworkFacts) -> Vec<(&Link, &Link)> {
     // `choose_link` would configure.
     let candidates: Vec<u32> = out.iter().map(|(nic, _)| nic.ifindex).collect();
     out.retain(|(nic, _)| {
-        let Some(mac) = nic.mac.as_deref() else {
+        let Some(mac) = nic.mac else {
             return false;
         };
         let preferred = super::choose_link(facts, mac)
@@ -136,9 +136,7 @@ fn configurable_nics(facts: &NetworkFacts) -> Vec<(&Link, &Link)> {
 }
 
 fn has_real_mac(link: &Link) -> bool {
-    link.mac
-        .as_deref()
-        .is_some_and(|m| m.split(':').count() == 6 && m != "00:00:00:00:00:00")
+    link.mac.is_some_and(|m| !m.is_zero())
 }
 
 fn is_configurable_address(a: &Address) -> bool {
@@ -149,7 +147,7 @@ fn is_configurable_address(a: &Address) -> bool {
         && !a.address.is_multicast()
 }
 
-fn interface_config(facts: &NetworkFacts, nic: &Link, source: &Link, mac: String) -> Interface {
+fn interface_config(facts: &NetworkFacts, nic: &Link, source: &Link, mac: MacAddr) -> Interface {
     let addresses: Vec<&Address> = facts.addresses_of(source.ifindex).collect();
     let routes: Vec<&Route> = facts.routes_of(source.ifindex).collect();
     let dhcp = addresses.iter().any(|a| {
@@ -188,7 +186,7 @@ fn interface_config(facts: &NetworkFacts, nic: &Link, source: &Link, mac: String
         }
         let translated = runtime_info::Route {
             to: route_to(route),
-            via: route.gateway.map(|g| g.to_string()),
+            via: route.gateway,
             onlink: route.onlink
                 || route
                     .gateway
@@ -201,7 +199,7 @@ fn interface_config(facts: &NetworkFacts, nic: &Link, source: &Link, mac: String
     Interface {
         mac,
         name: Some(nic.name.clone()),
-        addresses: static_addresses.iter().map(|a| a.prefix().to_string()).collect(),
+        addresses: static_addresses.iter().map(|a| a.prefix()).collect(),
         routes: out_routes,
         dhcp,
     }
@@ -218,15 +216,19 @@ fn keep_route(route: &Route) -> bool {
     route.oif.is_some() && !from_elsewhere && !housekeeping && route.scope < Scope::HOST
 }
 
-fn route_to(route: &Route) -> String {
+fn route_to(route: &Route) -> Destination {
+    let everything = |family: Family| {
+        let addr: IpAddr = match family {
+            Family::Inet => Ipv4Addr::UNSPECIFIED.into(),
+            Family::Inet6 => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        Destination::Prefix(Prefix::new(addr, 0))
+    };
     match (route.destination, route.gateway) {
-        (Some(d), _) => d.to_string(),
-        (None, Some(g)) if Family::of(g) != route.family => match route.family {
-            Family::Inet => "0.0.0.0/0".into(),
-            Family::Inet6 => "::/0".into(),
-        },
-        (None, None) if route.family == Family::Inet6 => "::/0".into(),
-        (None, _) => "default".into(),
+        (Some(d), _) => Destination::Prefix(d),
+        (None, Some(g)) if Family::of(g) != route.family => everything(route.family),
+        (None, None) if route.family == Family::Inet6 => everything(Family::Inet6),
+        (None, _) => Destination::Default,
     }
 }
 
@@ -241,7 +243,7 @@ fn gateway_needs_onlink(route: &Route, gateway: IpAddr, prefixes: &[Prefix]) -> 
 /// Nameservers from resolv.conf; when it names only local resolvers (systemd-resolved's
 /// 127.0.0.53 stub, a dnsmasq on 127.0.0.1), the upstream ones behind them, because the
 /// installer and the fresh system run no such resolver.
-pub fn nameservers_from(resolv_conf: &str, upstream: Option<&str>) -> Vec<String> {
+pub fn nameservers_from(resolv_conf: &str, upstream: Option<&str>) -> Vec<IpAddr> {
     let parse = |text: &str| -> Vec<IpAddr> {
         let mut out: Vec<IpAddr> = Vec::new();
         for line in text.lines() {
@@ -269,10 +271,10 @@ pub fn nameservers_from(resolv_conf: &str, upstream: Option<&str>) -> Vec<String
                 .collect();
         }
     }
-    usable.iter().map(IpAddr::to_string).collect()
+    usable
 }
 
-pub fn read_nameservers(resolv_conf: &Path, upstream: &Path) -> Vec<String> {
+pub fn read_nameservers(resolv_conf: &Path, upstream: &Path) -> Vec<IpAddr> {
     let resolv = std::fs::read_to_string(resolv_conf).unwrap_or_default();
     let upstream = std::fs::read_to_string(upstream).ok();
     nameservers_from(&resolv, upstream.as_deref())
@@ -281,16 +283,7 @@ pub fn read_nameservers(resolv_conf: &Path, upstream: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::network::test_fixtures::{fixture, read, PROVIDERS};
-    use runtime_info::Route as R;
-
-    fn route(to: &str, via: Option<&str>, onlink: bool) -> R {
-        R {
-            to: to.into(),
-            via: via.map(str::to_string),
-            onlink,
-        }
-    }
+    use crate::network::test_fixtures::{fixture, read, route, texts, PROVIDERS};
 
     fn translated(name: &str) -> Network {
         let nameservers = nameservers_from(
@@ -305,22 +298,25 @@ mod tests {
         let net = translated("hetzner-cloud");
         assert_eq!(net.interfaces.len(), 1);
         let eth0 = &net.interfaces[0];
-        assert_eq!(eth0.mac, "96:00:02:1a:2b:3c");
+        assert_eq!(eth0.mac.to_string(), "96:00:02:1a:2b:3c");
         assert_eq!(eth0.name.as_deref(), Some("eth0"));
         // The /32 and its 172.31.1.1 pair came from DHCP (dynamic, proto dhcp): DHCP again.
         assert!(eth0.dhcp);
-        assert_eq!(eth0.addresses, ["2001:db8:c0de:1::1/64"]);
+        assert_eq!(texts(&eth0.addresses), ["2001:db8:c0de:1::1/64"]);
         assert_eq!(eth0.routes, [route("default", Some("fe80::1"), false)]);
-        assert_eq!(net.nameservers, ["185.12.64.1", "185.12.64.2"]);
+        assert_eq!(texts(&net.nameservers), ["185.12.64.1", "185.12.64.2"]);
     }
 
     #[test]
     fn hetzner_static_pair_becomes_one_onlink_default() {
         let facts = fixture("hetzner-cloud-static");
-        let net = translate(&facts, vec!["185.12.64.1".into()]);
+        let net = translate(&facts, vec!["185.12.64.1".parse().unwrap()]);
         let eth0 = &net.interfaces[0];
         assert!(!eth0.dhcp);
-        assert_eq!(eth0.addresses, ["203.0.113.10/32", "2001:db8:c0de:1::1/64"]);
+        assert_eq!(
+            texts(&eth0.addresses),
+            ["203.0.113.10/32", "2001:db8:c0de:1::1/64"]
+        );
         assert_eq!(
             eth0.routes,
             [
@@ -335,14 +331,14 @@ mod tests {
         let net = translated("oracle-cloud");
         assert_eq!(net.interfaces.len(), 1);
         let ens3 = &net.interfaces[0];
-        assert_eq!(ens3.mac, "02:00:17:05:aa:01");
+        assert_eq!(ens3.mac.to_string(), "02:00:17:05:aa:01");
         assert_eq!(ens3.name.as_deref(), Some("ens3"));
         assert!(ens3.dhcp);
         assert!(ens3.addresses.is_empty());
         // Default, gateway host route and 169.254.0.0/16 all came with the lease.
         assert!(ens3.routes.is_empty());
         // resolv.conf has only systemd-resolved's stub.
-        assert_eq!(net.nameservers, ["169.254.169.254"]);
+        assert_eq!(texts(&net.nameservers), ["169.254.169.254"]);
     }
 
     #[test]
@@ -350,10 +346,10 @@ mod tests {
         let net = translated("digitalocean");
         assert_eq!(net.interfaces.len(), 2);
         let eth0 = &net.interfaces[0];
-        assert_eq!(eth0.mac, "ae:3c:9d:11:22:01");
+        assert_eq!(eth0.mac.to_string(), "ae:3c:9d:11:22:01");
         assert!(!eth0.dhcp);
         assert_eq!(
-            eth0.addresses,
+            texts(&eth0.addresses),
             ["203.0.113.50/20", "10.19.0.5/16", "2001:db8:d0:1::4a:1/64"]
         );
         assert_eq!(
@@ -364,11 +360,11 @@ mod tests {
             ]
         );
         let eth1 = &net.interfaces[1];
-        assert_eq!(eth1.mac, "5a:1f:0e:11:22:02");
+        assert_eq!(eth1.mac.to_string(), "5a:1f:0e:11:22:02");
         assert!(!eth1.dhcp);
-        assert_eq!(eth1.addresses, ["10.114.0.2/20"]);
+        assert_eq!(texts(&eth1.addresses), ["10.114.0.2/20"]);
         assert!(eth1.routes.is_empty());
-        assert_eq!(net.nameservers, ["67.207.67.2", "67.207.67.3"]);
+        assert_eq!(texts(&net.nameservers), ["67.207.67.2", "67.207.67.3"]);
     }
 
     #[test]
@@ -377,14 +373,17 @@ mod tests {
         assert_eq!(net.interfaces.len(), 1, "{net:#?}");
         let eth0 = &net.interfaces[0];
         assert_eq!(eth0.name.as_deref(), Some("eth0"));
-        assert_eq!(eth0.mac, "00:22:48:6a:1b:2c");
+        assert_eq!(eth0.mac.to_string(), "00:22:48:6a:1b:2c");
         // Dynamic although its lifetime is infinite, and its routes are proto dhcp.
         assert!(eth0.dhcp);
         assert!(eth0.addresses.is_empty());
         assert!(eth0.routes.is_empty());
-        assert_eq!(net.nameservers, ["168.63.129.16"]);
+        assert_eq!(texts(&net.nameservers), ["168.63.129.16"]);
     }
 
+    /// `runtime-info.json` beside each recording is the runtime info the rescue side wrote
+    /// for it before its values were typed: they must write exactly that text, and read it
+    /// back unchanged.
     #[test]
     fn every_fixture_translates_to_valid_runtime_info() {
         for name in PROVIDERS.iter().chain(&["hetzner-cloud-static"]) {
@@ -397,6 +396,17 @@ mod tests {
             let back = runtime_info::parse_json(&json, runtime_info::Source::File, false)
                 .unwrap_or_else(|e| panic!("{name}: {e:#}"));
             assert_eq!(back, info, "{name}");
+            assert_eq!(serde_json::to_vec(&back).unwrap(), json, "{name}");
+
+            let recorded = read(name, "runtime-info.json").unwrap();
+            assert_eq!(
+                serde_json::to_string_pretty(&info).unwrap() + "\n",
+                recorded,
+                "{name}"
+            );
+            let read_back = runtime_info::parse_json(recorded.as_bytes(), runtime_info::Source::File, false)
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert_eq!(read_back, info, "{name}");
         }
     }
 
@@ -416,7 +426,7 @@ mod tests {
             {"dst":"2001:db8:1::/48","gateway":"2001:db8:ffff::1","dev":"eth0","protocol":"static","flags":[]},
             {"dst":"default","gateway":"fe80::1","dev":"eth0","protocol":"ra","flags":[]},
             {"dst":"ff00::/8","dev":"eth0","protocol":"boot","flags":[]}]"#;
-        let facts = facts::from_iproute2_json(addr, route4, route6).unwrap();
+        let facts = facts::iproute2_json::from_iproute2_json(addr, route4, route6).unwrap();
         let net = translate(&facts, vec![]);
         let eth0 = &net.interfaces[0];
         assert!(!eth0.dhcp);
@@ -443,7 +453,7 @@ mod tests {
             {"dst":"default","gateway":"172.31.1.1","dev":"eth0","protocol":"boot","flags":[]},
             {"dst":"172.31.1.1","dev":"eth0","protocol":"boot","scope":"link","flags":[]},
             {"dst":"10.50.0.0/16","gateway":"172.31.1.1","dev":"eth0","protocol":"boot","flags":[]}]"#;
-        let facts = facts::from_iproute2_json(addr, route4, "[]").unwrap();
+        let facts = facts::iproute2_json::from_iproute2_json(addr, route4, "[]").unwrap();
         let net = translate(&facts, vec![]);
         let eth0 = &net.interfaces[0];
         assert!(eth0.dhcp);
@@ -463,12 +473,12 @@ mod tests {
               {"family":"inet","local":"192.0.2.10","prefixlen":24,"scope":"global"}]}]"#;
         let route4 =
             r#"[{"dst":"default","gateway":"192.0.2.1","dev":"vmbr0","protocol":"boot","flags":[]}]"#;
-        let facts = facts::from_iproute2_json(addr, route4, "[]").unwrap();
+        let facts = facts::iproute2_json::from_iproute2_json(addr, route4, "[]").unwrap();
         let net = translate(&facts, vec![]);
         assert_eq!(net.interfaces.len(), 1);
         let nic = &net.interfaces[0];
         assert_eq!(nic.name.as_deref(), Some("eno1"));
-        assert_eq!(nic.addresses, ["192.0.2.10/24"]);
+        assert_eq!(texts(&nic.addresses), ["192.0.2.10/24"]);
         assert_eq!(nic.routes, [route("default", Some("192.0.2.1"), false)]);
     }
 
@@ -476,10 +486,13 @@ mod tests {
     fn nameservers_skip_local_resolvers_and_junk() {
         let stub = "# comment\nnameserver 127.0.0.53\noptions edns0\n";
         let upstream = "nameserver 9.9.9.9\nnameserver 2620:fe::fe\nnameserver 9.9.9.9\n";
-        assert_eq!(nameservers_from(stub, Some(upstream)), ["9.9.9.9", "2620:fe::fe"]);
+        assert_eq!(
+            texts(&nameservers_from(stub, Some(upstream))),
+            ["9.9.9.9", "2620:fe::fe"]
+        );
         assert!(nameservers_from(stub, None).is_empty());
         let mixed = "nameserver 127.0.0.1\nnameserver 1.1.1.1\nnameserver fe80::1%eth0\nnameserver bogus\n";
-        assert_eq!(nameservers_from(mixed, Some(upstream)), ["1.1.1.1"]);
+        assert_eq!(texts(&nameservers_from(mixed, Some(upstream))), ["1.1.1.1"]);
         assert!(nameservers_from("", None).is_empty());
     }
 }

@@ -513,8 +513,8 @@ mod tests {
                 if with_network {
                     config.network = Some(crate::input::runtime_info::Network {
                         interfaces: vec![crate::input::runtime_info::Interface {
-                            mac: "52:54:00:12:34:56".into(),
-                            addresses: vec!["203.0.113.10/32".into()],
+                            mac: "52:54:00:12:34:56".parse().unwrap(),
+                            addresses: vec!["203.0.113.10/32".parse().unwrap()],
                             ..Default::default()
                         }],
                         nameservers: vec![],
