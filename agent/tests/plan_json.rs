@@ -7,64 +7,33 @@
 use nixos_kexec::input::cmdline::Params;
 use nixos_kexec::input::config::{Config, Layout};
 use nixos_kexec::input::runtime_info::{self, Source};
-use nixos_kexec::installer::plan::{self, PlanIds};
-use nixos_kexec::machine::facts::{Disk, Facts, Firmware, Nic, Transport};
-use nixos_kexec::machine::platform::{CpuVendor, Machine, Virtualisation};
+use nixos_kexec::installer::layout::PlanIds;
+use nixos_kexec::installer::plan;
+use nixos_kexec::machine::facts::{Facts, Firmware};
 use std::path::PathBuf;
 
 const GIB: u64 = 1 << 30;
 
-fn facts(firmware: Firmware, size: u64, sector: u32) -> Facts {
-    Facts {
-        firmware,
-        ram_bytes: 4 * GIB,
-        kernel_release: "6.12.0".into(),
-        disks: vec![Disk {
-            name: "vda".into(),
-            dev_path: "/dev/vda".into(),
-            size_bytes: size,
-            logical_sector: sector,
-            physical_sector: sector,
-            transport: Transport::Virtio,
-            model: None,
-            serial: Some("PLAN".into()),
-            wwn: None,
-            by_id: vec!["virtio-PLAN".into()],
-            by_path: vec!["pci-0000:00:04.0".into()],
-            removable: false,
-            read_only: false,
-            partitions: vec![],
-            holders: vec![],
-            mounted_at: vec![],
-            modules: vec!["virtio_blk".into(), "virtio_pci".into()],
-        }],
-        nics: vec![Nic {
-            name: "eth0".into(),
-            mac: "52:54:00:12:34:56".into(),
-            modules: vec!["virtio_net".into(), "virtio_pci".into()],
-        }],
-        previous_installs: vec![],
-        machine: Machine {
-            arch: "x86_64".into(),
-            virtualisation: Virtualisation::Kvm,
-            cpu_vendor: Some(CpuVendor::Intel),
-        },
-    }
+fn fixture(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/plan")
+        .join(relative)
 }
 
-fn ids() -> PlanIds {
-    PlanIds {
-        disk_guid: "11111111-2222-3333-4444-555555555555".into(),
-        partition_guids: (1..=16)
-            .map(|i| format!("AAAAAAAA-0000-0000-0000-{i:012}"))
-            .collect(),
-        uuids: (1..=32)
-            .map(|i| format!("bbbbbbbb-0000-0000-0000-{i:012}"))
-            .collect(),
-        esp_volume_id: 0x1a2b3c4d,
-        mbr_signature: 0x11223344,
-        machine_id: "0123456789abcdef0123456789abcdef".into(),
-    }
+fn read<T: serde::de::DeserializeOwned>(relative: &str) -> T {
+    let path = fixture(relative);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// One virtio disk and NIC in a KVM guest (input/facts.json), with the firmware and disk asked for.
+fn facts(firmware: Firmware, size: u64, sector: u32) -> Facts {
+    let mut facts: Facts = read("input/facts.json");
+    facts.firmware = firmware;
+    facts.disks[0].size_bytes = size;
+    facts.disks[0].logical_sector = sector;
+    facts.disks[0].physical_sector = sector;
+    facts
 }
 
 /// The plan JSON exactly as `nixos-kexec plan` prints it, from a runtime-info file.
@@ -74,7 +43,8 @@ fn plan_json(runtime_info: serde_json::Value, facts: &Facts) -> String {
     let params = Params::parse("console=ttyS0,115200").unwrap();
     let mut config = Config::assemble(Some(info), &params).unwrap();
     config.disk_passphrase_given = true;
-    let plan = plan::make(&config, facts, &ids()).unwrap_or_else(|e| panic!("{e:#}"));
+    let plan =
+        plan::make(&config, facts, &read::<PlanIds>("input/ids.json")).unwrap_or_else(|e| panic!("{e:#}"));
     serde_json::to_string_pretty(&plan).unwrap() + "\n"
 }
 
@@ -176,13 +146,11 @@ fn cases() -> Vec<(String, String)> {
 
 #[test]
 fn plan_json_matches_the_fixtures() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plan");
     let write = std::env::var_os("NIXOS_KEXEC_WRITE_FIXTURES").is_some();
     let mut differ = Vec::new();
     for (name, json) in cases() {
-        let path = dir.join(format!("{name}.json"));
+        let path = fixture(&format!("{name}.json"));
         if write {
-            std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(&path, &json).unwrap();
             continue;
         }
