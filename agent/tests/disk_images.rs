@@ -2,9 +2,10 @@
 //! (The kernel side of it, re-reading and mounting, is covered by the QEMU scenarios in tests/.)
 
 use nixos_kexec::input::config::{Config, DiskChoice, Layout};
-use nixos_kexec::installer::plan::{self, PlanIds, GIB};
+use nixos_kexec::installer::layout::{self, PlanIds};
+use nixos_kexec::installer::plan;
 use nixos_kexec::installer::steps::{format, partition};
-use nixos_kexec::installer::storage::Table;
+use nixos_kexec::installer::storage::{Table, GIB};
 use nixos_kexec::machine::facts::{Disk, Facts, Firmware, Transport};
 use std::process::Command;
 
@@ -142,11 +143,11 @@ fn esp_formats_as_fat32_that_fsck_accepts() {
         let image = dir.path().join("esp.img");
         let size = 512u64 << 20;
         std::fs::File::create(&image).unwrap().set_len(size).unwrap();
-        let fs = plan::Filesystem {
+        let fs = layout::Filesystem {
             device: image.to_string_lossy().into_owned(),
-            kind: plan::FsKind::Vfat,
+            kind: layout::FsKind::Vfat,
             label: Some("ESP".into()),
-            uuid: plan::fat_uuid(0x1234abcd),
+            uuid: layout::fat_uuid(0x1234abcd),
             volume_id: Some(0x1234abcd),
             size_bytes: size,
             subvolumes: vec![],

@@ -273,7 +273,11 @@ fn plan_for(
         previous_installs: vec![],
         machine,
     };
-    nixos_kexec::installer::plan::make(&config, &facts, &nixos_kexec::installer::plan::PlanIds::random())
+    nixos_kexec::installer::plan::make(
+        &config,
+        &facts,
+        &nixos_kexec::installer::layout::PlanIds::random(),
+    )
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use crate::input::config::Layout;
 use crate::installer::storage::{
-    format_size, FsSpec, PartitionSpec, Storage, SubvolumeSpec, Table, TmpfsSpec,
+    format_size, FsSpec, FsType, MountSpec, PartitionSpec, Storage, SubvolumeSpec, Table, TmpfsSpec,
 };
 use anyhow::{bail, Result};
 
@@ -22,36 +22,41 @@ fn strings(items: &[&str]) -> Vec<String> {
 fn subvolume(name: &str, mountpoint: &str) -> SubvolumeSpec {
     SubvolumeSpec {
         name: name.into(),
-        mountpoint: Some(mountpoint.into()),
-        mount_options: strings(&BTRFS_OPTIONS),
-        needed_for_boot: false,
+        mount: MountSpec {
+            mountpoint: Some(mountpoint.into()),
+            mount_options: strings(&BTRFS_OPTIONS),
+            needed_for_boot: false,
+        },
     }
 }
 
 fn btrfs(subvolumes: Vec<SubvolumeSpec>) -> FsSpec {
     FsSpec {
-        kind: "btrfs".into(),
         label: Some("nixos".into()),
-        subvolumes,
-        ..FsSpec::default()
+        kind: FsType::Btrfs {
+            mount: MountSpec::default(),
+            subvolumes,
+        },
     }
 }
 
 fn ext4(label: &str, mountpoint: &str) -> FsSpec {
     FsSpec {
-        kind: "ext4".into(),
         label: Some(label.into()),
-        mountpoint: Some(mountpoint.into()),
-        ..FsSpec::default()
+        kind: FsType::Ext4(MountSpec {
+            mountpoint: Some(mountpoint.into()),
+            ..MountSpec::default()
+        }),
     }
 }
 
 fn luks(inner: FsSpec) -> FsSpec {
     FsSpec {
-        kind: "luks".into(),
-        name: Some(LUKS_NAME.into()),
-        filesystem: Some(Box::new(inner)),
-        ..FsSpec::default()
+        label: None,
+        kind: FsType::Luks {
+            name: Some(LUKS_NAME.into()),
+            content: Box::new(inner),
+        },
     }
 }
 
@@ -70,7 +75,7 @@ fn root_content(layout: Layout) -> Result<(FsSpec, bool)> {
         Layout::Btrfs => (standard(), false),
         Layout::BtrfsImpermanence => {
             let mut persist = subvolume("@persist", PERSIST);
-            persist.needed_for_boot = true;
+            persist.mount.needed_for_boot = true;
             (btrfs(vec![subvolume("@nix", "/nix"), persist]), true)
         }
         Layout::LuksBtrfs => (luks(standard()), false),
@@ -82,7 +87,7 @@ fn root_content(layout: Layout) -> Result<(FsSpec, bool)> {
 /// The declarative storage of a preset: `swap_bytes` 0 for none.
 pub fn storage_for(layout: Layout, table: Table, swap_bytes: u64) -> Result<Storage> {
     let (root, tmpfs_root) = root_content(layout)?;
-    let encrypted = root.kind == "luks";
+    let encrypted = matches!(root.kind, FsType::Luks { .. });
     let mut partitions = Vec::new();
     match table {
         Table::Gpt => {
@@ -99,11 +104,12 @@ pub fn storage_for(layout: Layout, table: Table, swap_bytes: u64) -> Result<Stor
                 size: "512M".into(),
                 part_type: Some("esp".into()),
                 filesystem: Some(FsSpec {
-                    kind: "vfat".into(),
                     label: Some("ESP".into()),
-                    mountpoint: Some("/boot".into()),
-                    mount_options: strings(&ESP_OPTIONS),
-                    ..FsSpec::default()
+                    kind: FsType::Vfat(MountSpec {
+                        mountpoint: Some("/boot".into()),
+                        mount_options: strings(&ESP_OPTIONS),
+                        needed_for_boot: false,
+                    }),
                 }),
                 ..PartitionSpec::default()
             });
@@ -128,11 +134,11 @@ pub fn storage_for(layout: Layout, table: Table, swap_bytes: u64) -> Result<Stor
             size: format_size(swap_bytes),
             part_type: Some("swap".into()),
             filesystem: Some(FsSpec {
-                kind: "swap".into(),
                 label: (!encrypted).then(|| "swap".into()),
                 // Next to an encrypted root, swap must not keep plaintext pages across boots.
-                random_encryption: encrypted,
-                ..FsSpec::default()
+                kind: FsType::Swap {
+                    random_encryption: encrypted,
+                },
             }),
             ..PartitionSpec::default()
         });

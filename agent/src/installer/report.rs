@@ -3,9 +3,8 @@
 //! reads it back from disks where an earlier run may have installed NixOS.
 
 use crate::input::config::{Layout, Step};
-use crate::installer::plan::{
-    Filesystem, LuksVolume, Plan, PlannedMount, PlannedPartition, SwapArea, TargetDisk,
-};
+use crate::installer::layout::{Filesystem, LuksVolume, PlannedMount, PlannedPartition, SwapArea};
+use crate::installer::plan::{Plan, TargetDisk};
 use crate::installer::storage::Table;
 use crate::machine::facts::Firmware;
 use anyhow::{Context, Result};
@@ -174,7 +173,8 @@ mod tests {
     use super::*;
     use crate::input::config::{Config, DiskChoice};
     use crate::installer::plan::tests::{disk, facts, ids};
-    use crate::installer::plan::{self, GIB};
+    use crate::installer::plan;
+    use crate::installer::storage::GIB;
     use crate::installer::steps::{finish, Execution};
     use std::path::PathBuf;
     use std::time::{Duration, Instant};

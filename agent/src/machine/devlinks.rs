@@ -550,9 +550,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("esp");
         fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
-        let esp = crate::installer::plan::Filesystem {
+        let esp = crate::installer::layout::Filesystem {
             device: image.to_string_lossy().into_owned(),
-            kind: crate::installer::plan::FsKind::Vfat,
+            kind: crate::installer::layout::FsKind::Vfat,
             label: Some("EFI BOOT".into()),
             uuid: "1234-ABCD".into(),
             volume_id: Some(0x1234abcd),

@@ -5,7 +5,7 @@
 //! /proc shows and the log keeps); the file it came in is wiped as soon as it has been read.
 
 use crate::error::user_error;
-use crate::installer::plan::{LuksVolume, SwapArea};
+use crate::installer::layout::{LuksVolume, SwapArea};
 use crate::machine::runner;
 use anyhow::Result;
 use std::path::Path;
@@ -193,7 +193,7 @@ pub fn open_random_swap(swap: &SwapArea) -> Result<Opened> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::installer::plan::Pbkdf;
+    use crate::installer::layout::Pbkdf;
 
     #[test]
     fn passphrase_file_is_wiped_and_trimmed() {

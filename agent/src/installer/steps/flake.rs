@@ -2,7 +2,8 @@
 
 use super::Execution;
 use crate::input::runtime_info::RuntimeInfo;
-use crate::installer::plan::{LuksVolume, Plan, PlannedMount, SwapArea};
+use crate::installer::layout::{LuksVolume, PlannedMount, SwapArea};
+use crate::installer::plan::Plan;
 use crate::installer::templates::{self, Value};
 use crate::machine::facts::Firmware;
 use crate::machine::platform::{CpuVendor, Virtualisation};

@@ -2,7 +2,8 @@
 //! FAT32 natively for the ESP, `mkfs.*` for the rest, btrfs subvolumes, and swap signatures.
 
 use super::{crypt, swap, Execution};
-use crate::installer::plan::{Filesystem, FsKind, Plan};
+use crate::installer::layout::{Filesystem, FsKind};
+use crate::installer::plan::Plan;
 use crate::machine::blockdev::Mount;
 use crate::machine::runner;
 use anyhow::{Context, Result};

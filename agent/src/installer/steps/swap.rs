@@ -1,7 +1,7 @@
 //! Swap: the signature written natively (the layout of util-linux's mkswap, version 1), and
 //! swapon/swapoff with the system calls, so a small machine has swap while nixos-install runs.
 
-use crate::installer::plan::SwapArea;
+use crate::installer::layout::SwapArea;
 use anyhow::{bail, Context, Result};
 use std::ffi::CString;
 use std::io::{Seek, SeekFrom, Write};

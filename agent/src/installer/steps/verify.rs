@@ -6,8 +6,8 @@
 //! failed check fails the run, which then does not reboot.
 
 use super::Execution;
-use crate::installer::layout::{TYPE_BIOS_BOOT, TYPE_ESP};
-use crate::installer::plan::{Plan, PlannedPartition};
+use crate::installer::layout::{PlannedPartition, TYPE_BIOS_BOOT, TYPE_ESP};
+use crate::installer::plan::Plan;
 use crate::installer::report::Check;
 use crate::installer::storage::Table;
 use crate::machine::facts::Firmware;

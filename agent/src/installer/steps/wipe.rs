@@ -2,7 +2,8 @@
 //! for what it was before: the primary and backup GPT, the MBR, and filesystem, RAID, LVM and
 //! ZFS labels, which sit within the first and last MiB of the disk and of each old partition.
 
-use crate::installer::plan::{Plan, MIB};
+use crate::installer::plan::Plan;
+use crate::installer::storage::MIB;
 use crate::machine::blockdev;
 use anyhow::{Context, Result};
 use std::fs::File;
