@@ -172,10 +172,10 @@ impl Summary {
 mod tests {
     use super::*;
     use crate::input::config::{Config, DiskChoice};
-    use crate::installer::plan::tests::{disk, facts, ids};
     use crate::installer::plan;
-    use crate::installer::storage::GIB;
+    use crate::installer::plan::tests::{disk, facts, ids};
     use crate::installer::steps::{finish, Execution};
+    use crate::installer::storage::GIB;
     use std::path::PathBuf;
     use std::time::{Duration, Instant};
 

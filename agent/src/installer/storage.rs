@@ -333,8 +333,19 @@ pub fn parse_size(text: &str, what: &str) -> Result<u64> {
         "T" => 40,
         _ => return Err(bad()),
     };
-    number.checked_mul(1u64 << shift).ok_or_else(bad)
+    let bytes = number.checked_mul(1u64 << shift).ok_or_else(bad)?;
+    if bytes > MAX_SIZE {
+        return Err(user_error(
+            format!("{what} {text:?} is larger than any disk (the most this installer takes is 1 EiB)."),
+            "check the number and its unit (M, G and T are powers of 1024).",
+        ));
+    }
+    Ok(bytes)
 }
+
+/// No disk comes near it, and with sizes below it, aligning one never overflows; sums of
+/// sizes are still added with checks.
+pub const MAX_SIZE: u64 = 1 << 60;
 
 /// The `swap` option: a size, or `0`/`none`/`off` for no swap. Rounded up to whole MiB.
 pub fn parse_swap(text: &str) -> Result<u64> {

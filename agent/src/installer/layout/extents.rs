@@ -160,13 +160,15 @@ pub(super) fn extents(storage: &Storage, disk: &Disk, usable_end: u64) -> Result
             ));
         }
     }
-    let fixed_total: u64 = sizes
+    // Each size is below storage::MAX_SIZE, but sixteen of them can still pass u64::MAX.
+    let fixed_total = sizes
         .iter()
         .map(|s| match s {
             Size::Fixed(b) => *b,
             Size::Rest => 0,
         })
-        .sum();
+        .try_fold(0u64, u64::checked_add)
+        .unwrap_or(u64::MAX);
     let rest_min = rest_index.map_or(0, |i| {
         min_partition(storage.partitions[i].filesystem.as_ref(), sector)
     });
@@ -176,7 +178,7 @@ pub(super) fn extents(storage: &Storage, disk: &Disk, usable_end: u64) -> Result
                 "{} is {} MiB, too small for this layout: its partitions need at least {} MiB of disk.",
                 disk.dev_path,
                 disk.size_bytes / MIB,
-                align_up(needed) / MIB
+                needed.div_ceil(MIB)
             ),
             "choose a larger disk, smaller fixed partitions (e.g. less swap), or another layout.",
         )
@@ -188,21 +190,29 @@ pub(super) fn extents(storage: &Storage, disk: &Disk, usable_end: u64) -> Result
         let bytes = match size {
             Size::Fixed(b) => *b,
             Size::Rest if explicit => usable_end.saturating_sub(start),
-            Size::Rest => usable_end.saturating_sub(ALIGNMENT + fixed_total),
+            Size::Rest => usable_end.saturating_sub(ALIGNMENT.saturating_add(fixed_total)),
+        };
+        // What the layout needs, for the message only: saturating is exact enough there.
+        let layout_needs = || {
+            ALIGNMENT
+                .saturating_add(fixed_total)
+                .saturating_add(rest_min)
+                .saturating_add(overhead)
         };
         if matches!(size, Size::Rest) && bytes < rest_min {
-            return Err(describe_needs(ALIGNMENT + fixed_total + rest_min + overhead));
+            return Err(describe_needs(layout_needs()));
         }
-        if start + bytes > usable_end {
+        let end = start.checked_add(bytes).filter(|end| *end <= usable_end);
+        let Some(end) = end else {
             let needed = if explicit {
-                start + bytes
+                start.saturating_add(bytes).saturating_add(overhead)
             } else {
-                ALIGNMENT + fixed_total + rest_min
+                layout_needs()
             };
-            return Err(describe_needs(needed + overhead));
-        }
+            return Err(describe_needs(needed));
+        };
         extents.push((start, bytes));
-        cursor = start + bytes;
+        cursor = end;
     }
     let mut order: Vec<usize> = (0..count).collect();
     order.sort_by_key(|&i| extents[i].0);
@@ -307,6 +317,21 @@ mod tests {
             (
                 serde_json::json!({"partitions": [esp(), {"size": "20G",
                 "filesystem": {"type": "ext4", "mountpoint": "/"}}]}),
+                "too small",
+            ),
+            (
+                // 2^64 - 1 MiB: aligning it up once wrapped to a 0-byte, then 16 EiB partition.
+                serde_json::json!({"partitions": [esp(), {"size": "17592186044415M",
+                "filesystem": {"type": "ext4", "mountpoint": "/"}}]}),
+                "larger than any disk",
+            ),
+            (
+                serde_json::json!({"partitions": [esp(),
+                {"size": "1048575T", "filesystem": {"type": "ext4", "mountpoint": "/"}},
+                {"size": "1048575T", "filesystem": {"type": "ext4", "mountpoint": "/a"}},
+                {"size": "1048575T", "filesystem": {"type": "ext4", "mountpoint": "/b"}},
+                {"size": "1048575T", "filesystem": {"type": "ext4", "mountpoint": "/c"}},
+                {"size": "1048575T", "filesystem": {"type": "ext4", "mountpoint": "/d"}}]}),
                 "too small",
             ),
             (
