@@ -464,6 +464,7 @@ pub fn finish_machine(after: After) -> Result<()> {
 
 /// The agent as `/init`.
 pub fn init_main() -> ! {
+    console::init_logging();
     if let Err(e) = pid1::move_root_to_tmpfs() {
         // Part of the root may already be gone (files are deleted as they are copied): nothing
         // that runs from here on can be trusted, and no disk has been touched yet.
@@ -473,11 +474,9 @@ pub fn init_main() -> ! {
         ));
     }
     if let Err(e) = pid1::mount_basics() {
-        eprintln!("nixos-kexec: error: {e:#}");
+        console::line(&format!("error: {e:#}"));
     }
-    console::init_logging();
-    // The kernel may have left a partial line (BIOS: "Probing EDD ... ok") on the console.
-    eprintln!();
+    console::end_partial_line();
     console::line(&format!(
         "nixos-kexec {} starting as init",
         env!("CARGO_PKG_VERSION")
