@@ -327,18 +327,57 @@ pub fn make_plan(input: &Input) -> Result<(Config, Plan)> {
     Ok((prepared.config, prepared.plan))
 }
 
-/// Runs the whole installer and prints any error (once). Returns what to do with the machine
-/// afterwards.
-pub fn install(input: &Input, force_dry_run: bool) -> Result<Option<After>> {
-    let mut printed = false;
-    let result = install_inner(input, force_dry_run, &mut printed);
-    if let (Err(e), false) = (&result, printed) {
-        print_error(e);
+/// The installer's options on our own command line (`nixos-kexec plan` and `install`); the doc
+/// comments are their `--help`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct InputArgs {
+    /// Installer parameter KEY=VALUE (KEY without the nixos_kexec. prefix); repeatable.
+    #[arg(long = "param", value_parser = crate::input::cmdline::param_option)]
+    pub params: Vec<(String, String)>,
+    /// Read kernel parameters from this file instead of /proc/cmdline.
+    #[arg(long)]
+    pub cmdline_file: Option<std::path::PathBuf>,
+}
+
+/// An installer run that failed, with its plan and execution when the steps had begun: the
+/// failure report needs them.
+struct Failed {
+    error: anyhow::Error,
+    started: Option<Box<(Plan, Execution)>>,
+}
+
+impl From<anyhow::Error> for Failed {
+    fn from(error: anyhow::Error) -> Failed {
+        Failed { error, started: None }
     }
+}
+
+/// The installer on this system (`/init`, `nixos-kexec install`): reads the input, installs,
+/// and ends with the result line. It prints its error itself, once, as it happens: install.log
+/// on the target must have it before the failure report is written. Returns what to do with
+/// the machine afterwards.
+pub fn install(args: InputArgs) -> Result<Option<After>> {
+    let result = Input::from_system(args.params, args.cmdline_file.as_deref())
+        .map_err(Failed::from)
+        .and_then(|input| install_inner(&input));
+    let result = result.map_err(|Failed { error, started }| {
+        print_error(&error);
+        if let Some(started) = started {
+            let (plan, mut execution) = *started;
+            if let Err(e) = finish::write_report(&plan, &mut execution, Some(&one_line(&error))) {
+                log::warn!("could not write the failure report: {e:#}");
+            }
+            if let Err(e) = finish::unmount_all(&mut execution) {
+                log::warn!("{e:#}");
+            }
+        }
+        error
+    });
+    print_result(&result);
     result
 }
 
-fn install_inner(input: &Input, force_dry_run: bool, printed: &mut bool) -> Result<Option<After>> {
+fn install_inner(input: &Input) -> Result<Option<After>, Failed> {
     let passphrase_file = input
         .root
         .join(crate::input::config::SECRETS_DIR.trim_start_matches('/'))
@@ -352,11 +391,11 @@ fn install_inner(input: &Input, force_dry_run: bool, printed: &mut bool) -> Resu
         Err(e) => {
             // Nothing will use it in this boot: a new attempt comes with a new kexec.
             steps::keys::wipe_file(&passphrase_file);
-            return Err(e);
+            return Err(e.into());
         }
     };
     print_plan(&plan, "plan")?;
-    if config.dry_run || force_dry_run {
+    if config.dry_run {
         console::line("dry run: nothing was written");
         return Ok(config.after);
     }
@@ -378,17 +417,10 @@ fn install_inner(input: &Input, force_dry_run: bool, printed: &mut bool) -> Resu
         }
     }
     if let Err(error) = steps::execute(&plan, &mut execution) {
-        // Printed before the report is written, so install.log on the target has it too.
-        print_error(&error);
-        *printed = true;
-        let reason = one_line(&error);
-        if let Err(e) = finish::write_report(&plan, &mut execution, Some(&reason)) {
-            log::warn!("could not write the failure report: {e:#}");
-        }
-        if let Err(e) = finish::unmount_all(&mut execution) {
-            log::warn!("{e:#}");
-        }
-        return Err(error);
+        return Err(Failed {
+            error,
+            started: Some(Box::new((plan, execution))),
+        });
     }
     finish::unmount_all(&mut execution)?;
     if let Some(kib) = finish::peak_rss_kib() {
@@ -410,7 +442,7 @@ pub fn print_error(error: &anyhow::Error) {
 }
 
 /// The last line of every run.
-pub fn print_result(result: &Result<Option<After>>) {
+pub fn print_result<T>(result: &Result<T>) {
     match result {
         Ok(_) => console::line("result: success"),
         Err(e) => console::line(&format!("result: failure: {}", one_line(e))),
@@ -432,6 +464,7 @@ pub fn finish_machine(after: After) -> Result<()> {
 
 /// The agent as `/init`.
 pub fn init_main() -> ! {
+    console::init_logging();
     if let Err(e) = pid1::move_root_to_tmpfs() {
         // Part of the root may already be gone (files are deleted as they are copied): nothing
         // that runs from here on can be trusted, and no disk has been touched yet.
@@ -441,11 +474,9 @@ pub fn init_main() -> ! {
         ));
     }
     if let Err(e) = pid1::mount_basics() {
-        eprintln!("nixos-kexec: error: {e:#}");
+        console::line(&format!("error: {e:#}"));
     }
-    console::init_logging();
-    // The kernel may have left a partial line (BIOS: "Probing EDD ... ok") on the console.
-    eprintln!();
+    console::end_partial_line();
     console::line(&format!(
         "nixos-kexec {} starting as init",
         env!("CARGO_PKG_VERSION")
@@ -462,25 +493,15 @@ pub fn init_main() -> ! {
     if let Err(e) = pid1::mount_booted_system_extras() {
         log::warn!("{e:#}");
     }
-    pid1::supervise(|| {
-        let result = match Input::from_system(Vec::new(), None) {
-            Ok(input) => install(&input, false),
+    pid1::supervise(|| match install(InputArgs::default()) {
+        Ok(Some(after)) => match finish_machine(after) {
+            Ok(()) => 0,
             Err(e) => {
                 print_error(&e);
-                Err(e)
+                1
             }
-        };
-        print_result(&result);
-        match result {
-            Ok(Some(after)) => match finish_machine(after) {
-                Ok(()) => 0,
-                Err(e) => {
-                    print_error(&e);
-                    1
-                }
-            },
-            Ok(None) => 0,
-            Err(_) => 1,
-        }
+        },
+        Ok(None) => 0,
+        Err(_) => 1,
     })
 }

@@ -215,6 +215,13 @@ pub fn split(cmdline: &str) -> Vec<String> {
     words
 }
 
+/// A `--param KEY=VALUE` option of our own command line; `--param KEY` is `KEY=`, as a bare
+/// word on the kernel's command line is.
+pub fn param_option(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').unwrap_or((text, ""));
+    Ok((key.to_string(), value.to_string()))
+}
+
 /// Decodes `+` and `%XX` as a hand-typed value may use them for spaces (`ssh_key=ssh-ed25519+AAAA...`).
 pub fn percent_decode(value: &str) -> Result<String> {
     let bytes = value.as_bytes();

@@ -7,6 +7,7 @@
 //! other 4xx, and any certificate or TLS protocol problem, is final.
 
 use crate::error::user_error;
+use crate::input::tls::Failure;
 use anyhow::{anyhow, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -195,13 +196,6 @@ impl Default for Options {
             trust: crate::input::tls::default_trust_sources(),
         }
     }
-}
-
-/// How one attempt went wrong: worth another try, or not.
-#[derive(Debug)]
-pub(crate) enum Failure {
-    Transient(String),
-    Final(anyhow::Error),
 }
 
 /// GETs `url` and returns the body of a 2xx answer, retrying transient failures. `report`

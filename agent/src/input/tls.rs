@@ -7,7 +7,6 @@
 //! a file in the extra directory adds to it.
 
 use crate::error::user_error;
-use crate::input::http::Failure;
 use anyhow::Result;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -27,6 +26,14 @@ pub fn default_trust_sources() -> Vec<PathBuf> {
 }
 
 pub type TlsStream<S> = StreamOwned<ClientConnection, S>;
+
+/// How one attempt went wrong: worth another try, or not. The handshake tells a network error
+/// from a rejected certificate; the HTTP client above sorts everything after it the same way.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    Transient(String),
+    Final(anyhow::Error),
+}
 
 /// A client configuration and what it trusts (for error messages).
 pub struct Client {

@@ -118,17 +118,23 @@ impl Disk {
 }
 
 impl Facts {
-    /// Reads the running system's facts.
+    /// Reads the running system's facts: what [`Facts::read_from`] finds under `/`, and the
+    /// running kernel's own numbers from sysinfo (/proc/meminfo and uname(2), which an initrd
+    /// has as any system does).
     pub fn gather() -> Result<Facts> {
         let mut facts = Facts::read_from(Path::new("/"))?;
-        facts.ram_bytes = ram_bytes();
-        if let Some(arch) = crate::machine::platform::uname_arch() {
+        let mut system = sysinfo::System::new();
+        system.refresh_memory();
+        facts.ram_bytes = system.total_memory();
+        facts.kernel_release = sysinfo::System::kernel_version().unwrap_or_default();
+        if let Some(arch) = sysinfo::System::cpu_arch() {
             facts.machine.arch = arch;
         }
         Ok(facts)
     }
 
-    /// Reads facts from a root with `sys/` and `proc/` beneath it (`/` on a real system).
+    /// Reads facts from a root with `sys/` and `proc/` beneath it (`/` on a real system); RAM
+    /// and the kernel release are left for [`Facts::gather`].
     pub fn read_from(root: &Path) -> Result<Facts> {
         let mounts = read_mounts(&root.join("proc/self/mountinfo"));
         let mut disks = Vec::new();
@@ -147,11 +153,10 @@ impl Facts {
         } else {
             Firmware::Bios
         };
-        let kernel_release = read_trimmed(&root.join("proc/sys/kernel/osrelease")).unwrap_or_default();
         Ok(Facts {
             firmware,
             ram_bytes: 0,
-            kernel_release,
+            kernel_release: String::new(),
             disks,
             nics: read_nics(&root.join("sys/class/net")),
             previous_installs: Vec::new(),
@@ -171,12 +176,6 @@ impl Facts {
         }
         modules.into_iter().collect()
     }
-}
-
-fn ram_bytes() -> u64 {
-    let mut system = sysinfo::System::new();
-    system.refresh_memory();
-    system.total_memory()
 }
 
 fn list_dir(dir: &Path) -> Result<Vec<String>> {

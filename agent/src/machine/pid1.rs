@@ -236,7 +236,7 @@ pub fn supervise(work: impl FnOnce() -> i32) -> ! {
         Ok(ForkResult::Child) => std::process::exit(work()),
         Ok(ForkResult::Parent { child }) => reap_forever(child),
         Err(e) => {
-            eprintln!("nixos-kexec: cannot fork ({e}); running in PID 1 itself");
+            crate::console::line(&format!("cannot fork ({e}); running in PID 1 itself"));
             work();
             reap_forever(Pid::from_raw(0))
         }
@@ -246,8 +246,8 @@ pub fn supervise(work: impl FnOnce() -> i32) -> ! {
 /// Ends the run as PID 1 without a reboot: an exiting PID 1 would panic the kernel and reboot
 /// a machine whose console the operator has not read yet.
 pub fn stop(why: &str) -> ! {
-    // After a partial line the kernel may have left ("Probing EDD ... ok"), so ours is whole.
-    eprintln!("\nnixos-kexec: result: failure: {why}");
+    crate::console::end_partial_line();
+    crate::console::line(&format!("result: failure: {why}"));
     reap_forever(Pid::from_raw(0))
 }
 
@@ -255,7 +255,7 @@ fn reap_forever(agent: Pid) -> ! {
     loop {
         match waitpid(None, None) {
             Ok(WaitStatus::Signaled(pid, signal, _)) if pid == agent => {
-                eprintln!("nixos-kexec: result: failure: the agent was killed by {signal:?}");
+                crate::console::line(&format!("result: failure: the agent was killed by {signal:?}"));
             }
             Ok(_) => {}
             Err(_) => std::thread::sleep(Duration::from_secs(3600)),

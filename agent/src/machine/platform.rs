@@ -90,9 +90,12 @@ const DMI_VENDORS: [(&str, Virtualisation); 17] = [
 
 impl Machine {
     /// Reads what sysfs and procfs under `root` tell. `arch` comes from
-    /// /proc/sys/kernel/arch, which older kernels lack: on the running system, [`uname_arch`]
-    /// replaces it.
+    /// /proc/sys/kernel/arch, which older kernels lack: on the running system,
+    /// [`crate::machine::facts::Facts::gather`] replaces it with uname's.
     pub fn read_from(root: &Path) -> Machine {
+        // Read by hand rather than through sysinfo: the `hypervisor` flag is here too, which
+        // sysinfo does not offer, and its CPU refresh would also read every CPU's times from
+        // /proc/stat to learn one vendor string.
         let cpuinfo = std::fs::read_to_string(root.join("proc/cpuinfo")).unwrap_or_default();
         Machine {
             arch: read_trimmed(&root.join("proc/sys/kernel/arch")).unwrap_or_default(),
@@ -117,12 +120,6 @@ impl Machine {
             )),
         }
     }
-}
-
-/// The running kernel's machine name, from uname(2).
-pub fn uname_arch() -> Option<String> {
-    let uts = nix::sys::utsname::uname().ok()?;
-    Some(uts.machine().to_string_lossy().into_owned())
 }
 
 /// `vendor_id : GenuineIntel` / `AuthenticAMD`, as nixos-generate-config's `cpuManufacturer`

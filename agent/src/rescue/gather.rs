@@ -47,7 +47,7 @@ pub fn root_authorized_keys(path: &Path) -> Vec<String> {
 }
 
 pub fn gather(facts: &Facts, network: Option<runtime_info::Network>) -> Result<Gathered> {
-    let hostname = read_trimmed(Path::new("/proc/sys/kernel/hostname"))
+    let hostname = sysinfo::System::host_name()
         .map(|h| h.split('.').next().unwrap_or(&h).to_string())
         .filter(|h| runtime_info::validate_hostname(h).is_ok());
     let root_disk = facts

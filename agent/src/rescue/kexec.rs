@@ -4,23 +4,19 @@
 use crate::error::user_error;
 use crate::machine::runner;
 use anyhow::{Context, Result};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 
 /// The combined initrd in anonymous memory, so the rescue system needs no writable disk space.
 pub fn memfd_with(parts: &[&[u8]]) -> Result<File> {
-    let name = CString::new("nixos-kexec-initrd").unwrap_or_default();
-    // SAFETY: memfd_create takes a NUL-terminated name and flags; the fd is owned by the File.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("creating an in-memory file for the initrd");
-    }
-    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-    let mut file = unsafe { File::from_raw_fd(fd) };
+    let fd = memfd_create(c"nixos-kexec-initrd", MemFdCreateFlag::MFD_CLOEXEC)
+        .context("creating an in-memory file for the initrd")?;
+    let mut file = File::from(fd);
     for part in parts {
         file.write_all(part).context("writing the initrd to memory")?;
     }

@@ -19,16 +19,35 @@ use std::path::{Path, PathBuf};
 
 use crate::input::config::{HOST_KEY_TYPES, SECRETS_DIR};
 
-#[derive(Debug, Clone, Default)]
+/// `nixos-kexec run`'s options; the doc comments are its `--help`.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunOptions {
+    /// Directory holding the installer's bzImage and initrd.
+    #[arg(long)]
     pub bundle: PathBuf,
+    /// Target disk: /dev/disk/by-id/..., /dev/sdX, or serial:SERIAL.
+    #[arg(long)]
     pub disk: Option<String>,
+    /// Hostname of the installed system (default: this system's).
+    #[arg(long)]
     pub hostname: Option<String>,
+    /// nixpkgs flake reference for the host flake.
+    #[arg(long)]
     pub nixpkgs: Option<String>,
+    /// SSH public keys for root (default: root's authorized_keys here); repeatable.
+    #[arg(long = "ssh-key-file")]
     pub ssh_key_files: Vec<PathBuf>,
+    /// File with the disk encryption passphrase; travels only in the appended initrd archive.
+    #[arg(long)]
     pub disk_key_file: Option<PathBuf>,
+    /// Directory with pre-made ssh_host_<type>_key files to install instead of new ones.
+    #[arg(long)]
     pub host_keys: Option<PathBuf>,
+    /// Installer parameter KEY=VALUE (KEY without the nixos_kexec. prefix); repeatable.
+    #[arg(long = "param", value_parser = crate::input::cmdline::param_option)]
     pub params: Vec<(String, String)>,
+    /// Print the command line, the appended archive (secrets masked) and the plan; load nothing.
+    #[arg(long)]
     pub dry_run: bool,
 }
 

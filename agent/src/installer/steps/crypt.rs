@@ -10,22 +10,14 @@ use crate::machine::runner;
 use anyhow::Result;
 use std::path::Path;
 use std::process::Command;
+use zeroize::Zeroizing;
 
 /// The disk passphrase, overwritten in memory when dropped.
-pub struct Passphrase(Vec<u8>);
+pub struct Passphrase(Zeroizing<Vec<u8>>);
 
 impl Passphrase {
     pub fn bytes(&self) -> &[u8] {
         &self.0
-    }
-}
-
-impl Drop for Passphrase {
-    fn drop(&mut self) {
-        for byte in self.0.iter_mut() {
-            // SAFETY: a valid, aligned &mut u8; volatile so the wipe is not optimised away.
-            unsafe { std::ptr::write_volatile(byte, 0) };
-        }
     }
 }
 
@@ -40,17 +32,18 @@ impl std::fmt::Debug for Passphrase {
 pub fn take_passphrase(path: &Path) -> Result<Passphrase> {
     let read = std::fs::read(path);
     crate::installer::steps::keys::wipe_file(path);
-    let mut data = Passphrase(read.map_err(|e| {
+    let mut data = Passphrase(Zeroizing::new(read.map_err(|e| {
         user_error(
             format!("The disk passphrase file {} cannot be read ({e}).", path.display()),
             "append a cpio archive holding etc/nixos-kexec/secrets/disk-passphrase (mode 0600), e.g. with nixos-kexec run --disk-key-file FILE.",
         )
-    })?);
-    if data.0.ends_with(b"\r\n") {
-        data.0.truncate(data.0.len() - 2);
-    } else if data.0.ends_with(b"\n") {
-        data.0.truncate(data.0.len() - 1);
-    }
+    })?));
+    let kept = data
+        .0
+        .strip_suffix(b"\r\n")
+        .or_else(|| data.0.strip_suffix(b"\n"))
+        .map_or(data.0.len(), <[u8]>::len);
+    data.0.truncate(kept);
     if data.0.is_empty() {
         return Err(user_error(
             "The disk passphrase file is empty.",
