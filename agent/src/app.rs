@@ -214,7 +214,10 @@ fn bring_up_network(first: &Config) -> Result<EarlyNetwork> {
                 };
                 if let Some(url) = url {
                     return Err(user_error(
-                        format!("nixos_kexec.config_url={url} needs the network, but {what}."),
+                        format!(
+                            "nixos_kexec.config_url={} needs the network, but {what}.",
+                            crate::input::http::redact(url)
+                        ),
                         "connect the machine to a network with a DHCP server (the one that answered PXE will do), or describe its network in nixos_kexec.info= (network.interfaces).",
                     ));
                 }

@@ -105,7 +105,10 @@ pub fn substitute(template: &str, vars: &MachineVars) -> Result<String> {
         let after = &rest[start + 2..];
         let end = after.find('}').ok_or_else(|| {
             user_error(
-                format!("nixos_kexec.config_url={template} has a ${{ without a closing }}."),
+                format!(
+                    "nixos_kexec.config_url={} has a ${{ without a closing }}.",
+                    http::redact(template)
+                ),
                 format!(
                     "write variables as ${{name}}; known names: {}.",
                     VARIABLES.join(", ")
@@ -124,7 +127,8 @@ pub fn substitute(template: &str, vars: &MachineVars) -> Result<String> {
         let value = vars.value(name).ok_or_else(|| {
             user_error(
                 format!(
-                    "nixos_kexec.config_url={template} uses ${{{name}}}, but {}.",
+                    "nixos_kexec.config_url={} uses ${{{name}}}, but {}.",
+                    http::redact(template),
                     why_unknown(name)
                 ),
                 "name the machine another way in the URL, or write the value into the URL yourself.",
@@ -140,21 +144,29 @@ pub fn substitute(template: &str, vars: &MachineVars) -> Result<String> {
 /// Substitutes, fetches and validates the runtime info behind a config URL.
 pub fn runtime_info(template: &str, vars: &MachineVars, options: &http::Options) -> Result<RuntimeInfo> {
     let url = substitute(template, vars)?;
+    // Shown without a token the query string or user part may carry.
+    let shown = http::redact(&url);
     if url != template {
-        console::line(&format!("config_url: {template} is {url} on this machine"));
+        console::line(&format!(
+            "config_url: {} is {shown} on this machine",
+            http::redact(template)
+        ));
     }
-    console::line(&format!("config_url: fetching {url}"));
+    console::line(&format!("config_url: fetching {shown}"));
     let body = http::get(&url, options, &mut |line| {
         console::line(&format!("config_url: {line}"))
     })?;
     let info =
         runtime_info::parse_json(&body, Source::ConfigUrl, false).map_err(|e| match as_user_error(&e) {
             // Name the URL: the same template gives every machine its own document.
-            Some(user) => user_error(format!("{} (fetched from {url})", user.problem), user.fix.clone()),
+            Some(user) => user_error(
+                format!("{} (fetched from {shown})", user.problem),
+                user.fix.clone(),
+            ),
             None => e,
         })?;
     console::line(&format!(
-        "config_url: got {} bytes of runtime info from {url}",
+        "config_url: got {} bytes of runtime info from {shown}",
         body.len()
     ));
     Ok(info)

@@ -47,7 +47,7 @@ impl Url {
     pub fn parse(text: &str) -> Result<Url> {
         let bad = |why: &str| {
             user_error(
-                format!("{text:?} is not a usable URL: {why}."),
+                format!("{:?} is not a usable URL: {why}.", redact(text)),
                 "write it as http[s]://HOST[:PORT]/PATH, e.g. https://10.0.0.1:8443/hosts/${mac}.json.",
             )
         };
@@ -141,13 +141,43 @@ impl Url {
     }
 }
 
+/// Shown in place of a query string, which often carries an access token.
+pub const HIDDEN_QUERY: &str = "?<hidden>";
+
+/// A URL as the console, the log and error messages may show it: a password or token in its
+/// user part or query string is replaced, and the fragment dropped. For text that is not (yet)
+/// a [`Url`], such as a config_url template or a URL that failed to parse.
+pub fn redact(text: &str) -> String {
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), text),
+    };
+    let rest = rest.split_once('#').map_or(rest, |(before, _)| before);
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, _)) => (before, HIDDEN_QUERY),
+        None => (rest, ""),
+    };
+    let authority_end = before_query.find('/').unwrap_or(before_query.len());
+    let (authority, path) = before_query.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("<hidden>@{host}"),
+        None => authority.to_string(),
+    };
+    format!("{scheme}{authority}{path}{query}")
+}
+
+/// Shown redacted (see [`redact`]); the request itself uses the whole path and query.
 impl std::fmt::Display for Url {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let scheme = match self.scheme {
             Scheme::Http => "http",
             Scheme::Https => "https",
         };
-        write!(f, "{scheme}://{}{}", self.host_header(), self.path)
+        let path = match self.path.split_once('?') {
+            Some((path, _)) => format!("{path}{HIDDEN_QUERY}"),
+            None => self.path.clone(),
+        };
+        write!(f, "{scheme}://{}{path}", self.host_header())
     }
 }
 
@@ -563,7 +593,7 @@ mod tests {
         );
         assert_eq!(
             u.to_string(),
-            "http://10.0.2.2:8080/hosts/52:54:00:12:34:56.json?x=1"
+            "http://10.0.2.2:8080/hosts/52:54:00:12:34:56.json?<hidden>"
         );
         let v6 = Url::parse("HTTP://[2001:db8::1]/x").unwrap();
         assert_eq!(
@@ -697,6 +727,26 @@ mod tests {
     }
 
     const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{\"version\":1}";
+
+    #[test]
+    fn tokens_in_urls_are_not_shown() {
+        assert_eq!(
+            redact("https://me:s3cret@cfg.example/h/${mac}.json?token=abc#x"),
+            "https://<hidden>@cfg.example/h/${mac}.json?<hidden>"
+        );
+        assert_eq!(
+            redact("http://10.0.2.2:8080/a.json"),
+            "http://10.0.2.2:8080/a.json"
+        );
+        let url = Url::parse("https://cfg.example/h.json?token=abc").unwrap();
+        assert_eq!(url.to_string(), "https://cfg.example/h.json?<hidden>");
+        assert_eq!(
+            url.path, "/h.json?token=abc",
+            "the request still carries the query"
+        );
+        let err = Url::parse("https://me:s3cret@cfg.example/x").unwrap_err();
+        assert!(!crate::error::one_line(&err).contains("s3cret"), "{err}");
+    }
 
     #[test]
     fn a_chunk_size_past_any_length_is_refused_not_a_panic() {
