@@ -248,16 +248,9 @@ pub fn validate_hostname(name: &str) -> Result<()> {
     }
 }
 
+/// An authorized_keys line: a public key, with options if it has them.
 pub fn validate_ssh_key(key: &str) -> Result<()> {
-    ssh_key::PublicKey::from_openssh(key.trim())
-        .map(|_| ())
-        .map_err(|e| {
-            let start: String = key.chars().take(24).collect();
-            user_error(
-                format!("SSH authorized key starting {start:?} is not an OpenSSH public key ({e})."),
-                "pass the whole line of an id_*.pub file, e.g. \"ssh-ed25519 AAAA... me@host\".",
-            )
-        })
+    crate::input::authorized_keys::AuthorizedKey::parse(key).map(|_| ())
 }
 
 pub fn validate_flake_ref(text: &str) -> Result<()> {

@@ -1,6 +1,7 @@
 //! `nixos-kexec gather`: runtime info about the running system, read natively from sysfs and
 //! procfs (no ip, lsblk or udevadm needed).
 
+use crate::input::authorized_keys::{self, AuthorizedKey};
 use crate::input::runtime_info::{self, RuntimeInfo};
 use crate::machine::facts::{read_trimmed, Disk, Facts, Firmware};
 use anyhow::Result;
@@ -28,21 +29,12 @@ pub struct Machine {
     pub root_disk: Option<String>,
 }
 
-/// Root's authorized keys, the keys the operator logs in with now.
+/// The keys of an authorized_keys file (the operator's way in now), as lines with their options.
 pub fn root_authorized_keys(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        // Lines with options (`from=... ssh-ed25519 ...`) keep only the key part.
-        .filter_map(|l| {
-            let start = l
-                .find("ssh-")
-                .or_else(|| l.find("ecdsa-"))
-                .or_else(|| l.find("sk-"))?;
-            let key = &l[start..];
-            runtime_info::validate_ssh_key(key).ok().map(|_| key.to_string())
-        })
+    authorized_keys::parse_file(&text)
+        .iter()
+        .map(AuthorizedKey::line)
         .collect()
 }
 
@@ -90,6 +82,9 @@ mod tests {
         .unwrap();
         let keys = root_authorized_keys(&path);
         assert_eq!(keys.len(), 1);
-        assert!(keys[0].starts_with("ssh-ed25519 AAAA"));
+        assert!(
+            keys[0].starts_with("from=\"10.0.0.0/8\",no-pty ssh-ed25519 AAAA"),
+            "{keys:?}"
+        );
     }
 }
