@@ -16,10 +16,15 @@ impl PreviousInstall {
             Some(step) => format!("a NixOS prepared (stopped before {step}) by"),
             None => "a NixOS installed by".to_string(),
         };
+        let version = match (&self.nixos_kexec_version, &self.evidence) {
+            (Some(version), _) => format!(" {version}"),
+            // A marker leaves the version out when the hostname needs the room.
+            (None, Some(Evidence::LuksHeader { .. })) => String::new(),
+            (None, _) => " (unknown version)".to_string(),
+        };
         let text = format!(
-            "{} holds {what} nixos-kexec {} for host {}",
+            "{} holds {what} nixos-kexec{version} for host {}",
             self.disk,
-            self.nixos_kexec_version.as_deref().unwrap_or("(unknown version)"),
             self.hostname.as_deref().unwrap_or("(unknown)")
         );
         let partition = &self.partition;
@@ -320,6 +325,19 @@ mod tests {
         assert_eq!(
             previous.describe(),
             "/dev/vdb holds a NixOS installed by nixos-kexec 0.1.0 for host vault on 2025-06-01; the LUKS2 header of /dev/vdb3 says so (the report is inside, encrypted)"
+        );
+        let stopped = marked(
+            &luks2_head("nixos-kexec 2025-06-01 vault before=install"),
+            "/dev/vdb",
+            "/dev/vdb3",
+        )
+        .unwrap();
+        assert!(
+            stopped.describe().starts_with(
+                "/dev/vdb holds a NixOS prepared (stopped before install) by nixos-kexec for host vault on 2025-06-01;"
+            ),
+            "{}",
+            stopped.describe()
         );
         for other in ["", "systemd", "nixos-kexec", "nixos-kexec yesterday vault"] {
             assert_eq!(
