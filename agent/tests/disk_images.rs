@@ -1,4 +1,5 @@
-//! The partition and format code on image files, checked with sgdisk, sfdisk and fsck.fat.
+//! The partition and format code on image files, checked with sgdisk, sfdisk and fsck.fat;
+//! and the reinstall guard on what each preset's finished run leaves, on loop devices.
 //! (The kernel side of it, re-reading and mounting, is covered by the QEMU scenarios in tests/.)
 
 use nixos_kexec::input::config::{Config, DiskChoice, Layout};
@@ -6,7 +7,7 @@ use nixos_kexec::installer::layout::{self, PlanIds};
 use nixos_kexec::installer::plan;
 use nixos_kexec::installer::steps::{format, partition};
 use nixos_kexec::installer::storage::{Table, GIB};
-use nixos_kexec::machine::facts::{Disk, Facts, Firmware, Transport};
+use nixos_kexec::machine::facts::{Disk, Evidence, Facts, Firmware, PreviousInstall, Transport};
 use std::process::Command;
 
 fn facts(size: u64, sector: u32) -> Facts {
@@ -60,6 +61,16 @@ impl Loop {
                 image.to_str().unwrap(),
             ],
         );
+        Loop {
+            device: out.trim().to_string(),
+        }
+    }
+}
+
+impl Loop {
+    /// A writable loop device, for making filesystems on the image.
+    fn writable(image: &std::path::Path) -> Loop {
+        let out = tool("losetup", &["--find", "--show", image.to_str().unwrap()]);
         Loop {
             device: out.trim().to_string(),
         }
@@ -226,4 +237,239 @@ fn mbr_has_primary_partitions_and_one_boot_flag() {
         3,
         "{dump}"
     );
+}
+
+// ------------------------------------------------------------------------- reinstall guard
+
+/// The format step mounts every new btrfs on the same directory to make its subvolumes, so the
+/// preset tests take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// One image and loop device for each device the plan names: its partitions, and the opened
+/// LUKS mapping (this host may have no device-mapper, so what the mapping holds is an image of
+/// its own).
+struct Devices {
+    _dir: tempfile::TempDir,
+    loops: std::collections::BTreeMap<String, Loop>,
+}
+
+impl Devices {
+    fn for_plan(plan: &plan::Plan) -> Devices {
+        let dir = tempfile::tempdir().unwrap();
+        let mut loops = std::collections::BTreeMap::new();
+        let names = plan
+            .filesystems
+            .iter()
+            .map(|fs| fs.device.clone())
+            .chain(plan.luks.iter().map(|volume| volume.device.clone()));
+        for (index, name) in names.enumerate() {
+            let image = dir.path().join(format!("{index}.img"));
+            std::fs::File::create(&image).unwrap().set_len(512 << 20).unwrap();
+            loops.insert(name, Loop::writable(&image));
+        }
+        Devices { _dir: dir, loops }
+    }
+
+    /// The loop device standing for the planned `device`.
+    fn of(&self, device: &str) -> String {
+        self.loops[device].device.clone()
+    }
+}
+
+/// What `plan::make` plans for `layout` on a 8 GiB UEFI disk, with its devices swapped for loop
+/// devices and its mount root in `mount_root`.
+fn guarded_plan(layout: Layout, mount_root: &std::path::Path) -> (plan::Plan, Devices) {
+    let config = Config {
+        disk: DiskChoice::Auto,
+        hostname: "guarded".into(),
+        layout,
+        disk_passphrase_given: matches!(layout, Layout::LuksBtrfs | Layout::LuksExt4),
+        ..Config::default()
+    };
+    let mut plan = plan::make(&config, &facts(8 * GIB, 512), &PlanIds::random()).unwrap();
+    let devices = Devices::for_plan(&plan);
+    for fs in &mut plan.filesystems {
+        fs.device = devices.of(&fs.device);
+    }
+    for volume in &mut plan.luks {
+        volume.open_device = devices.of(&volume.open_device);
+        volume.device = devices.of(&volume.device);
+    }
+    // The ESP is no place the guard looks, and the host kernel may have no vfat.
+    plan.mounts.retain(|m| m.fstype != "vfat");
+    for m in &mut plan.mounts {
+        if m.source != "tmpfs" {
+            m.source = devices.of(&m.source);
+        }
+    }
+    plan.mount_root = mount_root.to_string_lossy().into_owned();
+    // No block device: the format step makes no /dev/disk links on this host.
+    plan.disk.dev_path = mount_root.join("no-disk").to_string_lossy().into_owned();
+    (plan, devices)
+}
+
+/// Runs the real format, mount and finish code of `plan` as far as it can on this host
+/// (LUKS containers are made with a test passphrase and not opened, see [`Devices`]): a
+/// finished run, or with `failure` the report of a failed one.
+fn run_to_the_end(plan: &mut plan::Plan, failure: Option<&str>) {
+    use nixos_kexec::installer::steps::{finish, mount, Execution};
+    let volumes = std::mem::take(&mut plan.luks);
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), "guard-test-passphrase").unwrap();
+    for volume in &volumes {
+        tool(
+            "cryptsetup",
+            &[
+                "luksFormat",
+                "--batch-mode",
+                "--type",
+                "luks2",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+                key.path().to_str().unwrap(),
+                &volume.device,
+            ],
+        );
+    }
+    let mut execution = Execution::default();
+    format::run(plan, &mut execution).unwrap();
+    plan.luks = volumes;
+    mount::run(plan, &mut execution).unwrap();
+    match failure {
+        None => finish::run(plan, &mut execution).unwrap(),
+        Some(reason) => {
+            finish::write_report(plan, &mut execution, Some(reason)).unwrap();
+        }
+    }
+    finish::unmount_all(&mut execution).unwrap();
+}
+
+/// The guard's probe on a disk `/dev/vda` whose partitions are the plan's ESP and root, the
+/// way the installer sees them (the opened mapping is not a partition).
+fn probe(plan: &plan::Plan) -> Facts {
+    let mut facts = facts(8 * GIB, 512);
+    let partitions = plan
+        .filesystems
+        .iter()
+        .filter(|fs| fs.kind == layout::FsKind::Vfat)
+        .map(|fs| fs.device.clone())
+        .chain(plan.luks.iter().map(|volume| volume.device.clone()))
+        .chain(
+            plan.filesystems
+                .iter()
+                .filter(|fs| fs.kind != layout::FsKind::Vfat)
+                .filter(|fs| !plan.luks.iter().any(|v| v.open_device == fs.device))
+                .map(|fs| fs.device.clone()),
+        );
+    facts.disks[0].partitions = partitions
+        .map(|device| nixos_kexec::machine::facts::ExistingPartition {
+            name: device.trim_start_matches("/dev/").to_string(),
+            start_bytes: 0,
+            size_bytes: 512 << 20,
+        })
+        .collect();
+    let probe_dir = tempfile::tempdir().unwrap();
+    nixos_kexec::installer::previous::find_on_disks(&mut facts, probe_dir.path());
+    facts
+}
+
+/// What finish leaves for `layout` is found by the guard's probe, where the preset puts it;
+/// what a failed run leaves is not.
+fn guard_sees_the_finished_run(layout: Layout, evidence: Option<Evidence>) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mount_root = tempfile::tempdir().unwrap();
+
+    let (mut plan, _devices) = guarded_plan(layout, mount_root.path());
+    run_to_the_end(
+        &mut plan,
+        Some("step install: nixos-install exited with exit status: 1"),
+    );
+    let facts = probe(&plan);
+    assert_eq!(facts.previous_installs, vec![], "{}: a failed run", layout.name());
+
+    let (mut plan, _devices) = guarded_plan(layout, mount_root.path());
+    run_to_the_end(&mut plan, None);
+    let facts = probe(&plan);
+    let root = plan
+        .luks
+        .first()
+        .map(|volume| volume.device.clone())
+        .unwrap_or_else(|| {
+            plan.mounts
+                .iter()
+                .find(|m| m.source != "tmpfs")
+                .unwrap()
+                .source
+                .clone()
+        });
+    let expected = PreviousInstall {
+        disk: "/dev/vda".into(),
+        partition: root,
+        hostname: Some("guarded".into()),
+        nixos_kexec_version: Some(env!("CARGO_PKG_VERSION").into()),
+        stopped_before: None,
+        evidence,
+    };
+    assert_eq!(facts.previous_installs, vec![expected], "{}", layout.name());
+
+    // The plan for that disk refuses it, and takes it with nixos_kexec.reinstall.
+    let mut config = Config {
+        disk: DiskChoice::Auto,
+        ..Config::default()
+    };
+    let err = plan::make(&config, &facts, &PlanIds::random()).unwrap_err();
+    let user = nixos_kexec::error::as_user_error(&err).unwrap();
+    assert!(
+        user.problem.contains("Refusing to install over /dev/vda")
+            && user.problem.contains("for host guarded"),
+        "{user}"
+    );
+    config.reinstall = true;
+    assert!(plan::make(&config, &facts, &PlanIds::random())
+        .unwrap()
+        .replaces
+        .is_some());
+}
+
+fn in_report(path: &str) -> Option<Evidence> {
+    Some(Evidence::Report { path: path.into() })
+}
+
+/// The date the marker carries: today, in UTC.
+fn today() -> Option<Evidence> {
+    let now = nixos_kexec::input::tls::utc_text(std::time::SystemTime::now());
+    Some(Evidence::LuksHeader {
+        date: now[..10].to_string(),
+    })
+}
+
+#[test]
+fn guard_sees_a_finished_ext4_install() {
+    guard_sees_the_finished_run(Layout::Ext4, None);
+}
+
+#[test]
+fn guard_sees_a_finished_btrfs_install_in_its_log_subvolume() {
+    guard_sees_the_finished_run(Layout::Btrfs, in_report("@log/nixos-kexec/report.json"));
+}
+
+#[test]
+fn guard_sees_a_finished_impermanence_install_in_its_persist_subvolume() {
+    guard_sees_the_finished_run(
+        Layout::BtrfsImpermanence,
+        in_report("@persist/var/log/nixos-kexec/report.json"),
+    );
+}
+
+#[test]
+fn guard_sees_a_finished_luks_btrfs_install_by_its_header() {
+    guard_sees_the_finished_run(Layout::LuksBtrfs, today());
+}
+
+#[test]
+fn guard_sees_a_finished_luks_ext4_install_by_its_header() {
+    guard_sees_the_finished_run(Layout::LuksExt4, today());
 }

@@ -995,6 +995,83 @@ fn short_parameters_install_and_a_second_boot_does_not_reinstall() -> Result<()>
     Ok(())
 }
 
+/// A second boot sees btrfs and LUKS installs too: a `btrfs` install keeps its report in
+/// subvolume @log, a `luks-btrfs` install has it encrypted and marks its LUKS2 header instead.
+/// With both disks in one machine, the installer names both and refuses the one it is told to
+/// install on, without touching either.
+#[test]
+fn a_second_boot_recognises_btrfs_and_luks_installs() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let secrets = scratch.path().join("secrets.cpio");
+    Cpio::new()
+        .file(
+            "etc/nixos-kexec/secrets/disk-passphrase",
+            0o600,
+            "Guard-Test-Passphrase",
+        )
+        .write_to(&secrets)?;
+    let btrfs = blank_disk(scratch.path(), "btrfs.img")?;
+    let luks = blank_disk(scratch.path(), "luks.img")?;
+    let params = |disk: &str, hostname: &str, layout: &str| {
+        format!(
+            "nixos_kexec.disk={disk} nixos_kexec.hostname={hostname} nixos_kexec.layout={layout} \
+             nixos_kexec.ssh_key={} {PREPARE}",
+            KEY.replace(' ', "+")
+        )
+    };
+    let vm = |name: &str, params: &str| {
+        with_params(Vm::new(&bundle).name(name), params)
+            .nic("52:54:00:12:34:07")
+            .grace(Duration::from_secs(3))
+    };
+
+    vm("btrfs_install", &params("/dev/vda", "cellar", "btrfs"))
+        .disk_image(&btrfs, DiskBus::Virtio, 512, "GUARDBTRFS")
+        .run()?
+        .expect_success()?;
+    let first = vm("luks_install", &params("/dev/vda", "vault", "luks-btrfs"))
+        .extra_initrd(&secrets)
+        .disk_image(&luks, DiskBus::Virtio, 512, "GUARDLUKS")
+        .timeout(Duration::from_secs(420))
+        .run()?;
+    first.expect_success()?;
+    ensure!(
+        first.contains("LUKS2 header of /dev/vda3 marked as a finished install: nixos-kexec "),
+        "the LUKS install left no marker"
+    );
+    let installed = (digest(&btrfs)?, digest(&luks)?);
+
+    let second = vm("second_boot", &params("/dev/vdb", "second", "ext4"))
+        .disk_image(&btrfs, DiskBus::Virtio, 512, "GUARDBTRFS")
+        .disk_image(&luks, DiskBus::Virtio, 512, "GUARDLUKS")
+        .run()?;
+    let reason = second.expect_failure()?;
+    ensure!(
+        second.contains(
+            "earlier install found: /dev/vda holds a NixOS prepared (stopped before install) by nixos-kexec"
+        ) && second.contains("for host cellar; its report is /@log/nixos-kexec/report.json on /dev/vda3"),
+        "the btrfs install is not named"
+    );
+    ensure!(
+        second.contains(
+            "earlier install found: /dev/vdb holds a NixOS prepared (stopped before install) by nixos-kexec"
+        ) && second.contains("; the LUKS2 header of /dev/vdb3 says so (the report is inside, encrypted)"),
+        "the LUKS install is not named"
+    );
+    ensure!(
+        reason.contains("Refusing to install over /dev/vdb")
+            && reason.contains("for host vault on ")
+            && reason.contains("nixos_kexec.reinstall"),
+        "{reason}"
+    );
+    ensure!(
+        (digest(&btrfs)?, digest(&luks)?) == installed,
+        "the refused run changed a disk"
+    );
+    Ok(())
+}
+
 /// Without any network the installer stops before writing when something needs one: the
 /// fetch of config_url, or (before the wipe) the install step. The disk stays as it was.
 #[test]

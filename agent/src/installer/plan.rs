@@ -580,6 +580,7 @@ pub mod tests {
             hostname: Some("web1".into()),
             nixos_kexec_version: Some("0.1.0".into()),
             stopped_before: None,
+            evidence: None,
         }];
         let mut config = choose(Some("/dev/vda"), None);
         let err = make(&config, &f, &ids()).unwrap_err();

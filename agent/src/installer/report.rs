@@ -106,17 +106,7 @@ impl Report {
     /// The report of `plan`'s run; `failure` is why it stopped, if it did.
     pub fn new(plan: &Plan, run: Run, failure: Option<&str>) -> Report {
         Report {
-            summary: Summary {
-                result: if failure.is_some() {
-                    Outcome::Failure
-                } else {
-                    Outcome::Success
-                },
-                failure: failure.map(str::to_string),
-                nixos_kexec_version: Some(env!("CARGO_PKG_VERSION").to_string()),
-                hostname: Some(plan.hostname.clone()),
-                stopped_before: plan.stop_before.map(|step| step.name().to_string()),
-            },
+            summary: Summary::new(plan, failure),
             firmware: plan.firmware,
             layout: plan.layout,
             disk: plan.disk.clone(),
@@ -152,6 +142,21 @@ impl Report {
 }
 
 impl Summary {
+    /// How the run of `plan` ended; `failure` is why it stopped, if it did.
+    pub fn new(plan: &Plan, failure: Option<&str>) -> Summary {
+        Summary {
+            result: if failure.is_some() {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            },
+            failure: failure.map(str::to_string),
+            nixos_kexec_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            hostname: Some(plan.hostname.clone()),
+            stopped_before: plan.stop_before.map(|step| step.name().to_string()),
+        }
+    }
+
     pub fn from_json(bytes: &[u8]) -> Result<Summary> {
         serde_json::from_slice(bytes).context("parsing an install report")
     }
@@ -166,6 +171,104 @@ impl Summary {
             .with_context(|| format!("reading {}", path.display()))?;
         Summary::from_json(&bytes).with_context(|| format!("reading {}", path.display()))
     }
+}
+
+/// The first word of every marker.
+const MARKER_WORD: &str = "nixos-kexec";
+
+/// The short form of a finished run's summary that the reinstall guard reads where the report
+/// is out of its reach: in the subsystem field of the LUKS2 header of an encrypted root (see
+/// `steps::finish`). One line of words, at most [`Marker::MAX_BYTES`], such as
+/// `nixos-kexec 2025-06-01 web1 version=0.1.0`: the word `nixos-kexec`, the UTC date the run
+/// finished, the hostname, then `key=value` words: `before=STEP` when the run stopped early on
+/// purpose (always kept: it tells a prepared disk from an installed one), and `version=` when
+/// it fits. A hostname too long for the rest is cut and ends in `~`, which no hostname
+/// contains. Readers ignore words they do not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    /// Always a success: only a finished run has a marker.
+    pub summary: Summary,
+    pub date: String,
+}
+
+impl Marker {
+    /// The LUKS2 header's subsystem field is 48 bytes, the last one NUL; cryptsetup cuts longer
+    /// text without a word.
+    pub const MAX_BYTES: usize = 47;
+
+    /// The marker of a run that ended as `summary` says at `now`; none for a failed run.
+    pub fn finished(summary: &Summary, now: std::time::SystemTime) -> Option<Marker> {
+        (summary.result == Outcome::Success && summary.hostname.is_some()).then(|| Marker {
+            summary: summary.clone(),
+            date: crate::input::tls::utc_text(now)[..10].to_string(),
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        let head = format!("{MARKER_WORD} {}", self.date);
+        let stopped = self
+            .summary
+            .stopped_before
+            .as_ref()
+            .map(|step| format!(" before={step}"))
+            .unwrap_or_default();
+        let room = Marker::MAX_BYTES.saturating_sub(head.len() + 1 + stopped.len());
+        let hostname = self.summary.hostname.as_deref().unwrap_or_default();
+        let hostname = if hostname.len() <= room {
+            hostname.to_string()
+        } else {
+            let mut cut: String = hostname.chars().take(room.saturating_sub(1)).collect();
+            while cut.len() >= room {
+                cut.pop();
+            }
+            cut + "~"
+        };
+        let mut text = format!("{head} {hostname}{stopped}");
+        if let Some(version) = &self.summary.nixos_kexec_version {
+            let word = format!(" version={version}");
+            if text.len() + word.len() <= Marker::MAX_BYTES {
+                text += &word;
+            }
+        }
+        text
+    }
+
+    /// The marker in `text`; none for anything else, including an empty field.
+    pub fn from_text(text: &str) -> Option<Marker> {
+        let mut words = text.split(' ');
+        if words.next()? != MARKER_WORD {
+            return None;
+        }
+        let date = words.next().filter(|date| is_date(date))?.to_string();
+        let hostname = words.next().filter(|name| !name.is_empty())?.to_string();
+        let mut summary = Summary {
+            result: Outcome::Success,
+            failure: None,
+            nixos_kexec_version: None,
+            hostname: Some(hostname),
+            stopped_before: None,
+        };
+        for word in words {
+            match word.split_once('=') {
+                Some(("before", step)) => summary.stopped_before = Some(step.to_string()),
+                Some(("version", version)) => summary.nixos_kexec_version = Some(version.to_string()),
+                _ => {}
+            }
+        }
+        Some(Marker { summary, date })
+    }
+}
+
+/// `YYYY-MM-DD`.
+fn is_date(text: &str) -> bool {
+    text.len() == 10
+        && text.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
 }
 
 #[cfg(test)]
@@ -352,7 +455,7 @@ mod tests {
             let dir = root.path().join(REPORT_DIR);
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::copy(fixture_dir().join(format!("{name}.json")), dir.join(FILE_NAME)).unwrap();
-            let previous = crate::installer::previous::read(root.path(), "/dev/vda", "/dev/vda3");
+            let previous = crate::installer::previous::read(root.path(), false, "/dev/vda", "/dev/vda3");
             match report.summary.result {
                 Outcome::Failure => assert_eq!(previous, None, "{name}"),
                 Outcome::Success => {
@@ -388,6 +491,55 @@ mod tests {
                 .as_deref(),
             Some("install")
         );
+    }
+
+    /// Noon on 2025-06-01, UTC.
+    fn june_first() -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_secs(1_748_779_200)
+    }
+
+    #[test]
+    fn a_finished_run_has_a_marker_that_reads_back_and_a_failed_one_has_none() {
+        let (_, report) = fixtures().remove(0);
+        let marker = Marker::finished(&report.summary, june_first()).unwrap();
+        let text = marker.to_text();
+        assert_eq!(text, "nixos-kexec 2025-06-01 web1 version=0.1.0");
+        assert_eq!(Marker::from_text(&text), Some(marker));
+        let (_, failed) = fixtures().pop().unwrap();
+        assert_eq!(failed.summary.result, Outcome::Failure);
+        assert_eq!(Marker::finished(&failed.summary, june_first()), None);
+    }
+
+    #[test]
+    fn a_marker_fits_the_header_field_and_keeps_what_matters_most() {
+        let mut summary = fixtures().remove(0).1.summary;
+        summary.stopped_before = Some("install".into());
+        let text = Marker::finished(&summary, june_first()).unwrap().to_text();
+        // No room for the version beside `before=`.
+        assert_eq!(text, "nixos-kexec 2025-06-01 web1 before=install");
+        let long = "a".repeat(30) + &"b".repeat(33);
+        for stopped in [None, Some("install")] {
+            summary.hostname = Some(long.clone());
+            summary.stopped_before = stopped.map(str::to_string);
+            let text = Marker::finished(&summary, june_first()).unwrap().to_text();
+            assert!(text.len() <= Marker::MAX_BYTES, "{text}");
+            let read = Marker::from_text(&text).unwrap().summary;
+            let hostname = read.hostname.unwrap();
+            assert!(hostname.ends_with('~') && long.starts_with(hostname.trim_end_matches('~')));
+            assert_eq!(read.stopped_before.as_deref(), stopped);
+            assert_eq!(read.nixos_kexec_version, None);
+        }
+        let read = Marker::from_text("nixos-kexec 2025-06-01 web1 colour=blue version=9").unwrap();
+        assert_eq!(read.summary.nixos_kexec_version.as_deref(), Some("9"));
+        assert_eq!(read.date, "2025-06-01");
+        for other in [
+            "",
+            "nixos-kexec",
+            "nixos-kexec 2025-06-01",
+            "cryptsetup 2025-06-01 web1",
+        ] {
+            assert_eq!(Marker::from_text(other), None, "{other:?}");
+        }
     }
 
     #[test]

@@ -70,9 +70,9 @@ pub struct Nic {
     pub modules: Vec<String>,
 }
 
-/// An earlier nixos-kexec run that finished on a disk: its report on the disk's root
-/// filesystem says `success` (also when it stopped before `install` on purpose). The installer
-/// finds and describes it, as it alone knows where and how it writes reports.
+/// An earlier nixos-kexec run that finished on a disk: its report says `success` (also when it
+/// stopped before `install` on purpose), or, on an encrypted disk, its LUKS2 header says so.
+/// The installer finds and describes it, as it alone knows where and how it leaves them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreviousInstall {
     /// The disk, as in [`Disk::dev_path`].
@@ -83,6 +83,21 @@ pub struct PreviousInstall {
     pub nixos_kexec_version: Option<String>,
     /// Set when that run stopped early on purpose (`nixos_kexec.stop_before`).
     pub stopped_before: Option<String>,
+    /// How the guard knows, unless by report.json under /var/log/nixos-kexec of the
+    /// partition's filesystem (absent then, so such plans serialise as they always have).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
+}
+
+/// Where an earlier install was seen, other than at the report's usual place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Evidence {
+    /// report.json at `path` from the top level of the partition's btrfs (in a subvolume).
+    Report { path: String },
+    /// The finished run's marker in the partition's LUKS2 header, from `date` (UTC,
+    /// YYYY-MM-DD); the report itself is inside, encrypted.
+    LuksHeader { date: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -156,6 +156,30 @@ pub fn format_and_open(volume: &LuksVolume, passphrase: &Passphrase) -> Result<O
     })
 }
 
+/// Where the subsystem field lies in a LUKS2 binary header (`struct luks2_hdr_disk`): after
+/// magic, version, header size, sequence id, label, checksum algorithm, salt and UUID.
+const SUBSYSTEM_FIELD: std::ops::Range<usize> = 208..256;
+
+/// Writes `text` (at most 47 bytes; empty clears it) into the subsystem field of the LUKS2
+/// header on `device`. Only the header's metadata changes, so the container may be open.
+pub fn set_subsystem(device: &str, text: &str) -> Result<()> {
+    runner::run(cryptsetup().args(["config", "--subsystem", text, device]))?;
+    Ok(())
+}
+
+/// The subsystem field of the LUKS2 header at the start of `head` (a device's first bytes),
+/// read without the passphrase or cryptsetup; none when empty, when `head` is no LUKS2 header
+/// (LUKS1 has no such field) or when the field is not text.
+pub fn subsystem(head: &[u8]) -> Option<String> {
+    if head.get(0..6) != Some(b"LUKS\xba\xbe") || head.get(6..8) != Some(&[0, 2]) {
+        return None;
+    }
+    let field = head.get(SUBSYSTEM_FIELD)?;
+    let text = &field[..field.iter().position(|b| *b == 0).unwrap_or(field.len())];
+    let text = std::str::from_utf8(text).ok()?;
+    (!text.is_empty()).then(|| text.to_string())
+}
+
 /// Maps a swap partition through plain dm-crypt with a random key nobody keeps, as the
 /// installed system will at every boot (`randomEncryption`), so no swapped page of the install
 /// ever reaches the disk in plaintext.

@@ -1,20 +1,35 @@
-//! The end of a run: report and log on the target, unmount, sync.
+//! The end of a run: report and log on the target, the marker an encrypted root keeps outside
+//! the encryption, unmount, sync.
 
-use super::Execution;
+use super::{crypt, Execution};
 use crate::console;
 use crate::installer::plan::Plan;
-use crate::installer::report::{Report, Run, FILE_NAME, REPORT_DIR};
+use crate::installer::report::{Marker, Report, Run, Summary, FILE_NAME, REPORT_DIR};
 use anyhow::{Context, Result};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
-/// Writes report.json and install.log under the target root, if it is mounted.
-pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str>) -> Result<()> {
+/// The finish step of a run that got this far: the report, then the marker.
+pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
+    match write_report(plan, execution, None)? {
+        Some(summary) => mark_encrypted(plan, &summary),
+        None => Ok(()),
+    }
+}
+
+/// Writes report.json and install.log under the target root, if it is mounted; returns the
+/// summary written.
+pub fn write_report(
+    plan: &Plan,
+    execution: &mut Execution,
+    failure: Option<&str>,
+) -> Result<Option<Summary>> {
     let Some(dir) = execution.target_path(&plan.state_path(REPORT_DIR)) else {
         log::info!("the target is not mounted; no report written to it");
-        return Ok(());
+        return Ok(None);
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    report(plan, execution, failure, Instant::now(), peak_rss_kib()).write(&dir)?;
+    let report = report(plan, execution, failure, Instant::now(), peak_rss_kib());
+    report.write(&dir)?;
     if failure.is_none() {
         console::line(&format!(
             "report written to {}/{FILE_NAME} on the target",
@@ -22,6 +37,39 @@ pub fn write_report(plan: &Plan, execution: &mut Execution, failure: Option<&str
         ));
     }
     super::keys::write_file(&dir.join("install.log"), console::log_text().as_bytes(), 0o600)?;
+    Ok(Some(report.summary))
+}
+
+/// Leaves the [`Marker`] of a finished run in the LUKS2 header of every container the plan
+/// made, for the reinstall guard of a later boot: the report is inside, out of its reach
+/// without the passphrase. The header rather than a file on the ESP or /boot: it is there
+/// whatever the firmware and partition table (an MBR disk has no ESP, a custom layout may
+/// have no separate /boot), it is read from the first 4 KiB of the partition with no
+/// filesystem to mount, and it lives exactly as long as the install it describes: a file
+/// elsewhere would outlive a root that was reformatted, and stop the next install for
+/// nothing. The subsystem field is inert: nothing reads it at boot (the label would be
+/// the wrong field, as udev makes /dev/disk/by-label links from it). Written last, so a run
+/// that fails before never has a marker: luksFormat made the header empty.
+fn mark_encrypted(plan: &Plan, summary: &Summary) -> Result<()> {
+    let Some(marker) = Marker::finished(summary, SystemTime::now()) else {
+        return Ok(());
+    };
+    let text = marker.to_text();
+    for (index, volume) in plan.luks.iter().enumerate() {
+        if let Err(e) = crypt::set_subsystem(&volume.device, &text) {
+            // The run fails now, so no header may keep saying it finished.
+            for done in &plan.luks[..index] {
+                if let Err(e) = crypt::set_subsystem(&done.device, "") {
+                    log::warn!("clearing the marker on {}: {e:#}", done.device);
+                }
+            }
+            return Err(e.context(format!("marking {} as a finished install", volume.device)));
+        }
+        console::line(&format!(
+            "LUKS2 header of {} marked as a finished install: {text}",
+            volume.device
+        ));
+    }
     Ok(())
 }
 

@@ -120,7 +120,7 @@ fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
         Step::Flake => flake::run(plan, execution),
         Step::Install => install::run(plan, execution),
         Step::Verify => verify::run(plan, execution),
-        Step::Finish => finish::write_report(plan, execution, None),
+        Step::Finish => finish::run(plan, execution),
     }
 }
 
