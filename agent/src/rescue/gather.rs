@@ -6,7 +6,7 @@ use crate::input::runtime_info::{self, RuntimeInfo};
 use crate::machine::facts::{read_trimmed, Disk, Facts, Firmware};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What `gather` prints: runtime info plus the machine facts an operator wants to see.
 /// Only `info` travels to the installer.
@@ -36,6 +36,21 @@ pub fn root_authorized_keys(path: &Path) -> Vec<String> {
         .iter()
         .map(AuthorizedKey::line)
         .collect()
+}
+
+/// The keys of the user who ran `sudo nixos-kexec run`, for when root itself has none: on a
+/// cloud image that user is the operator. `passwd` is /etc/passwd's text.
+pub fn sudo_user_keys(sudo_user: &str, passwd: &str) -> Option<(PathBuf, Vec<String>)> {
+    if sudo_user.is_empty() || sudo_user == "root" {
+        return None;
+    }
+    let home = passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.len() >= 7 && fields[0] == sudo_user).then(|| fields[5].to_string())
+    })?;
+    let path = Path::new(&home).join(".ssh/authorized_keys");
+    let keys = root_authorized_keys(&path);
+    (!keys.is_empty()).then_some((path, keys))
 }
 
 pub fn gather(facts: &Facts, network: Option<runtime_info::Network>) -> Result<Gathered> {
@@ -86,5 +101,26 @@ mod tests {
             keys[0].starts_with("from=\"10.0.0.0/8\",no-pty ssh-ed25519 AAAA"),
             "{keys:?}"
         );
+    }
+
+    #[test]
+    fn the_sudo_users_keys_stand_in_for_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("alice");
+        std::fs::create_dir_all(home.join(".ssh")).unwrap();
+        std::fs::write(
+            home.join(".ssh/authorized_keys"),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD alice@laptop\n",
+        )
+        .unwrap();
+        let passwd = format!(
+            "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000:Alice:{}:/bin/bash\n",
+            home.display()
+        );
+        let (path, keys) = sudo_user_keys("alice", &passwd).unwrap();
+        assert_eq!(path, home.join(".ssh/authorized_keys"));
+        assert_eq!(keys.len(), 1);
+        assert!(sudo_user_keys("root", &passwd).is_none());
+        assert!(sudo_user_keys("bob", &passwd).is_none());
     }
 }

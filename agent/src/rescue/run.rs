@@ -272,6 +272,18 @@ pub fn prepare(
         }
     }
     if info.ssh_authorized_keys.is_empty() {
+        let sudo_user = std::env::var("SUDO_USER").unwrap_or_default();
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        if let Some((path, keys)) = gather::sudo_user_keys(&sudo_user, &passwd) {
+            console::line(&format!(
+                "root has no authorized_keys here; the installed system's root gets the {} key(s) of {sudo_user}, who ran sudo ({})",
+                keys.len(),
+                path.display()
+            ));
+            info.ssh_authorized_keys = keys;
+        }
+    }
+    if info.ssh_authorized_keys.is_empty() {
         return Err(user_error(
             "No SSH key to put on the installed system: root has no authorized_keys here and none was given, so nobody could log in after the install.",
             "pass --ssh-key-file ~/.ssh/id_ed25519.pub.",

@@ -78,6 +78,17 @@ fn key_bits(key: &PrivateKey) -> u32 {
             "nistp521" => 521,
             _ => 256,
         },
+        Algorithm::Rsa { .. } => key
+            .public_key()
+            .key_data()
+            .rsa()
+            .and_then(|rsa| rsa.n.as_positive_bytes())
+            .map_or(0, |n| {
+                let leading = n.first().map_or(8, |b| b.leading_zeros());
+                u32::try_from(n.len() * 8)
+                    .unwrap_or(u32::MAX)
+                    .saturating_sub(leading)
+            }),
         _ => 0,
     }
 }
@@ -111,8 +122,16 @@ pub fn fingerprint_line(key: &PrivateKey) -> String {
         key_bits(key),
         key.fingerprint(HashAlg::Sha256),
         key.comment(),
-        key.algorithm().as_str().trim_start_matches("ssh-").to_uppercase()
+        type_name(key)
     )
+}
+
+/// The key type as ssh-keygen names it in a fingerprint line.
+fn type_name(key: &PrivateKey) -> String {
+    match key.algorithm() {
+        Algorithm::Ecdsa { .. } => "ECDSA".into(),
+        other => other.as_str().trim_start_matches("ssh-").to_uppercase(),
+    }
 }
 
 /// Writes `ssh_host_ed25519_key` (0600) and `.pub` (0644); returns the fingerprint line.
@@ -179,5 +198,42 @@ mod tests {
         };
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), fingerprint);
+    }
+
+    /// What `ssh-keygen -A` leaves in /etc/ssh is what `--host-keys /etc/ssh` hands over: every
+    /// type must be read, and its fingerprint line be the one ssh-keygen prints.
+    #[test]
+    fn host_keys_of_every_type_ssh_keygen_makes() {
+        let dir = tempfile::tempdir().unwrap();
+        for (kind, bits) in [
+            ("ed25519", None),
+            ("ecdsa", Some("256")),
+            ("ecdsa", Some("521")),
+            ("rsa", Some("3072")),
+        ] {
+            let path = dir
+                .path()
+                .join(format!("ssh_host_{kind}_{}_key", bits.unwrap_or("")));
+            let mut keygen = std::process::Command::new("ssh-keygen");
+            keygen
+                .args(["-q", "-N", "", "-C", "root@old", "-t", kind])
+                .arg("-f")
+                .arg(&path);
+            if let Some(bits) = bits {
+                keygen.args(["-b", bits]);
+            }
+            assert!(keygen.status().unwrap().success());
+            let key = PrivateKey::from_openssh(std::fs::read(&path).unwrap()).unwrap();
+            let listed = std::process::Command::new("ssh-keygen")
+                .arg("-lf")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert_eq!(
+                fingerprint_line(&key),
+                String::from_utf8_lossy(&listed.stdout).trim(),
+                "{kind}"
+            );
+        }
     }
 }
