@@ -380,22 +380,29 @@ pub fn install(args: InputArgs) -> Result<Option<After>> {
     result
 }
 
+/// Runs the install; whatever way it fails, the secrets it was given (host keys, passphrase)
+/// are wiped from RAM: nothing in this boot will use them, and a new attempt comes with a new
+/// kexec that brings them again.
 fn install_inner(input: &Input) -> Result<Option<After>, Failed> {
-    let passphrase_file = input
+    let secrets = input
         .root
-        .join(crate::input::config::SECRETS_DIR.trim_start_matches('/'))
-        .join("disk-passphrase");
+        .join(crate::input::config::SECRETS_DIR.trim_start_matches('/'));
+    let result = install_with_secrets(input, &secrets);
+    if result.is_err() {
+        steps::keys::wipe_dir(&secrets);
+    }
+    result
+}
+
+fn install_with_secrets(input: &Input, secrets: &Path) -> Result<Option<After>, Failed> {
+    let passphrase_file = secrets.join("disk-passphrase");
     let Prepared {
         config,
         plan,
         network,
     } = match prepare(input, NetworkMode::BringUp) {
         Ok(prepared) => prepared,
-        Err(e) => {
-            // Nothing will use it in this boot: a new attempt comes with a new kexec.
-            steps::keys::wipe_file(&passphrase_file);
-            return Err(e.into());
-        }
+        Err(e) => return Err(e.into()),
     };
     print_plan(&plan, "plan")?;
     if config.dry_run {

@@ -93,6 +93,15 @@ fn key_bits(key: &PrivateKey) -> u32 {
     }
 }
 
+/// Wipes every file in `dir` (the secrets the rescue system handed over) as [`wipe_file`] does.
+pub fn wipe_dir(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            wipe_file(&entry.path());
+        }
+    }
+}
+
 /// Overwrites a secret in the initramfs before unlinking it, so its pages do not linger.
 pub fn wipe_file(path: &Path) {
     if let Ok(meta) = std::fs::metadata(path) {
@@ -235,5 +244,16 @@ mod tests {
                 "{kind}"
             );
         }
+    }
+
+    #[test]
+    fn wiping_the_secrets_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["ssh_host_ed25519_key", "ssh_host_rsa_key", "disk-passphrase"] {
+            std::fs::write(dir.path().join(name), b"secret").unwrap();
+        }
+        wipe_dir(dir.path());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        wipe_dir(&dir.path().join("absent"));
     }
 }
