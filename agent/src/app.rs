@@ -400,10 +400,7 @@ fn install_with_secrets(input: &Input, secrets: &Path) -> Result<Option<After>, 
         config,
         plan,
         network,
-    } = match prepare(input, NetworkMode::BringUp) {
-        Ok(prepared) => prepared,
-        Err(e) => return Err(e.into()),
-    };
+    } = prepare(input, NetworkMode::BringUp)?;
     print_plan(&plan, "plan")?;
     if config.dry_run {
         console::line("dry run: nothing was written");
