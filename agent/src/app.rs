@@ -508,3 +508,26 @@ pub fn init_main() -> ! {
         Err(_) => 1,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--param` on the agent's own command line is the top layer: it wins over the kernel's.
+    #[test]
+    fn own_params_win_over_the_kernels() {
+        let input = Input {
+            cmdline: "console=ttyS0 nixos_kexec.hostname=kernel nixos_kexec.after=halt\n".into(),
+            extra_params: vec![("hostname".into(), "own".into())],
+            root: "/nonexistent".into(),
+        };
+        let params = input.params().unwrap();
+        assert_eq!(params.get("hostname"), Some("own"));
+        assert_eq!(params.get("after"), Some("halt"));
+        let bad = Input {
+            extra_params: vec![("hostnmae".into(), "own".into())],
+            ..input
+        };
+        assert!(bad.params().is_err());
+    }
+}

@@ -348,6 +348,20 @@ mod tests {
     }
 
     #[test]
+    fn unknown_key_lists_the_known_ones() {
+        let err = Params::parse("nixos_kexec.dsik=/dev/vda").unwrap_err();
+        let user = crate::error::as_user_error(&err).unwrap();
+        assert_eq!(
+            user.fix,
+            "remove it or correct the spelling; known parameters are nixos_kexec.{info,info_deflate,disk,hostname,config_url,reinstall,dry_run,stop_before,after,layout,ssh_key,nixpkgs,state_version,swap,table}."
+        );
+        let mut params = Params::default();
+        assert!(params.insert("stop-before", "install").is_ok());
+        assert_eq!(params.get("stop_before"), Some("install"));
+        assert!(params.insert("nope", "").is_err());
+    }
+
+    #[test]
     fn full_length_line_is_flagged() {
         assert!(
             Params::parse(&full_line_ending("quiet"))

@@ -500,6 +500,282 @@ mod tests {
         assert!(matches!(config.disk, DiskChoice::Selected(ref d) if d.path.as_deref() == Some("/dev/vda")));
     }
 
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD";
+
+    /// Assembles from the six layers, lowest first: the bundle's defaults, the initrd's
+    /// runtime-info file, `info=`, `info_deflate=`, config_url's answer, and parameters (a
+    /// command-line fragment). A `None` layer says nothing.
+    fn assemble_six(infos: [Option<RuntimeInfo>; 5], params: &str) -> Result<Config> {
+        use base64::engine::general_purpose::STANDARD;
+        let [defaults, file, info, deflated, fetched] = infos;
+        let mut line = String::from(params);
+        if let Some(info) = info {
+            line += &format!(
+                " nixos_kexec.info={}",
+                STANDARD.encode(serde_json::to_vec(&info)?)
+            );
+        }
+        if let Some(info) = deflated {
+            let json = serde_json::to_vec(&info)?;
+            let packed = miniz_oxide::deflate::compress_to_vec(&json, 9);
+            line += &format!(" nixos_kexec.info_deflate={}", STANDARD.encode(packed));
+        }
+        let files = [defaults, file].into_iter().flatten().collect();
+        Config::assemble_layers(files, fetched, &Params::parse(&line)?)
+    }
+
+    /// One field's values per layer, and how to read the field back.
+    struct Field {
+        name: &'static str,
+        set: fn(&mut RuntimeInfo, usize),
+        /// The parameter that sets it in the top layer, if there is one.
+        param: Option<fn(usize) -> String>,
+        /// What the config and the target's runtime info hold when layer `i` is the highest
+        /// that sets it.
+        check: fn(&Config, usize),
+    }
+
+    fn storage_sized(i: usize) -> Storage {
+        Storage {
+            partitions: vec![crate::installer::storage::PartitionSpec {
+                size: format!("{}G", i + 1),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    const LAYOUTS: [&str; 6] = [
+        "ext4",
+        "btrfs",
+        "luks-ext4",
+        "luks-btrfs",
+        "btrfs-impermanence",
+        "BTRFS",
+    ];
+    const TABLES: [&str; 6] = ["gpt", "mbr", "dos", "msdos", "gpt", "mbr"];
+
+    fn fields() -> Vec<Field> {
+        vec![
+            Field {
+                name: "hostname",
+                set: |info, i| info.hostname = Some(format!("h{i}")),
+                param: Some(|i| format!("nixos_kexec.hostname=h{i}")),
+                check: |config, i| {
+                    assert_eq!(config.hostname, format!("h{i}"));
+                    assert_eq!(config.runtime_info.hostname, Some(format!("h{i}")));
+                },
+            },
+            Field {
+                name: "disk",
+                set: |info, i| {
+                    info.disk = Some(DiskSelector {
+                        serial: Some(format!("S{i}")),
+                        ..DiskSelector::default()
+                    })
+                },
+                param: Some(|i| format!("nixos_kexec.disk=serial:S{i}")),
+                check: |config, i| {
+                    let wanted = DiskSelector {
+                        serial: Some(format!("S{i}")),
+                        ..DiskSelector::default()
+                    };
+                    assert_eq!(config.disk, DiskChoice::Selected(wanted.clone()));
+                    assert_eq!(config.runtime_info.disk, Some(wanted));
+                },
+            },
+            Field {
+                name: "layout",
+                set: |info, i| info.layout = Some(LAYOUTS[i].into()),
+                param: Some(|i| format!("nixos_kexec.layout={}", LAYOUTS[i])),
+                check: |config, i| {
+                    assert_eq!(config.layout, Layout::parse(LAYOUTS[i]).unwrap());
+                    assert_eq!(config.runtime_info.layout.as_deref(), Some(LAYOUTS[i]));
+                },
+            },
+            Field {
+                name: "swap",
+                set: |info, i| info.swap = Some(format!("{}M", 16 + i)),
+                param: Some(|i| format!("nixos_kexec.swap={}M", 16 + i)),
+                check: |config, i| {
+                    assert_eq!(config.swap_bytes, (16 + i as u64) << 20);
+                    assert_eq!(config.runtime_info.swap, Some(format!("{}M", 16 + i)));
+                },
+            },
+            Field {
+                name: "table",
+                set: |info, i| info.table = Some(TABLES[i].into()),
+                param: Some(|i| format!("nixos_kexec.table={}", TABLES[i])),
+                check: |config, i| {
+                    assert_eq!(config.table, Table::parse(TABLES[i]).unwrap());
+                    assert_eq!(config.runtime_info.table.as_deref(), Some(TABLES[i]));
+                },
+            },
+            Field {
+                name: "ssh_authorized_keys",
+                set: |info, i| {
+                    info.ssh_authorized_keys = vec![format!("{KEY} k{i}"), format!("{KEY} also{i}")]
+                },
+                param: Some(|i| format!("nixos_kexec.ssh_key={}+k{i}", KEY.replace(' ', "+"))),
+                check: |config, i| {
+                    let wanted = if i == 5 {
+                        vec![format!("{KEY} k{i}")]
+                    } else {
+                        vec![format!("{KEY} k{i}"), format!("{KEY} also{i}")]
+                    };
+                    assert_eq!(config.ssh_authorized_keys, wanted);
+                    assert_eq!(config.runtime_info.ssh_authorized_keys, wanted);
+                },
+            },
+            Field {
+                name: "nixpkgs",
+                set: |info, i| info.nixpkgs = Some(format!("github:me/n{i}")),
+                param: Some(|i| format!("nixos_kexec.nixpkgs=github:me/n{i}")),
+                check: |config, i| {
+                    assert_eq!(config.nixpkgs, format!("github:me/n{i}"));
+                    assert_eq!(config.runtime_info.nixpkgs, Some(format!("github:me/n{i}")));
+                },
+            },
+            Field {
+                name: "state_version",
+                set: |info, i| info.state_version = Some(format!("20.0{i}")),
+                param: Some(|i| format!("nixos_kexec.state_version=20.0{i}")),
+                check: |config, i| {
+                    assert_eq!(config.state_version, format!("20.0{i}"));
+                    assert_eq!(config.runtime_info.state_version, Some(format!("20.0{i}")));
+                },
+            },
+            Field {
+                name: "network",
+                set: |info, i| {
+                    info.network = Some(Network {
+                        nameservers: vec![std::net::IpAddr::from([192, 0, 2, i as u8])],
+                        ..Network::default()
+                    })
+                },
+                param: None,
+                check: |config, i| {
+                    let wanted = Network {
+                        nameservers: vec![std::net::IpAddr::from([192, 0, 2, i as u8])],
+                        ..Network::default()
+                    };
+                    assert_eq!(config.network.as_ref(), Some(&wanted));
+                    assert_eq!(config.runtime_info.network, Some(wanted));
+                },
+            },
+            Field {
+                name: "storage",
+                set: |info, i| info.storage = Some(storage_sized(i)),
+                param: None,
+                check: |config, i| {
+                    assert_eq!(config.layout, Layout::Custom);
+                    assert_eq!(config.storage, Some(storage_sized(i)));
+                    assert_eq!(config.runtime_info.storage, Some(storage_sized(i)));
+                },
+            },
+        ]
+    }
+
+    /// For every field and every layer: when that layer is the highest to set the field, its
+    /// value is the one the config and the target's runtime info get, whatever lower layers say.
+    #[test]
+    fn each_layer_wins_over_the_ones_below() {
+        for field in fields() {
+            let layers = if field.param.is_some() { 6 } else { 5 };
+            for top in 0..layers {
+                let infos = std::array::from_fn(|i| {
+                    (i <= top).then(|| {
+                        let mut info = RuntimeInfo {
+                            version: 1,
+                            ..RuntimeInfo::default()
+                        };
+                        (field.set)(&mut info, i);
+                        info
+                    })
+                });
+                let params = match field.param {
+                    Some(param) if top == 5 => param(5),
+                    _ => String::new(),
+                };
+                let config = assemble_six(infos, &params)
+                    .unwrap_or_else(|e| panic!("{} from layer {top}: {e:#}", field.name));
+                // Shown with a failing assertion (the test harness prints captured output).
+                eprintln!("checking {} from layer {top}", field.name);
+                (field.check)(&config, top);
+            }
+        }
+    }
+
+    /// Nothing given: the compiled-in defaults, and a runtime info that names nothing.
+    #[test]
+    fn no_layer_leaves_the_defaults() {
+        let config = assemble_six([None, None, None, None, None], "").unwrap();
+        assert_eq!(
+            config,
+            Config::default(),
+            "an empty input must assemble to Config::default()"
+        );
+        assert_eq!(config.hostname, DEFAULT_HOSTNAME);
+        assert_eq!(config.disk, DiskChoice::Unspecified);
+        assert_eq!(
+            config.runtime_info,
+            RuntimeInfo {
+                version: runtime_info::VERSION,
+                ..RuntimeInfo::default()
+            }
+        );
+    }
+
+    /// `disk=auto` wins over a disk the runtime info names, and leaves that disk in the
+    /// runtime info the target gets.
+    #[test]
+    fn disk_auto_wins_and_keeps_the_named_disk_in_the_runtime_info() {
+        let named = DiskSelector {
+            serial: Some("S1".into()),
+            ..DiskSelector::default()
+        };
+        let info = RuntimeInfo {
+            version: 1,
+            disk: Some(named.clone()),
+            ..RuntimeInfo::default()
+        };
+        let config = assemble_six([None, None, None, None, Some(info)], "nixos_kexec.disk=auto").unwrap();
+        assert_eq!(config.disk, DiskChoice::Auto);
+        assert_eq!(config.runtime_info.disk, Some(named));
+    }
+
+    /// Settings only parameters make: the last occurrence wins, and nothing else sets them.
+    #[test]
+    fn parameter_only_settings() {
+        let config = assemble_six(
+            [None, None, None, None, None],
+            "nixos_kexec.dry_run=0 nixos_kexec.dry_run nixos_kexec.reinstall=yes nixos_kexec.stop_before=wipe nixos_kexec.stop_before=flake nixos_kexec.after=halt nixos_kexec.config_url=http://a/ nixos_kexec.config_url=http://b/",
+        )
+        .unwrap();
+        assert!(config.dry_run && config.reinstall);
+        assert_eq!(config.stop_before, Some(Step::Flake));
+        assert_eq!(config.after, Some(After::Halt));
+        assert_eq!(config.config_url.as_deref(), Some("http://b/"));
+        let none = assemble_six([None, None, None, None, None], "").unwrap();
+        assert!(!none.dry_run && !none.reinstall);
+        assert_eq!(
+            (none.stop_before, none.after, none.config_url),
+            (None, None, None)
+        );
+    }
+
+    /// Runtime info on the command line is decoded before any single parameter is applied, so
+    /// its error is the one reported when both are bad.
+    #[test]
+    fn runtime_info_errors_come_before_parameter_errors() {
+        let err = assemble_six(
+            [None, None, None, None, None],
+            "nixos_kexec.after=explode nixos_kexec.info=!!!",
+        )
+        .unwrap_err();
+        assert!(crate::error::one_line(&err).contains("base64"), "{err}");
+    }
+
     #[test]
     fn bundle_defaults_are_the_lowest_layer() {
         let dir = tempfile::tempdir().unwrap();
