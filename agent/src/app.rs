@@ -4,7 +4,7 @@
 use crate::console;
 use crate::error::{as_user_error, one_line, user_error};
 use crate::input::cmdline::Params;
-use crate::input::config::{After, Config, DiskChoice};
+use crate::input::config::{After, Config, DiskChoice, Layers};
 use crate::input::fetch::{self, MachineVars};
 use crate::input::runtime_info::Network;
 use crate::installer::layout::PlanIds;
@@ -176,7 +176,7 @@ fn describe_nics(names: &[String]) -> String {
 /// - a runtime-info network and config_url: apply it now, the fetch needs it.
 /// - a runtime-info network alone: nothing yet; the network step applies it, as before.
 fn bring_up_network(first: &Config) -> Result<EarlyNetwork> {
-    match (&first.network, &first.config_url) {
+    match (first.network(), &first.config_url) {
         (Some(network), Some(url)) => {
             log::info!("network: applying the runtime info's network now; {url} needs it");
             let facts = crate::network::apply::apply(network)?;
@@ -266,16 +266,9 @@ pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
         "installer kernel command line: {}",
         input.cmdline.trim()
     ));
-    let params = input.params()?;
-    let layers: Vec<_> = [
-        Config::read_defaults_file(&input.root)?,
-        Config::read_info_file(&input.root)?,
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let layers = Layers::read(&input.root, &input.params()?)?;
     // Everything given locally is checked before the network is touched.
-    let first = Config::assemble_layers(layers.clone(), None, &params)?;
+    let first = layers.config(None)?;
     let network = match mode {
         NetworkMode::BringUp => bring_up_network(&first)?,
         NetworkMode::AsIs => EarlyNetwork::default(),
@@ -288,7 +281,7 @@ pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
         )?),
         None => None,
     };
-    let mut config = Config::assemble_layers(layers, fetched, &params)?;
+    let mut config = layers.config(fetched)?;
     config.find_secrets(&input.root);
     // The links udev would have made: the plan and the installed system's config name disks
     // by them, and grub-install in nixos-install's chroot opens them. Not fatal here: a plan
@@ -305,10 +298,10 @@ pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
         crate::installer::previous::find_on_disks(&mut facts, Path::new(PROBE_DIR));
     }
     print_facts(&facts);
-    if config.disk == DiskChoice::Unspecified && plan::eligible_disks(&facts).len() == 1 {
+    if config.disk() == DiskChoice::Unspecified && plan::eligible_disks(&facts).len() == 1 {
         // The operator only has to confirm: show what confirming with `auto` would do.
         let auto = Config {
-            disk: DiskChoice::Auto,
+            disk_auto: true,
             ..config.clone()
         };
         match plan::make(&auto, &facts, &PlanIds::random()) {
@@ -511,4 +504,27 @@ pub fn init_main() -> ! {
         Ok(None) => 0,
         Err(_) => 1,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--param` on the agent's own command line is the top layer: it wins over the kernel's.
+    #[test]
+    fn own_params_win_over_the_kernels() {
+        let input = Input {
+            cmdline: "console=ttyS0 nixos_kexec.hostname=kernel nixos_kexec.after=halt\n".into(),
+            extra_params: vec![("hostname".into(), "own".into())],
+            root: "/nonexistent".into(),
+        };
+        let params = input.params().unwrap();
+        assert_eq!(params.get("hostname"), Some("own"));
+        assert_eq!(params.get("after"), Some("halt"));
+        let bad = Input {
+            extra_params: vec![("hostnmae".into(), "own".into())],
+            ..input
+        };
+        assert!(bad.params().is_err());
+    }
 }

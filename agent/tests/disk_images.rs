@@ -2,7 +2,7 @@
 //! and the reinstall guard on what each preset's finished run leaves, on loop devices.
 //! (The kernel side of it, re-reading and mounting, is covered by the QEMU scenarios in tests/.)
 
-use nixos_kexec::input::config::{Config, DiskChoice, Layout};
+use nixos_kexec::input::config::{Config, Layout};
 use nixos_kexec::installer::layout::{self, PlanIds};
 use nixos_kexec::installer::plan;
 use nixos_kexec::installer::steps::{format, partition};
@@ -105,7 +105,7 @@ fn gpt_on_512_and_4096_byte_sectors_verifies() {
         let size = 3 * GIB + 12345 * 4096;
         std::fs::File::create(&image).unwrap().set_len(size).unwrap();
         let config = Config {
-            disk: DiskChoice::Auto,
+            disk_auto: true,
             ..Config::default()
         };
         let mut plan = plan::make(&config, &facts(size, sector), &PlanIds::random()).unwrap();
@@ -180,7 +180,7 @@ fn mbr_has_primary_partitions_and_one_boot_flag() {
     let mut facts = facts(size, 512);
     facts.firmware = nixos_kexec::machine::facts::Firmware::Bios;
     let config = Config {
-        disk: DiskChoice::Auto,
+        disk_auto: true,
         layout: Layout::LuksExt4,
         table: Table::Mbr,
         swap_bytes: GIB,

@@ -6,8 +6,8 @@
 //! `NIXOS_KEXEC_FUZZ_CASES` sets the cases per target (default 3000); `tests/bench` runs a
 //! longer round and the README gives its count.
 
-use nixos_kexec::input::cmdline::{Params, COMMAND_LINE_SIZE, KNOWN_KEYS};
-use nixos_kexec::input::config::Config;
+use nixos_kexec::input::cmdline::{Params, COMMAND_LINE_SIZE};
+use nixos_kexec::input::config::{parameter_keys, Config};
 use nixos_kexec::input::http::parse_response;
 use nixos_kexec::input::runtime_info::{self, Source};
 use nixos_kexec::installer::layout::{place, PlanIds};
@@ -259,7 +259,7 @@ proptest! {
 
     #[test]
     fn cmdline_our_parameters_at_any_length(
-        words in prop::collection::vec((prop::sample::select(KNOWN_KEYS.to_vec()), "[ -~]{0,60}", any::<bool>()), 0..8),
+        words in prop::collection::vec((prop::sample::select(parameter_keys()), "[ -~]{0,60}", any::<bool>()), 0..8),
         fill in 0usize..COMMAND_LINE_SIZE,
     ) {
         let mut line = format!("x={}", "p".repeat(fill));

@@ -46,7 +46,7 @@ proptest! {
 
     #[test]
     fn our_parameters_with_arbitrary_values_never_panic(
-        key in prop::sample::select(nixos_kexec::input::cmdline::KNOWN_KEYS.to_vec()),
+        key in prop::sample::select(nixos_kexec::input::config::parameter_keys()),
         value in "[ -~]{0,200}",
     ) {
         let line = format!("console=ttyS0 nixos_kexec.{key}=\"{value}\"");

@@ -236,15 +236,15 @@ fn plan_for(
     machine: nixos_kexec::machine::platform::Machine,
     cmdline: &str,
 ) -> Result<nixos_kexec::installer::plan::Plan> {
-    use nixos_kexec::input::config::{Config, DiskChoice};
+    use nixos_kexec::input::config::Config;
     use nixos_kexec::machine::facts::{Disk, Facts, Firmware, Transport};
     let params = nixos_kexec::input::cmdline::Params::parse(cmdline)?;
-    let config = Config {
-        disk: DiskChoice::Auto,
+    let mut config = Config {
+        disk_auto: true,
         swap_bytes: 1 << 30,
-        ssh_authorized_keys: vec!["ssh-ed25519 AAAA op@laptop".into()],
         ..Config::assemble(None, &params)?
     };
+    config.runtime_info.ssh_authorized_keys = vec!["ssh-ed25519 AAAA op@laptop".into()];
     let disk = Disk {
         name: "vda".into(),
         dev_path: "/dev/vda".into(),

@@ -1,6 +1,7 @@
 //! The kernel command line: splitting it like the kernel does and picking out our parameters.
 
 use crate::error::user_error;
+use crate::input::config::{parameter, parameter_keys, Parameter};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -8,31 +9,11 @@ use std::collections::BTreeMap;
 /// x86 `COMMAND_LINE_SIZE`, including the trailing NUL.
 pub const COMMAND_LINE_SIZE: usize = 2048;
 
-/// Every key we accept after the `nixos_kexec.` prefix. Unknown keys are errors so that a typo
-/// never silently falls back to a default that could pick the wrong disk.
-pub const KNOWN_KEYS: &[&str] = &[
-    "info",
-    "info_deflate",
-    "disk",
-    "hostname",
-    "config_url",
-    "reinstall",
-    "dry_run",
-    "stop_before",
-    "after",
-    "layout",
-    "ssh_key",
-    "nixpkgs",
-    "state_version",
-    "swap",
-    "table",
-];
-
 /// Our parameters from one command line, keys normalised (`nixos-kexec.stop-before` is
 /// `stop_before`), the last occurrence of a key winning. A flag without `=` has an empty value.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Params {
-    values: BTreeMap<String, String>,
+    values: BTreeMap<&'static str, (&'static Parameter, String)>,
     /// True when the line is as long as the kernel keeps it, so the last parameter may be cut.
     pub possibly_truncated: bool,
     /// The last serial `console=` of the line: the installed system gets the same console.
@@ -90,23 +71,25 @@ impl SerialConsole {
 
 impl Params {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.values.get(key).map(String::as_str)
+        self.values.get(key).map(|(_, value)| value.as_str())
     }
 
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    /// In the order of their keys.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static Parameter, &str)> {
+        self.values
+            .values()
+            .map(|(parameter, value)| (*parameter, value.as_str()))
     }
 
     /// Adds `KEY=VALUE` (`KEY` without the prefix), as `--param` does on the command line.
-    pub fn insert(&mut self, key: &str, value: &str) -> Result<()> {
-        let key = normalise_key(key);
-        check_known(&key)?;
-        self.values.insert(key, value.to_string());
-        Ok(())
+    pub fn insert(&mut self, key: &str, value: &str) -> Result<&'static Parameter> {
+        let parameter = known(&normalise_key(key))?;
+        self.values.insert(parameter.key, (parameter, value.to_string()));
+        Ok(parameter)
     }
 
     /// Parses a whole kernel command line, keeping only `nixos_kexec.*` parameters.
@@ -170,17 +153,18 @@ fn normalise_key(key: &str) -> String {
     key.replace('-', "_")
 }
 
-fn check_known(key: &str) -> Result<()> {
-    if KNOWN_KEYS.contains(&key) {
-        return Ok(());
-    }
-    Err(user_error(
-        format!("Unknown parameter nixos_kexec.{key}."),
-        format!(
-            "remove it or correct the spelling; known parameters are nixos_kexec.{{{}}}.",
-            KNOWN_KEYS.join(",")
-        ),
-    ))
+/// Unknown keys are errors so that a typo never silently falls back to a default that could
+/// pick the wrong disk.
+fn known(key: &str) -> Result<&'static Parameter> {
+    parameter(key).ok_or_else(|| {
+        user_error(
+            format!("Unknown parameter nixos_kexec.{key}."),
+            format!(
+                "remove it or correct the spelling; known parameters are nixos_kexec.{{{}}}.",
+                parameter_keys().join(",")
+            ),
+        )
+    })
 }
 
 /// Splits like the kernel's `next_arg`: whitespace separates words, double quotes group
@@ -345,6 +329,20 @@ mod tests {
         // One byte short of the limit, nothing can have been cut.
         let short = &full_line_ending("nixos_kexec.disk=/dev/vda")[1..];
         assert_eq!(Params::parse(short).unwrap().get("disk"), Some("/dev/vda"));
+    }
+
+    #[test]
+    fn unknown_key_lists_the_known_ones() {
+        let err = Params::parse("nixos_kexec.dsik=/dev/vda").unwrap_err();
+        let user = crate::error::as_user_error(&err).unwrap();
+        assert_eq!(
+            user.fix,
+            "remove it or correct the spelling; known parameters are nixos_kexec.{info,info_deflate,disk,hostname,config_url,reinstall,dry_run,stop_before,after,layout,ssh_key,nixpkgs,state_version,swap,table}."
+        );
+        let mut params = Params::default();
+        assert!(params.insert("stop-before", "install").is_ok());
+        assert_eq!(params.get("stop_before"), Some("install"));
+        assert!(params.insert("nope", "").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! One `Config`, filled from (lowest first) defaults, the runtime-info file in the initrd,
-//! `nixos_kexec.info=`/`info_deflate=`, the runtime info fetched from `nixos_kexec.config_url=`,
-//! then single `nixos_kexec.*` parameters.
+//! One `Config`, built once from the input's layers folded lowest first, the later winning
+//! field by field: the bundle's defaults, the runtime-info file in the initrd,
+//! `nixos_kexec.info=`, `info_deflate=`, the runtime info fetched from
+//! `nixos_kexec.config_url=`, then single `nixos_kexec.*` parameters ([`PARAMETERS`]).
 
 use crate::error::user_error;
 use crate::input::cmdline::{percent_decode, Params, SerialConsole};
@@ -175,21 +176,266 @@ pub enum DiskChoice {
     Selected(DiskSelector),
 }
 
+/// What one input source says, as a partial config: an empty field says nothing, so the layer
+/// below shows through. Runtime-info sources fill `info` only; the parameters' layer may fill
+/// any field.
+#[derive(Debug, Clone, Default)]
+pub struct Layer {
+    pub info: RuntimeInfo,
+    /// `disk=auto`: the only eligible disk, whatever disk a lower layer names.
+    pub disk_auto: bool,
+    pub config_url: Option<String>,
+    pub dry_run: Option<bool>,
+    pub reinstall: Option<bool>,
+    pub stop_before: Option<Step>,
+    pub after: Option<After>,
+}
+
+impl From<RuntimeInfo> for Layer {
+    fn from(info: RuntimeInfo) -> Layer {
+        Layer {
+            info,
+            ..Layer::default()
+        }
+    }
+}
+
+impl Layer {
+    /// Lays `upper` over this layer: what `upper` says wins, what it leaves empty stays.
+    fn overlay(&mut self, upper: Layer) {
+        // Destructured whole, so that a new field cannot be forgotten here.
+        let Layer {
+            info,
+            disk_auto,
+            config_url,
+            dry_run,
+            reinstall,
+            stop_before,
+            after,
+        } = upper;
+        if info.disk.is_some() {
+            self.disk_auto = false;
+        }
+        self.disk_auto |= disk_auto;
+        self.info.overlay(info);
+        self.config_url = config_url.or(self.config_url.take());
+        self.dry_run = dry_run.or(self.dry_run);
+        self.reinstall = reinstall.or(self.reinstall);
+        self.stop_before = stop_before.or(self.stop_before);
+        self.after = after.or(self.after);
+    }
+}
+
+/// One `nixos_kexec.*` parameter. [`PARAMETERS`] is the one list of them: the command line
+/// accepts exactly these keys, and each entry says how its value is applied.
+#[derive(Debug)]
+pub struct Parameter {
+    /// After the prefix, with underscores (`stop_before`).
+    pub key: &'static str,
+    pub effect: Effect,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Effect {
+    /// A whole runtime info, decoded into a layer of its own below config_url's answer.
+    RuntimeInfo(Source),
+    /// A yes/no setting of the parameters' layer: the key alone, `=1` or `=0`.
+    Flag(fn(&mut Layer) -> &mut Option<bool>),
+    /// A setting of the parameters' layer kept as written, once `check` (if any) accepts it.
+    Text(
+        fn(&mut Layer) -> &mut Option<String>,
+        Option<fn(&str) -> Result<()>>,
+    ),
+    /// Any other setting of the parameters' layer, checked as it is set.
+    Set(fn(&mut Layer, &str) -> Result<()>),
+}
+
+/// In this order in the message that names the known keys. layout, swap and table are checked
+/// together once all layers are in ([`Layers::config`]), so runtime info and parameters give
+/// the same errors for them.
+pub const PARAMETERS: &[Parameter] = &[
+    Parameter::new("info", Effect::RuntimeInfo(Source::Info)),
+    Parameter::new("info_deflate", Effect::RuntimeInfo(Source::InfoDeflate)),
+    Parameter::new("disk", Effect::Set(set_disk)),
+    Parameter::new(
+        "hostname",
+        Effect::Text(
+            |layer| &mut layer.info.hostname,
+            Some(runtime_info::validate_hostname),
+        ),
+    ),
+    Parameter::new("config_url", Effect::Text(|layer| &mut layer.config_url, None)),
+    Parameter::new("reinstall", Effect::Flag(|layer| &mut layer.reinstall)),
+    Parameter::new("dry_run", Effect::Flag(|layer| &mut layer.dry_run)),
+    Parameter::new(
+        "stop_before",
+        Effect::Set(|layer, value| {
+            layer.stop_before = Some(Step::parse(value)?);
+            Ok(())
+        }),
+    ),
+    Parameter::new(
+        "after",
+        Effect::Set(|layer, value| {
+            layer.after = Some(After::parse(value)?);
+            Ok(())
+        }),
+    ),
+    Parameter::new("layout", Effect::Text(|layer| &mut layer.info.layout, None)),
+    Parameter::new(
+        "ssh_key",
+        Effect::Set(|layer, value| {
+            let key = percent_decode(value)?;
+            runtime_info::validate_ssh_key(&key)?;
+            layer.info.ssh_authorized_keys = vec![key];
+            Ok(())
+        }),
+    ),
+    Parameter::new(
+        "nixpkgs",
+        Effect::Text(
+            |layer| &mut layer.info.nixpkgs,
+            Some(runtime_info::validate_flake_ref),
+        ),
+    ),
+    Parameter::new(
+        "state_version",
+        Effect::Text(
+            |layer| &mut layer.info.state_version,
+            Some(runtime_info::validate_state_version),
+        ),
+    ),
+    Parameter::new("swap", Effect::Text(|layer| &mut layer.info.swap, None)),
+    Parameter::new("table", Effect::Text(|layer| &mut layer.info.table, None)),
+];
+
+/// The parameter `key` names (after the prefix, with underscores).
+pub fn parameter(key: &str) -> Option<&'static Parameter> {
+    PARAMETERS.iter().find(|p| p.key == key)
+}
+
+/// Every key, in the table's order.
+pub fn parameter_keys() -> Vec<&'static str> {
+    PARAMETERS.iter().map(|p| p.key).collect()
+}
+
+impl Parameter {
+    const fn new(key: &'static str, effect: Effect) -> Parameter {
+        Parameter { key, effect }
+    }
+
+    /// Applies the value to the parameters' layer. A runtime-info parameter is a layer of its
+    /// own ([`Layers::new`]) and leaves this one alone.
+    fn apply(&self, layer: &mut Layer, value: &str) -> Result<()> {
+        match self.effect {
+            Effect::RuntimeInfo(_) => {}
+            Effect::Flag(field) => *field(layer) = Some(parse_bool(self.key, value)?),
+            Effect::Text(field, check) => {
+                if let Some(check) = check {
+                    check(value)?;
+                }
+                *field(layer) = Some(value.to_string());
+            }
+            Effect::Set(set) => set(layer, value)?,
+        }
+        Ok(())
+    }
+}
+
+/// The whole input, read and decoded once, as layers lowest first. config_url's answer is
+/// known only later (fetching it may need this input's network), so it is passed to
+/// [`Layers::config`], which puts it in its place.
+#[derive(Debug, Clone)]
+pub struct Layers {
+    /// The bundle's defaults, the initrd's runtime-info file, `info=`, `info_deflate=`.
+    below_fetched: Vec<Layer>,
+    /// The single parameters, the top layer.
+    params: Layer,
+    serial_console: Option<SerialConsole>,
+}
+
+impl Layers {
+    /// The files under `root` (the initrd's `/`) and the parameters.
+    pub fn read(root: &Path, params: &Params) -> Result<Layers> {
+        let files = [read_defaults_file(root)?, read_info_file(root)?]
+            .into_iter()
+            .flatten()
+            .collect();
+        Layers::new(files, params)
+    }
+
+    /// Runtime-info files, lowest first, and the parameters.
+    pub fn new(files: Vec<RuntimeInfo>, params: &Params) -> Result<Layers> {
+        let mut below_fetched: Vec<Layer> = files.into_iter().map(Layer::from).collect();
+        // Decoded before any single parameter is applied, and in the table's order.
+        for parameter in PARAMETERS {
+            if let (Effect::RuntimeInfo(source), Some(value)) = (parameter.effect, params.get(parameter.key))
+            {
+                let info = runtime_info::from_param(value, source, params.possibly_truncated)?;
+                below_fetched.push(info.into());
+            }
+        }
+        let mut top = Layer::default();
+        for (parameter, value) in params.iter() {
+            parameter.apply(&mut top, value)?;
+        }
+        Ok(Layers {
+            below_fetched,
+            params: top,
+            serial_console: params.serial_console.clone(),
+        })
+    }
+
+    /// Folds the layers, `fetched` (config_url's answer) between `info_deflate=` and the
+    /// parameters, and builds the config from the result.
+    pub fn config(&self, fetched: Option<RuntimeInfo>) -> Result<Config> {
+        let mut merged = Layer::from(RuntimeInfo {
+            version: runtime_info::VERSION,
+            ..RuntimeInfo::default()
+        });
+        let layers = self.below_fetched.iter().cloned();
+        for layer in layers
+            .chain(fetched.map(Layer::from))
+            .chain([self.params.clone()])
+        {
+            merged.overlay(layer);
+        }
+        Config::build(merged, self.serial_console.clone())
+    }
+}
+
+fn read_info_file(root: &Path) -> Result<Option<RuntimeInfo>> {
+    read_json(root, RUNTIME_INFO_FILE, Source::File)
+}
+
+fn read_defaults_file(root: &Path) -> Result<Option<RuntimeInfo>> {
+    read_json(root, DEFAULTS_FILE, Source::Defaults)
+}
+
+fn read_json(root: &Path, file: &str, source: Source) -> Result<Option<RuntimeInfo>> {
+    let path = root.join(file.trim_start_matches('/'));
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(runtime_info::parse_json(&bytes, source, false)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    pub hostname: String,
-    pub disk: DiskChoice,
+    /// The input layers folded into one: the only copy of the hostname, disk, SSH keys,
+    /// network, nixpkgs, state version and storage (the methods below read them, with the
+    /// defaults), and of layout, swap and table as they were written. The target gets it as
+    /// runtime-info.json.
+    pub runtime_info: RuntimeInfo,
+    /// `nixos_kexec.disk=auto`, which wins over the disk `runtime_info` names.
+    pub disk_auto: bool,
+    /// Parsed from `runtime_info` (`Custom` when it has `storage`).
     pub layout: Layout,
     /// Swap partition size for the preset layouts; 0 for none.
     pub swap_bytes: u64,
     /// Partition table for the preset layouts.
     pub table: Table,
-    /// The declarative layout from the runtime info (`layout` is then `Custom`).
-    pub storage: Option<Storage>,
-    pub ssh_authorized_keys: Vec<String>,
-    pub network: Option<Network>,
-    pub nixpkgs: String,
-    pub state_version: String,
     pub dry_run: bool,
     pub stop_before: Option<Step>,
     /// `None`: reboot after an install; stay at the console after a dry run.
@@ -197,8 +443,6 @@ pub struct Config {
     pub config_url: Option<String>,
     /// Install even over a disk that holds a finished nixos-kexec install (`nixos_kexec.reinstall`).
     pub reinstall: bool,
-    /// What the rescue side sent, merged; written to the target as runtime-info.json.
-    pub runtime_info: RuntimeInfo,
     /// Paths of host private keys found in the secrets archive.
     pub provided_host_keys: Vec<String>,
     /// Whether a disk passphrase came in the secrets archive (its value is never kept here).
@@ -211,25 +455,19 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            hostname: DEFAULT_HOSTNAME.into(),
-            disk: DiskChoice::Unspecified,
+            runtime_info: RuntimeInfo {
+                version: runtime_info::VERSION,
+                ..RuntimeInfo::default()
+            },
+            disk_auto: false,
             layout: Layout::Ext4,
             swap_bytes: 0,
             table: Table::Gpt,
-            storage: None,
-            ssh_authorized_keys: Vec::new(),
-            network: None,
-            nixpkgs: DEFAULT_NIXPKGS.into(),
-            state_version: DEFAULT_STATE_VERSION.into(),
             dry_run: false,
             stop_before: None,
             after: None,
             config_url: None,
             reinstall: false,
-            runtime_info: RuntimeInfo {
-                version: runtime_info::VERSION,
-                ..RuntimeInfo::default()
-            },
             provided_host_keys: Vec::new(),
             disk_passphrase_given: false,
             serial_console: None,
@@ -240,76 +478,72 @@ impl Default for Config {
 impl Config {
     /// Builds the config from an optional runtime-info file and the parsed parameters.
     pub fn assemble(file: Option<RuntimeInfo>, params: &Params) -> Result<Config> {
-        Config::assemble_layers(file.into_iter().collect(), None, params)
+        Layers::new(file.into_iter().collect(), params)?.config(None)
     }
 
-    /// Like [`Config::assemble`], with the runtime info fetched from `config_url` merged above
-    /// `info=`/`info_deflate=` and below the single parameters.
-    pub fn assemble_with_fetched(
-        file: Option<RuntimeInfo>,
-        fetched: Option<RuntimeInfo>,
-        params: &Params,
-    ) -> Result<Config> {
-        Config::assemble_layers(file.into_iter().collect(), fetched, params)
+    /// The config from the folded layers, with the defaults for what none of them says.
+    fn build(merged: Layer, serial_console: Option<SerialConsole>) -> Result<Config> {
+        let Layer {
+            info,
+            disk_auto,
+            config_url,
+            dry_run,
+            reinstall,
+            stop_before,
+            after,
+        } = merged;
+        let (layout, swap_bytes, table) = resolve_layout(&info)?;
+        Ok(Config {
+            runtime_info: info,
+            disk_auto,
+            layout,
+            swap_bytes,
+            table,
+            dry_run: dry_run.unwrap_or(false),
+            stop_before,
+            after,
+            config_url,
+            reinstall: reinstall.unwrap_or(false),
+            provided_host_keys: Vec::new(),
+            disk_passphrase_given: false,
+            serial_console,
+        })
     }
 
-    /// The general form: runtime-info files applied lowest first (the bundle's defaults, then
-    /// the runtime-info file), then `info=`/`info_deflate=`, the fetched runtime info, and the
-    /// single parameters.
-    pub fn assemble_layers(
-        files: Vec<RuntimeInfo>,
-        fetched: Option<RuntimeInfo>,
-        params: &Params,
-    ) -> Result<Config> {
-        let mut config = Config {
-            serial_console: params.serial_console.clone(),
-            ..Config::default()
-        };
-        for info in files {
-            config.apply_info(info);
-        }
-        if let Some(value) = params.get("info") {
-            config.apply_info(runtime_info::from_param(
-                value,
-                Source::Info,
-                params.possibly_truncated,
-            )?);
-        }
-        if let Some(value) = params.get("info_deflate") {
-            config.apply_info(runtime_info::from_param(
-                value,
-                Source::InfoDeflate,
-                params.possibly_truncated,
-            )?);
-        }
-        if let Some(info) = fetched {
-            config.apply_info(info);
-        }
-        for (key, value) in params.iter() {
-            config.apply_param(key, value)?;
-        }
-        // Parsed once at the end so runtime info and parameters give the same errors.
-        config.resolve_layout()?;
-        Ok(config)
+    pub fn hostname(&self) -> &str {
+        self.runtime_info.hostname.as_deref().unwrap_or(DEFAULT_HOSTNAME)
     }
 
-    /// Reads the runtime-info file under `root` (the initrd's `/`), if there is one.
-    pub fn read_info_file(root: &Path) -> Result<Option<RuntimeInfo>> {
-        Config::read_json(root, RUNTIME_INFO_FILE, Source::File)
-    }
-
-    /// Reads the bundle's defaults under `root`, if there are any.
-    pub fn read_defaults_file(root: &Path) -> Result<Option<RuntimeInfo>> {
-        Config::read_json(root, DEFAULTS_FILE, Source::Defaults)
-    }
-
-    fn read_json(root: &Path, file: &str, source: Source) -> Result<Option<RuntimeInfo>> {
-        let path = root.join(file.trim_start_matches('/'));
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(runtime_info::parse_json(&bytes, source, false)?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    pub fn disk(&self) -> DiskChoice {
+        match (&self.runtime_info.disk, self.disk_auto) {
+            (_, true) => DiskChoice::Auto,
+            (Some(selector), false) => DiskChoice::Selected(selector.clone()),
+            (None, false) => DiskChoice::Unspecified,
         }
+    }
+
+    pub fn ssh_authorized_keys(&self) -> &[String] {
+        &self.runtime_info.ssh_authorized_keys
+    }
+
+    pub fn network(&self) -> Option<&Network> {
+        self.runtime_info.network.as_ref()
+    }
+
+    pub fn nixpkgs(&self) -> &str {
+        self.runtime_info.nixpkgs.as_deref().unwrap_or(DEFAULT_NIXPKGS)
+    }
+
+    pub fn state_version(&self) -> &str {
+        self.runtime_info
+            .state_version
+            .as_deref()
+            .unwrap_or(DEFAULT_STATE_VERSION)
+    }
+
+    /// The declarative layout (`layout` is then `Custom`).
+    pub fn storage(&self) -> Option<&Storage> {
+        self.runtime_info.storage.as_ref()
     }
 
     /// Notes which secrets the initrd carries under `root`, without reading their values.
@@ -323,143 +557,56 @@ impl Config {
             .collect();
         self.disk_passphrase_given = dir.join("disk-passphrase").is_file();
     }
-
-    fn apply_info(&mut self, info: RuntimeInfo) {
-        let merged = &mut self.runtime_info;
-        if let Some(hostname) = &info.hostname {
-            self.hostname = hostname.clone();
-            merged.hostname = Some(hostname.clone());
-        }
-        if let Some(disk) = &info.disk {
-            self.disk = DiskChoice::Selected(disk.clone());
-            merged.disk = Some(disk.clone());
-        }
-        if let Some(layout) = &info.layout {
-            merged.layout = Some(layout.clone());
-        }
-        if let Some(swap) = &info.swap {
-            merged.swap = Some(swap.clone());
-        }
-        if let Some(table) = &info.table {
-            merged.table = Some(table.clone());
-        }
-        if let Some(storage) = &info.storage {
-            merged.storage = Some(storage.clone());
-        }
-        if !info.ssh_authorized_keys.is_empty() {
-            self.ssh_authorized_keys = info.ssh_authorized_keys.clone();
-            merged.ssh_authorized_keys = info.ssh_authorized_keys.clone();
-        }
-        if let Some(network) = &info.network {
-            self.network = Some(network.clone());
-            merged.network = Some(network.clone());
-        }
-        if let Some(nixpkgs) = &info.nixpkgs {
-            self.nixpkgs = nixpkgs.clone();
-            merged.nixpkgs = Some(nixpkgs.clone());
-        }
-        if let Some(version) = &info.state_version {
-            self.state_version = version.clone();
-            merged.state_version = Some(version.clone());
-        }
-    }
-
-    fn apply_param(&mut self, key: &str, value: &str) -> Result<()> {
-        match key {
-            "info" | "info_deflate" => {}
-            "disk" => {
-                self.disk = parse_disk_param(value)?;
-                if let DiskChoice::Selected(selector) = &self.disk {
-                    self.runtime_info.disk = Some(selector.clone());
-                }
-            }
-            "hostname" => {
-                runtime_info::validate_hostname(value)?;
-                self.hostname = value.to_string();
-                self.runtime_info.hostname = Some(value.to_string());
-            }
-            "config_url" => self.config_url = Some(value.to_string()),
-            "dry_run" => self.dry_run = parse_bool(key, value)?,
-            "reinstall" => self.reinstall = parse_bool(key, value)?,
-            "stop_before" => self.stop_before = Some(Step::parse(value)?),
-            "after" => self.after = Some(After::parse(value)?),
-            "layout" => self.runtime_info.layout = Some(value.to_string()),
-            "swap" => self.runtime_info.swap = Some(value.to_string()),
-            "table" => self.runtime_info.table = Some(value.to_string()),
-            "ssh_key" => {
-                let key = percent_decode(value)?;
-                runtime_info::validate_ssh_key(&key)?;
-                self.ssh_authorized_keys = vec![key.clone()];
-                self.runtime_info.ssh_authorized_keys = vec![key];
-            }
-            "nixpkgs" => {
-                runtime_info::validate_flake_ref(value)?;
-                self.nixpkgs = value.to_string();
-                self.runtime_info.nixpkgs = Some(value.to_string());
-            }
-            "state_version" => {
-                runtime_info::validate_state_version(value)?;
-                self.state_version = value.to_string();
-                self.runtime_info.state_version = Some(value.to_string());
-            }
-            other => {
-                return Err(user_error(
-                    format!("nixos_kexec.{other} is accepted but not handled."),
-                    "report this as a bug in nixos-kexec.",
-                ))
-            }
-        }
-        Ok(())
-    }
-
-    /// Settles the layout from the merged runtime info: a declarative `storage`, or a preset
-    /// with its `swap` and `table` options.
-    fn resolve_layout(&mut self) -> Result<()> {
-        let info = &self.runtime_info;
-        if let Some(storage) = &info.storage {
-            if let Some(layout) = info.layout.as_deref().filter(|l| *l != "custom") {
-                return Err(user_error(
-                    format!("Both layout {layout:?} and a declarative \"storage\" were given."),
-                    "drop the layout (or set it to custom) to use the storage description, or drop storage to use the preset.",
-                ));
-            }
-            if info.swap.is_some() || info.table.is_some() {
-                return Err(user_error(
-                    "swap and table options were given together with a declarative \"storage\", which describes the swap partition and the table itself.",
-                    "drop swap/table, and describe a swap partition and \"table\" in storage.",
-                ));
-            }
-            self.layout = Layout::Custom;
-            self.storage = Some(storage.clone());
-            return Ok(());
-        }
-        self.layout = Layout::parse(info.layout.as_deref().unwrap_or("ext4"))?;
-        self.swap_bytes = storage::parse_swap(info.swap.as_deref().unwrap_or("0"))?;
-        self.table = Table::parse(info.table.as_deref().unwrap_or("gpt"))?;
-        Ok(())
-    }
 }
 
-fn parse_disk_param(value: &str) -> Result<DiskChoice> {
-    if value == "auto" {
-        return Ok(DiskChoice::Auto);
+/// Settles the layout from the merged runtime info: a declarative `storage`, or a preset with
+/// its `swap` and `table` options.
+fn resolve_layout(info: &RuntimeInfo) -> Result<(Layout, u64, Table)> {
+    if info.storage.is_some() {
+        if let Some(layout) = info.layout.as_deref().filter(|l| *l != "custom") {
+            return Err(user_error(
+                format!("Both layout {layout:?} and a declarative \"storage\" were given."),
+                "drop the layout (or set it to custom) to use the storage description, or drop storage to use the preset.",
+            ));
+        }
+        if info.swap.is_some() || info.table.is_some() {
+            return Err(user_error(
+                "swap and table options were given together with a declarative \"storage\", which describes the swap partition and the table itself.",
+                "drop swap/table, and describe a swap partition and \"table\" in storage.",
+            ));
+        }
+        return Ok((Layout::Custom, 0, Table::Gpt));
     }
-    if value.starts_with("/dev/") {
-        return Ok(DiskChoice::Selected(DiskSelector {
+    Ok((
+        Layout::parse(info.layout.as_deref().unwrap_or("ext4"))?,
+        storage::parse_swap(info.swap.as_deref().unwrap_or("0"))?,
+        Table::parse(info.table.as_deref().unwrap_or("gpt"))?,
+    ))
+}
+
+fn set_disk(layer: &mut Layer, value: &str) -> Result<()> {
+    if value == "auto" {
+        layer.disk_auto = true;
+        return Ok(());
+    }
+    let selector = if value.starts_with("/dev/") {
+        DiskSelector {
             path: Some(value.to_string()),
             ..DiskSelector::default()
-        }));
-    }
-    if let Some(serial) = value.strip_prefix("serial:") {
-        return Ok(DiskChoice::Selected(DiskSelector {
+        }
+    } else if let Some(serial) = value.strip_prefix("serial:") {
+        DiskSelector {
             serial: Some(serial.to_string()),
             ..DiskSelector::default()
-        }));
-    }
-    Err(user_error(
-        format!("nixos_kexec.disk={value:?} names no disk."),
-        "give a device path (/dev/vda, /dev/disk/by-id/...), serial:SERIAL, or auto (the only eligible disk).",
-    ))
+        }
+    } else {
+        return Err(user_error(
+            format!("nixos_kexec.disk={value:?} names no disk."),
+            "give a device path (/dev/vda, /dev/disk/by-id/...), serial:SERIAL, or auto (the only eligible disk).",
+        ));
+    };
+    layer.info.disk = Some(selector);
+    Ok(())
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool> {
@@ -493,11 +640,309 @@ mod tests {
             ..RuntimeInfo::default()
         };
         let config = Config::assemble(Some(file), &params).unwrap();
-        assert_eq!(config.hostname, "from-param");
-        assert_eq!(config.nixpkgs, "github:me/nixpkgs");
+        assert_eq!(config.hostname(), "from-param");
+        assert_eq!(config.nixpkgs(), "github:me/nixpkgs");
         assert_eq!(config.stop_before, Some(Step::Install));
         assert_eq!(config.after, Some(After::Poweroff));
-        assert!(matches!(config.disk, DiskChoice::Selected(ref d) if d.path.as_deref() == Some("/dev/vda")));
+        assert!(
+            matches!(config.disk(), DiskChoice::Selected(ref d) if d.path.as_deref() == Some("/dev/vda"))
+        );
+    }
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD";
+
+    /// Assembles from the six layers, lowest first: the bundle's defaults, the initrd's
+    /// runtime-info file, `info=`, `info_deflate=`, config_url's answer, and parameters (a
+    /// command-line fragment). A `None` layer says nothing.
+    fn assemble_six(infos: [Option<RuntimeInfo>; 5], params: &str) -> Result<Config> {
+        use base64::engine::general_purpose::STANDARD;
+        let [defaults, file, info, deflated, fetched] = infos;
+        let mut line = String::from(params);
+        if let Some(info) = info {
+            line += &format!(
+                " nixos_kexec.info={}",
+                STANDARD.encode(serde_json::to_vec(&info)?)
+            );
+        }
+        if let Some(info) = deflated {
+            let json = serde_json::to_vec(&info)?;
+            let packed = miniz_oxide::deflate::compress_to_vec(&json, 9);
+            line += &format!(" nixos_kexec.info_deflate={}", STANDARD.encode(packed));
+        }
+        let files = [defaults, file].into_iter().flatten().collect();
+        Layers::new(files, &Params::parse(&line)?)?.config(fetched)
+    }
+
+    /// One field's values per layer, and how to read the field back.
+    struct Field {
+        name: &'static str,
+        set: fn(&mut RuntimeInfo, usize),
+        /// The parameter that sets it in the top layer, if there is one.
+        param: Option<fn(usize) -> String>,
+        /// What the config and the target's runtime info hold when layer `i` is the highest
+        /// that sets it.
+        check: fn(&Config, usize),
+    }
+
+    fn storage_sized(i: usize) -> Storage {
+        Storage {
+            partitions: vec![crate::installer::storage::PartitionSpec {
+                size: format!("{}G", i + 1),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    const LAYOUTS: [&str; 6] = [
+        "ext4",
+        "btrfs",
+        "luks-ext4",
+        "luks-btrfs",
+        "btrfs-impermanence",
+        "BTRFS",
+    ];
+    const TABLES: [&str; 6] = ["gpt", "mbr", "dos", "msdos", "gpt", "mbr"];
+
+    fn fields() -> Vec<Field> {
+        vec![
+            Field {
+                name: "hostname",
+                set: |info, i| info.hostname = Some(format!("h{i}")),
+                param: Some(|i| format!("nixos_kexec.hostname=h{i}")),
+                check: |config, i| {
+                    assert_eq!(config.hostname(), format!("h{i}"));
+                    assert_eq!(config.runtime_info.hostname, Some(format!("h{i}")));
+                },
+            },
+            Field {
+                name: "disk",
+                set: |info, i| {
+                    info.disk = Some(DiskSelector {
+                        serial: Some(format!("S{i}")),
+                        ..DiskSelector::default()
+                    })
+                },
+                param: Some(|i| format!("nixos_kexec.disk=serial:S{i}")),
+                check: |config, i| {
+                    let wanted = DiskSelector {
+                        serial: Some(format!("S{i}")),
+                        ..DiskSelector::default()
+                    };
+                    assert_eq!(config.disk(), DiskChoice::Selected(wanted.clone()));
+                    assert_eq!(config.runtime_info.disk, Some(wanted));
+                },
+            },
+            Field {
+                name: "layout",
+                set: |info, i| info.layout = Some(LAYOUTS[i].into()),
+                param: Some(|i| format!("nixos_kexec.layout={}", LAYOUTS[i])),
+                check: |config, i| {
+                    assert_eq!(config.layout, Layout::parse(LAYOUTS[i]).unwrap());
+                    assert_eq!(config.runtime_info.layout.as_deref(), Some(LAYOUTS[i]));
+                },
+            },
+            Field {
+                name: "swap",
+                set: |info, i| info.swap = Some(format!("{}M", 16 + i)),
+                param: Some(|i| format!("nixos_kexec.swap={}M", 16 + i)),
+                check: |config, i| {
+                    assert_eq!(config.swap_bytes, (16 + i as u64) << 20);
+                    assert_eq!(config.runtime_info.swap, Some(format!("{}M", 16 + i)));
+                },
+            },
+            Field {
+                name: "table",
+                set: |info, i| info.table = Some(TABLES[i].into()),
+                param: Some(|i| format!("nixos_kexec.table={}", TABLES[i])),
+                check: |config, i| {
+                    assert_eq!(config.table, Table::parse(TABLES[i]).unwrap());
+                    assert_eq!(config.runtime_info.table.as_deref(), Some(TABLES[i]));
+                },
+            },
+            Field {
+                name: "ssh_authorized_keys",
+                set: |info, i| {
+                    info.ssh_authorized_keys = vec![format!("{KEY} k{i}"), format!("{KEY} also{i}")]
+                },
+                param: Some(|i| format!("nixos_kexec.ssh_key={}+k{i}", KEY.replace(' ', "+"))),
+                check: |config, i| {
+                    let wanted = if i == 5 {
+                        vec![format!("{KEY} k{i}")]
+                    } else {
+                        vec![format!("{KEY} k{i}"), format!("{KEY} also{i}")]
+                    };
+                    assert_eq!(config.ssh_authorized_keys(), wanted);
+                    assert_eq!(config.runtime_info.ssh_authorized_keys, wanted);
+                },
+            },
+            Field {
+                name: "nixpkgs",
+                set: |info, i| info.nixpkgs = Some(format!("github:me/n{i}")),
+                param: Some(|i| format!("nixos_kexec.nixpkgs=github:me/n{i}")),
+                check: |config, i| {
+                    assert_eq!(config.nixpkgs(), format!("github:me/n{i}"));
+                    assert_eq!(config.runtime_info.nixpkgs, Some(format!("github:me/n{i}")));
+                },
+            },
+            Field {
+                name: "state_version",
+                set: |info, i| info.state_version = Some(format!("20.0{i}")),
+                param: Some(|i| format!("nixos_kexec.state_version=20.0{i}")),
+                check: |config, i| {
+                    assert_eq!(config.state_version(), format!("20.0{i}"));
+                    assert_eq!(config.runtime_info.state_version, Some(format!("20.0{i}")));
+                },
+            },
+            Field {
+                name: "network",
+                set: |info, i| {
+                    info.network = Some(Network {
+                        nameservers: vec![std::net::IpAddr::from([192, 0, 2, i as u8])],
+                        ..Network::default()
+                    })
+                },
+                param: None,
+                check: |config, i| {
+                    let wanted = Network {
+                        nameservers: vec![std::net::IpAddr::from([192, 0, 2, i as u8])],
+                        ..Network::default()
+                    };
+                    assert_eq!(config.network(), Some(&wanted));
+                    assert_eq!(config.runtime_info.network, Some(wanted));
+                },
+            },
+            Field {
+                name: "storage",
+                set: |info, i| info.storage = Some(storage_sized(i)),
+                param: None,
+                check: |config, i| {
+                    assert_eq!(config.layout, Layout::Custom);
+                    assert_eq!(config.storage(), Some(&storage_sized(i)));
+                    assert_eq!(config.runtime_info.storage, Some(storage_sized(i)));
+                },
+            },
+        ]
+    }
+
+    /// For every field and every layer: when that layer is the highest to set the field, its
+    /// value is the one the config and the target's runtime info get, whatever lower layers say.
+    #[test]
+    fn each_layer_wins_over_the_ones_below() {
+        for field in fields() {
+            let layers = if field.param.is_some() { 6 } else { 5 };
+            for top in 0..layers {
+                let infos = std::array::from_fn(|i| {
+                    (i <= top).then(|| {
+                        let mut info = RuntimeInfo {
+                            version: 1,
+                            ..RuntimeInfo::default()
+                        };
+                        (field.set)(&mut info, i);
+                        info
+                    })
+                });
+                let params = match field.param {
+                    Some(param) if top == 5 => param(5),
+                    _ => String::new(),
+                };
+                let config = assemble_six(infos, &params)
+                    .unwrap_or_else(|e| panic!("{} from layer {top}: {e:#}", field.name));
+                // Shown with a failing assertion (the test harness prints captured output).
+                eprintln!("checking {} from layer {top}", field.name);
+                (field.check)(&config, top);
+            }
+        }
+    }
+
+    /// Nothing given: the compiled-in defaults, and a runtime info that names nothing.
+    #[test]
+    fn no_layer_leaves_the_defaults() {
+        let config = assemble_six([None, None, None, None, None], "").unwrap();
+        assert_eq!(
+            config,
+            Config::default(),
+            "an empty input must assemble to Config::default()"
+        );
+        assert_eq!(config.hostname(), DEFAULT_HOSTNAME);
+        assert_eq!(config.disk(), DiskChoice::Unspecified);
+        assert_eq!(
+            config.runtime_info,
+            RuntimeInfo {
+                version: runtime_info::VERSION,
+                ..RuntimeInfo::default()
+            }
+        );
+    }
+
+    /// `disk=auto` wins over a disk the runtime info names, and leaves that disk in the
+    /// runtime info the target gets.
+    #[test]
+    fn disk_auto_wins_and_keeps_the_named_disk_in_the_runtime_info() {
+        let named = DiskSelector {
+            serial: Some("S1".into()),
+            ..DiskSelector::default()
+        };
+        let info = RuntimeInfo {
+            version: 1,
+            disk: Some(named.clone()),
+            ..RuntimeInfo::default()
+        };
+        let config = assemble_six([None, None, None, None, Some(info)], "nixos_kexec.disk=auto").unwrap();
+        assert_eq!(config.disk(), DiskChoice::Auto);
+        assert_eq!(config.runtime_info.disk, Some(named));
+    }
+
+    /// Settings only parameters make: the last occurrence wins, and nothing else sets them.
+    #[test]
+    fn parameter_only_settings() {
+        let config = assemble_six(
+            [None, None, None, None, None],
+            "nixos_kexec.dry_run=0 nixos_kexec.dry_run nixos_kexec.reinstall=yes nixos_kexec.stop_before=wipe nixos_kexec.stop_before=flake nixos_kexec.after=halt nixos_kexec.config_url=http://a/ nixos_kexec.config_url=http://b/",
+        )
+        .unwrap();
+        assert!(config.dry_run && config.reinstall);
+        assert_eq!(config.stop_before, Some(Step::Flake));
+        assert_eq!(config.after, Some(After::Halt));
+        assert_eq!(config.config_url.as_deref(), Some("http://b/"));
+        let none = assemble_six([None, None, None, None, None], "").unwrap();
+        assert!(!none.dry_run && !none.reinstall);
+        assert_eq!(
+            (none.stop_before, none.after, none.config_url),
+            (None, None, None)
+        );
+    }
+
+    /// Runtime info on the command line is decoded before any single parameter is applied, so
+    /// its error is the one reported when both are bad.
+    #[test]
+    fn runtime_info_errors_come_before_parameter_errors() {
+        let err = assemble_six(
+            [None, None, None, None, None],
+            "nixos_kexec.after=explode nixos_kexec.info=!!!",
+        )
+        .unwrap_err();
+        assert!(crate::error::one_line(&err).contains("base64"), "{err}");
+    }
+
+    /// The README's table of kernel parameters and [`PARAMETERS`] name the same keys.
+    #[test]
+    fn readme_documents_every_parameter() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("\n## Kernel parameters\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .unwrap();
+        let mut documented: Vec<&str> = section
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `nixos_kexec."))
+            .map(|rest| rest.split(['=', '`']).next().unwrap())
+            .collect();
+        let mut known = parameter_keys();
+        documented.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(documented, known);
     }
 
     #[test]
@@ -514,19 +959,26 @@ mod tests {
             r#"{"version":1,"hostname":"h"}"#,
         )
         .unwrap();
-        let defaults = Config::read_defaults_file(dir.path()).unwrap().unwrap();
-        let file = Config::read_info_file(dir.path()).unwrap().unwrap();
+        let defaults = read_defaults_file(dir.path()).unwrap().unwrap();
+        let file = read_info_file(dir.path()).unwrap().unwrap();
         let params = Params::parse("nixos_kexec.hostname=p").unwrap();
-        let config = Config::assemble_layers(vec![defaults.clone(), file.clone()], None, &params).unwrap();
-        assert_eq!(config.nixpkgs, "github:me/nixpkgs/mine");
+        let config = Layers::new(vec![defaults.clone(), file.clone()], &params)
+            .unwrap()
+            .config(None)
+            .unwrap();
+        assert_eq!(config.nixpkgs(), "github:me/nixpkgs/mine");
         assert_eq!(
-            config.state_version, "26.11",
+            config.state_version(),
+            "26.11",
             "the bundle's release is the default"
         );
-        assert_eq!(config.hostname, "p");
+        assert_eq!(config.hostname(), "p");
         // Without the file (the dev bundle), the compiled-in release of flake.nix's nixpkgs.
-        let bare = Config::assemble_layers(vec![file.clone()], None, &params).unwrap();
-        assert_eq!(bare.state_version, DEFAULT_STATE_VERSION);
+        let bare = Layers::new(vec![file.clone()], &params)
+            .unwrap()
+            .config(None)
+            .unwrap();
+        assert_eq!(bare.state_version(), DEFAULT_STATE_VERSION);
         assert!(DEFAULT_NIXPKGS.ends_with(&format!("nixos-{DEFAULT_STATE_VERSION}")));
         let flake = include_str!("../../../flake.nix");
         assert!(
@@ -535,11 +987,17 @@ mod tests {
         );
         // Runtime info and parameters still win over the bundle's release.
         let params = Params::parse("nixos_kexec.state_version=25.05").unwrap();
-        let config = Config::assemble_layers(vec![defaults.clone(), file.clone()], None, &params).unwrap();
-        assert_eq!(config.state_version, "25.05");
+        let config = Layers::new(vec![defaults.clone(), file.clone()], &params)
+            .unwrap()
+            .config(None)
+            .unwrap();
+        assert_eq!(config.state_version(), "25.05");
         let params = Params::parse("nixos_kexec.nixpkgs=github:NixOS/nixpkgs/nixos-unstable").unwrap();
-        let config = Config::assemble_layers(vec![defaults, file], None, &params).unwrap();
-        assert_eq!(config.nixpkgs, "github:NixOS/nixpkgs/nixos-unstable");
+        let config = Layers::new(vec![defaults, file], &params)
+            .unwrap()
+            .config(None)
+            .unwrap();
+        assert_eq!(config.nixpkgs(), "github:NixOS/nixpkgs/nixos-unstable");
     }
 
     #[test]
@@ -560,11 +1018,14 @@ mod tests {
             }),
             ..RuntimeInfo::default()
         };
-        let config = Config::assemble_with_fetched(None, Some(fetched), &params).unwrap();
-        assert_eq!(config.hostname, "from-param");
-        assert_eq!(config.nixpkgs, "github:me/from-url");
+        let config = Layers::new(vec![], &params)
+            .unwrap()
+            .config(Some(fetched))
+            .unwrap();
+        assert_eq!(config.hostname(), "from-param");
+        assert_eq!(config.nixpkgs(), "github:me/from-url");
         assert_eq!(config.runtime_info.nixpkgs.as_deref(), Some("github:me/from-url"));
-        assert!(matches!(config.disk, DiskChoice::Selected(ref d) if d.serial.as_deref() == Some("S1")));
+        assert!(matches!(config.disk(), DiskChoice::Selected(ref d) if d.serial.as_deref() == Some("S1")));
         assert_eq!(config.config_url.as_deref(), Some("http://c/x"));
         assert!(config.reinstall);
         assert!(!Config::assemble(None, &Params::default()).unwrap().reinstall);
@@ -582,11 +1043,15 @@ mod tests {
 
     #[test]
     fn disk_forms() {
-        assert_eq!(parse_disk_param("auto").unwrap(), DiskChoice::Auto);
+        let set = |value: &str| {
+            let mut layer = Layer::default();
+            set_disk(&mut layer, value).map(|()| layer)
+        };
+        assert!(set("auto").unwrap().disk_auto);
         assert!(
-            matches!(parse_disk_param("serial:ABC").unwrap(), DiskChoice::Selected(d) if d.serial.as_deref() == Some("ABC"))
+            matches!(set("serial:ABC").unwrap().info.disk, Some(d) if d.serial.as_deref() == Some("ABC"))
         );
-        assert!(parse_disk_param("vda").is_err());
+        assert!(set("vda").is_err());
     }
 
     #[test]
@@ -643,7 +1108,7 @@ mod tests {
         };
         let config = Config::assemble(Some(info(None, None)), &Params::default()).unwrap();
         assert_eq!(config.layout, Layout::Custom);
-        assert_eq!(config.storage.as_ref(), Some(&storage));
+        assert_eq!(config.storage(), Some(&storage));
         assert!(Config::assemble(Some(info(Some("custom"), None)), &Params::default()).is_ok());
         for bad in [info(Some("btrfs"), None), info(None, Some("1G"))] {
             let err = Config::assemble(Some(bad), &Params::default()).unwrap_err();

@@ -40,6 +40,39 @@ pub struct RuntimeInfo {
     pub storage: Option<crate::installer::storage::Storage>,
 }
 
+impl RuntimeInfo {
+    /// Lays `upper` over this runtime info, field by field: what `upper` names wins, what it
+    /// leaves out stays. `version` is no setting and stays as it is.
+    pub fn overlay(&mut self, upper: RuntimeInfo) {
+        // Destructured whole, so that a new field cannot be forgotten here.
+        let RuntimeInfo {
+            version: _,
+            hostname,
+            disk,
+            layout,
+            ssh_authorized_keys,
+            network,
+            nixpkgs,
+            state_version,
+            swap,
+            table,
+            storage,
+        } = upper;
+        self.hostname = hostname.or(self.hostname.take());
+        self.disk = disk.or(self.disk.take());
+        self.layout = layout.or(self.layout.take());
+        if !ssh_authorized_keys.is_empty() {
+            self.ssh_authorized_keys = ssh_authorized_keys;
+        }
+        self.network = network.or(self.network.take());
+        self.nixpkgs = nixpkgs.or(self.nixpkgs.take());
+        self.state_version = state_version.or(self.state_version.take());
+        self.swap = swap.or(self.swap.take());
+        self.table = table.or(self.table.take());
+        self.storage = storage.or(self.storage.take());
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]

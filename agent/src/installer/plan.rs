@@ -123,7 +123,7 @@ impl Plan {
 
 /// The declarative layout the config asks for: its own `storage`, or a preset's.
 pub fn storage_of(config: &Config) -> Result<Storage> {
-    match (&config.storage, config.layout) {
+    match (config.storage(), config.layout) {
         (Some(storage), _) => Ok(storage.clone()),
         (None, Layout::Custom) => Err(user_error(
             "Layout custom needs the partitions described as \"storage\" in the runtime info.",
@@ -159,7 +159,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
     let mut steps: Vec<Step> = Step::ALL
         .into_iter()
         .take_while(|step| Some(*step) != config.stop_before)
-        .filter(|step| *step != Step::Network || config.network.is_some())
+        .filter(|step| *step != Step::Network || config.network().is_some())
         .collect();
     if config.stop_before.is_some_and(|step| step != Step::Finish) {
         steps.push(Step::Finish);
@@ -182,14 +182,15 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         modules
     };
     // Unlocking from afar needs someone who can log in: without keys, the console it is.
-    let initrd_ssh = (!placed.luks.is_empty() && !config.ssh_authorized_keys.is_empty()).then(|| InitrdSsh {
-        port: INITRD_SSH_PORT,
-        host_key: format!("{}/{INITRD_HOST_KEY}", state_dir.trim_end_matches('/')),
-        nic_modules,
-    });
+    let initrd_ssh =
+        (!placed.luks.is_empty() && !config.ssh_authorized_keys().is_empty()).then(|| InitrdSsh {
+            port: INITRD_SSH_PORT,
+            host_key: format!("{}/{INITRD_HOST_KEY}", state_dir.trim_end_matches('/')),
+            nic_modules,
+        });
     let virtualisation = facts.machine.virtualisation;
     Ok(Plan {
-        hostname: config.hostname.clone(),
+        hostname: config.hostname().to_string(),
         firmware: facts.firmware,
         system,
         virtualisation,
@@ -221,15 +222,15 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         state_dir,
         initrd_ssh,
         initrd_modules: facts.initrd_modules(disk),
-        ssh_authorized_keys: config.ssh_authorized_keys.clone(),
-        nixpkgs: config.nixpkgs.clone(),
-        state_version: config.state_version.clone(),
+        ssh_authorized_keys: config.ssh_authorized_keys().to_vec(),
+        nixpkgs: config.nixpkgs().to_string(),
+        state_version: config.state_version().to_string(),
         install_command: vec![
             "nixos-install".into(),
             "--root".into(),
             mount_root.clone(),
             "--flake".into(),
-            format!("{flake_dir}#{}", config.hostname),
+            format!("{flake_dir}#{}", config.hostname()),
             "--no-root-passwd".into(),
             "--no-channel-copy".into(),
         ],
@@ -241,7 +242,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         mount_root,
         runtime_info: config.runtime_info.clone(),
         provided_host_keys: config.provided_host_keys.clone(),
-        network: config.network.clone(),
+        network: config.network().cloned(),
         replaces,
         steps,
         stop_before: config.stop_before,
@@ -312,7 +313,7 @@ fn disk_param(disk: &Disk) -> String {
 pub fn select_disk<'a>(config: &Config, facts: &'a Facts) -> Result<&'a Disk> {
     let all: Vec<&Disk> = facts.disks.iter().collect();
     let eligible = eligible_disks(facts);
-    let disk = match &config.disk {
+    let disk = match &config.disk() {
         DiskChoice::Unspecified => {
             let fix = match eligible.as_slice() {
                 [] => "attach a disk to install to, then name it with nixos_kexec.disk=/dev/... (or /dev/disk/by-id/..., or serial:SERIAL).".to_string(),
@@ -462,14 +463,13 @@ pub mod tests {
     }
 
     fn choose(path: Option<&str>, serial: Option<&str>) -> Config {
-        Config {
-            disk: DiskChoice::Selected(DiskSelector {
-                path: path.map(Into::into),
-                serial: serial.map(Into::into),
-                size_bytes: None,
-            }),
-            ..Config::default()
-        }
+        let mut config = Config::default();
+        config.runtime_info.disk = Some(DiskSelector {
+            path: path.map(Into::into),
+            serial: serial.map(Into::into),
+            size_bytes: None,
+        });
+        config
     }
 
     #[test]
@@ -538,7 +538,7 @@ pub mod tests {
         let text = crate::error::one_line(&err);
         assert!(text.contains("/dev/vda") && text.contains("/dev/vdb"), "{text}");
         let auto = Config {
-            disk: DiskChoice::Auto,
+            disk_auto: true,
             ..Config::default()
         };
         assert!(select_disk(&auto, &f).is_err());
@@ -591,7 +591,7 @@ pub mod tests {
         );
         assert!(user.problem.contains("for host web1"), "{user}");
         assert!(user.fix.contains("nixos_kexec.reinstall"), "{user}");
-        config.disk = DiskChoice::Auto;
+        config.disk_auto = true;
         assert!(make(&config, &f, &ids()).is_err(), "auto must not take it either");
         config.reinstall = true;
         let plan = make(&config, &f, &ids()).unwrap();
@@ -617,7 +617,7 @@ pub mod tests {
         assert!(select_disk(&choose(Some("/dev/vda"), None), &f).is_err());
         assert!(select_disk(&choose(Some("/dev/vdc"), None), &f).is_err());
         let auto = Config {
-            disk: DiskChoice::Auto,
+            disk_auto: true,
             ..Config::default()
         };
         assert!(
@@ -630,7 +630,7 @@ pub mod tests {
             "sdb"
         );
         let mut sized = choose(None, Some("U"));
-        if let DiskChoice::Selected(s) = &mut sized.disk {
+        if let Some(s) = &mut sized.runtime_info.disk {
             s.size_bytes = Some(5 * GIB);
         }
         assert!(select_disk(&sized, &f).is_err());
@@ -665,7 +665,7 @@ pub mod tests {
         assert_eq!(plan.luks.len(), 1);
         // No SSH key, nobody to unlock from afar: no initrd sshd.
         assert!(plan.initrd_ssh.is_none());
-        config.ssh_authorized_keys = vec!["ssh-ed25519 AAAA me".into()];
+        config.runtime_info.ssh_authorized_keys = vec!["ssh-ed25519 AAAA me".into()];
         let mut f = f;
         f.nics = vec![crate::machine::facts::Nic {
             name: "eth0".into(),

@@ -274,7 +274,7 @@ fn is_date(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::config::{Config, DiskChoice};
+    use crate::input::config::Config;
     use crate::installer::plan;
     use crate::installer::plan::tests::{disk, facts, ids};
     use crate::installer::steps::{finish, Execution};
@@ -297,13 +297,13 @@ mod tests {
         if layout != Layout::Ext4 {
             facts.firmware = Firmware::Uefi;
         }
-        let config = Config {
-            hostname: "web1".into(),
-            disk: DiskChoice::Auto,
+        let mut config = Config {
+            disk_auto: true,
             layout,
             disk_passphrase_given: matches!(layout, Layout::LuksBtrfs | Layout::LuksExt4),
             ..Config::default()
         };
+        config.runtime_info.hostname = Some("web1".into());
         plan::make(&config, &facts, &ids()).unwrap()
     }
 

@@ -7,7 +7,7 @@ use super::kexec;
 use crate::console;
 use crate::error::user_error;
 use crate::input::cmdline::{Params, COMMAND_LINE_SIZE};
-use crate::input::config::Config;
+use crate::input::config::{Config, Effect};
 use crate::input::runtime_info::{self, DiskSelector, RuntimeInfo};
 use crate::installer::layout::PlanIds;
 use crate::installer::plan;
@@ -249,28 +249,31 @@ pub fn prepare(
     gathered: Gathered,
     running_cmdline: &str,
 ) -> Result<Handover> {
-    let mut info = gathered.info;
     if let Some(hostname) = &options.hostname {
         runtime_info::validate_hostname(hostname)?;
-        info.hostname = Some(hostname.clone());
     }
     if let Some(nixpkgs) = &options.nixpkgs {
         runtime_info::validate_flake_ref(nixpkgs)?;
-        info.nixpkgs = Some(nixpkgs.clone());
     }
-    if !options.ssh_key_files.is_empty() {
-        info.ssh_authorized_keys.clear();
-        for file in &options.ssh_key_files {
-            let keys = gather::root_authorized_keys(file);
-            if keys.is_empty() {
-                return Err(user_error(
-                    format!("{} holds no SSH public key.", file.display()),
-                    "pass an id_*.pub or authorized_keys file with --ssh-key-file.",
-                ));
-            }
-            info.ssh_authorized_keys.extend(keys);
+    let mut ssh_authorized_keys = Vec::new();
+    for file in &options.ssh_key_files {
+        let keys = gather::root_authorized_keys(file);
+        if keys.is_empty() {
+            return Err(user_error(
+                format!("{} holds no SSH public key.", file.display()),
+                "pass an id_*.pub or authorized_keys file with --ssh-key-file.",
+            ));
         }
+        ssh_authorized_keys.extend(keys);
     }
+    // The operator's options are a layer over what was gathered, as the installer's are.
+    let mut info = gathered.info;
+    info.overlay(RuntimeInfo {
+        hostname: options.hostname.clone(),
+        nixpkgs: options.nixpkgs.clone(),
+        ssh_authorized_keys,
+        ..RuntimeInfo::default()
+    });
     if info.ssh_authorized_keys.is_empty() {
         let sudo_user = std::env::var("SUDO_USER").unwrap_or_default();
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
@@ -303,8 +306,8 @@ pub fn prepare(
             .filter(|w| !w.starts_with("console=")),
     );
     for (key, value) in &options.params {
-        params.insert(key, value)?;
-        if matches!(key.replace('-', "_").as_str(), "info" | "info_deflate") {
+        let parameter = params.insert(key, value)?;
+        if matches!(parameter.effect, Effect::RuntimeInfo(_)) {
             return Err(user_error(
                 format!("--param {key} would replace the gathered runtime info."),
                 "drop it; run builds the runtime info itself.",
@@ -495,7 +498,7 @@ mod tests {
         let h = hand_over(&info(1), &["console=ttyS0".into()], Archive::default()).unwrap();
         assert_eq!(h.carrier, Carrier::Cmdline);
         let config = Config::assemble(None, &Params::parse(&h.cmdline).unwrap()).unwrap();
-        assert_eq!(config.hostname, "web1");
+        assert_eq!(config.hostname(), "web1");
     }
 
     #[test]
@@ -504,7 +507,7 @@ mod tests {
         assert_eq!(h.carrier, Carrier::CmdlineDeflated);
         assert!(h.cmdline.len() < COMMAND_LINE_SIZE - 1);
         let config = Config::assemble(None, &Params::parse(&h.cmdline).unwrap()).unwrap();
-        assert_eq!(config.ssh_authorized_keys.len(), 20);
+        assert_eq!(config.ssh_authorized_keys().len(), 20);
 
         let mut big = info(0);
         // Random keys do not compress: 60 distinct ones cannot fit in 2 KiB.
@@ -575,6 +578,45 @@ mod tests {
         );
         assert!(!h.archive.listing().join("\n").contains("correct horse"));
         assert!(h.archive.to_bytes().windows(5).any(|w| w == b"horse"));
+    }
+
+    /// The operator's options win over what was gathered; what they leave out is kept.
+    #[test]
+    fn options_are_a_layer_over_the_gathered_info() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys.pub");
+        std::fs::write(&keys, format!("{KEY}-operator\n{KEY}-other\n")).unwrap();
+        let f = facts(vec![disk("vda", 4 << 30, 512, "A")]);
+        let decoded = |options: &RunOptions| {
+            let h = prepare(options, &f, bios_machine_gathered(), "console=ttyS0").unwrap();
+            Config::assemble(None, &Params::parse(&h.cmdline).unwrap())
+                .unwrap()
+                .runtime_info
+        };
+        let mut options = RunOptions {
+            disk: Some("/dev/vda".into()),
+            ..RunOptions::default()
+        };
+        let gathered = decoded(&options);
+        assert_eq!(gathered.hostname.as_deref(), Some("web1"));
+        assert_eq!(gathered.ssh_authorized_keys, vec![KEY.to_string()]);
+        assert_eq!(gathered.nixpkgs, None);
+        options.hostname = Some("db1".into());
+        options.nixpkgs = Some("github:me/nixpkgs".into());
+        options.ssh_key_files = vec![keys];
+        let chosen = decoded(&options);
+        assert_eq!(chosen.hostname.as_deref(), Some("db1"));
+        assert_eq!(chosen.nixpkgs.as_deref(), Some("github:me/nixpkgs"));
+        assert_eq!(
+            chosen.ssh_authorized_keys,
+            vec![format!("{KEY}-operator"), format!("{KEY}-other")]
+        );
+        assert_eq!(chosen.disk, gathered.disk);
+        options.params = vec![("info-deflate".into(), "AAAA".into())];
+        let Err(err) = prepare(&options, &f, bios_machine_gathered(), "") else {
+            panic!("--param info_deflate must be refused");
+        };
+        assert!(crate::error::one_line(&err).contains("would replace"), "{err}");
     }
 
     #[test]

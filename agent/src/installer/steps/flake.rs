@@ -340,7 +340,7 @@ pub fn write_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::config::{Config, DiskChoice, Layout};
+    use crate::input::config::{Config, Layout};
     use crate::installer::plan::tests::{disk, facts, ids};
 
     fn parse(dir: &Path, name: &str) -> String {
@@ -363,11 +363,11 @@ mod tests {
 
     #[test]
     fn generated_nix_parses() {
-        let config = Config {
-            disk: DiskChoice::Auto,
-            ssh_authorized_keys: vec!["ssh-ed25519 AAAA \"quoted\" ${x}".into()],
+        let mut config = Config {
+            disk_auto: true,
             ..Config::default()
         };
+        config.runtime_info.ssh_authorized_keys = vec!["ssh-ed25519 AAAA \"quoted\" ${x}".into()];
         let plan =
             crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
                 .unwrap();
@@ -402,7 +402,7 @@ mod tests {
     fn hardware_of_the_machine() {
         use crate::machine::platform::Machine;
         let config = Config {
-            disk: DiskChoice::Auto,
+            disk_auto: true,
             ..Config::default()
         };
         for (machine, wanted, unwanted) in [
@@ -468,7 +468,7 @@ mod tests {
     fn serial_console_of_the_installer() {
         let params = crate::input::cmdline::Params::parse("console=tty0 console=ttyS1,57600n8").unwrap();
         let mut config = Config::assemble(None, &params).unwrap();
-        config.disk = DiskChoice::Auto;
+        config.disk_auto = true;
         let plan =
             crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
                 .unwrap();
@@ -484,7 +484,7 @@ mod tests {
         // aarch64's PL011: the kernel parameter, no GRUB lines.
         let params = crate::input::cmdline::Params::parse("console=ttyAMA0").unwrap();
         let mut config = Config::assemble(None, &params).unwrap();
-        config.disk = DiskChoice::Auto;
+        config.disk_auto = true;
         let plan =
             crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
                 .unwrap();
@@ -504,15 +504,15 @@ mod tests {
         for layout in Layout::PRESETS {
             for with_network in [false, true] {
                 let mut config = Config {
-                    disk: DiskChoice::Auto,
+                    disk_auto: true,
                     layout,
                     swap_bytes: 1 << 30,
                     disk_passphrase_given: true,
-                    ssh_authorized_keys: vec!["ssh-ed25519 AAAA op@laptop".into()],
                     ..Config::default()
                 };
+                config.runtime_info.ssh_authorized_keys = vec!["ssh-ed25519 AAAA op@laptop".into()];
                 if with_network {
-                    config.network = Some(crate::input::runtime_info::Network {
+                    config.runtime_info.network = Some(crate::input::runtime_info::Network {
                         interfaces: vec![crate::input::runtime_info::Interface {
                             mac: "52:54:00:12:34:56".parse().unwrap(),
                             addresses: vec!["203.0.113.10/32".parse().unwrap()],

@@ -506,20 +506,18 @@ mod tests {
 
     #[test]
     fn efi_entries_must_name_a_loader_on_this_esp() {
-        use crate::input::config::{Config, DiskChoice};
+        use crate::input::config::Config;
         use crate::installer::plan::tests::{disk, facts, ids};
         let root = tempfile::tempdir().unwrap();
         let efivars = tempfile::tempdir().unwrap();
         let mut facts = facts(vec![disk("vda", 10 << 30, 512, "S")]);
         facts.firmware = Firmware::Uefi;
-        let config = Config {
-            disk: DiskChoice::Selected(crate::input::runtime_info::DiskSelector {
-                path: Some("/dev/vda".into()),
-                serial: None,
-                size_bytes: None,
-            }),
-            ..Config::default()
-        };
+        let mut config = Config::default();
+        config.runtime_info.disk = Some(crate::input::runtime_info::DiskSelector {
+            path: Some("/dev/vda".into()),
+            serial: None,
+            size_bytes: None,
+        });
         let mut plan = crate::installer::plan::make(&config, &facts, &ids()).unwrap();
         let esp = plan
             .partitions
