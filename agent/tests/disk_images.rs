@@ -280,8 +280,11 @@ impl Devices {
 /// devices and its mount root in `mount_root`.
 fn guarded_plan(layout: Layout, mount_root: &std::path::Path) -> (plan::Plan, Devices) {
     let config = Config {
-        disk: DiskChoice::Auto,
-        hostname: "guarded".into(),
+        disk_auto: true,
+        runtime_info: nixos_kexec::input::runtime_info::RuntimeInfo {
+            hostname: Some("guarded".into()),
+            ..Default::default()
+        },
         layout,
         disk_passphrase_given: matches!(layout, Layout::LuksBtrfs | Layout::LuksExt4),
         ..Config::default()
@@ -417,7 +420,7 @@ fn guard_sees_the_finished_run(layout: Layout, evidence: Option<Evidence>) {
 
     // The plan for that disk refuses it, and takes it with nixos_kexec.reinstall.
     let mut config = Config {
-        disk: DiskChoice::Auto,
+        disk_auto: true,
         ..Config::default()
     };
     let err = plan::make(&config, &facts, &PlanIds::random()).unwrap_err();
