@@ -146,10 +146,44 @@ fn main() -> Result<()> {
         "<= 256 MiB".into(),
     ));
 
+    rows.push(fuzz_round()?);
+
     println!("| measurement | value | budget |");
     println!("|---|---|---|");
     for (what, value, budget) in rows {
         println!("| {what} | {value} | {budget} |");
     }
     Ok(())
+}
+
+/// A longer round of the agent's fuzz targets (`agent/tests/fuzz.rs`) than CI runs, in a debug
+/// build so that an arithmetic overflow counts as the panic it is.
+fn fuzz_round() -> Result<(String, String, String)> {
+    const CASES: u32 = 50_000;
+    let started = Instant::now();
+    let output = std::process::Command::new("cargo")
+        .args(["test", "--quiet", "-p", "nixos-kexec", "--test", "fuzz"])
+        .env("NIXOS_KEXEC_FUZZ_CASES", CASES.to_string())
+        .current_dir(workspace_root())
+        .output()
+        .context("running cargo test --test fuzz")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let targets = text
+        .lines()
+        .find_map(|l| l.strip_prefix("test result: ok. "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok());
+    let value = match (output.status.success(), targets) {
+        (true, Some(targets)) => format!(
+            "{targets} targets x {CASES} cases = {} inputs, no panic ({:.0} s)",
+            u64::from(targets) * u64::from(CASES),
+            started.elapsed().as_secs_f64()
+        ),
+        _ => format!("FAILED:\n{text}"),
+    };
+    Ok((
+        "fuzz round (debug build, overflow checks on)".into(),
+        value,
+        "no panic".into(),
+    ))
 }
