@@ -27,6 +27,9 @@ pub const COMMAND_LINE_SIZE: usize = 2048;
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
+/// The console log in the VM's temp dir.
+const SERIAL_LOG: &str = "serial.log";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Firmware {
     /// SeaBIOS.
@@ -273,7 +276,6 @@ impl Vm {
         self.direct_boot = direct;
         self
     }
-    /// Whole run limit (default 300 s).
     /// QEMU's default CPU model instead of `max`: no AES-NI, no modern instruction sets.
     pub fn default_cpu(mut self) -> Self {
         self.cpu = None;
@@ -288,6 +290,7 @@ impl Vm {
         self
     }
 
+    /// Whole run limit (default 300 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -336,6 +339,34 @@ impl Vm {
     where
         F: FnOnce(&mut Console) -> Result<()>,
     {
+        let cmdline = self.checked_cmdline()?;
+        let tempdir = tempfile::Builder::new()
+            .prefix(&format!("nixos-kexec-{}-", sanitize(&self.name)))
+            .tempdir()
+            .context("creating the VM's temp dir")?;
+        let dir = tempdir.path().to_path_buf();
+        let attached = self.attach_disks(&dir)?;
+        let initrd = self.boot_initrd(&dir)?;
+        let (cmd, uefi_vars) = self.qemu_command(&dir, &initrd, &cmdline, &attached)?;
+        let mut running = self.start(cmd, &dir)?;
+        // The console holds QEMU's stdin, which stays open until QEMU has ended.
+        let console = self.interact(&mut running, f)?;
+        let status = match self.wait_for_end(&mut running)? {
+            Ending::Exited(status) => Some(status),
+            Ending::Killed => None,
+            Ending::TimedOut { result_seen } => {
+                running.kill_and_join();
+                return Err(self.timed_out(&running.shared, result_seen, tempdir));
+            }
+        };
+        running.join();
+        let duration = running.start.elapsed();
+        drop(console);
+        self.outcome(&running, status, duration, tempdir, attached, uefi_vars)
+    }
+
+    /// The kernel command line, checked against the kernel's limit.
+    fn checked_cmdline(&self) -> Result<String> {
         let cmdline = self.cmdline();
         ensure!(
             cmdline.len() < COMMAND_LINE_SIZE,
@@ -343,34 +374,16 @@ impl Vm {
             cmdline.len(),
             COMMAND_LINE_SIZE - 1
         );
-        let tempdir = tempfile::Builder::new()
-            .prefix(&format!("nixos-kexec-{}-", sanitize(&self.name)))
-            .tempdir()
-            .context("creating the VM's temp dir")?;
-        let dir = tempdir.path().to_path_buf();
+        Ok(cmdline)
+    }
 
-        // Disks
+    /// Makes the new disk images in `dir` and checks the existing ones; NVMe disks without a
+    /// serial get one (QEMU requires it).
+    fn attach_disks(&self, dir: &Path) -> Result<Vec<AttachedDisk>> {
         let mut attached = Vec::new();
-        for (i, d) in self.disks.iter().enumerate() {
-            let disk = match d {
-                DiskSource::New(spec) => {
-                    let path = dir.join(format!("disk{i}-{}.img", spec.bus));
-                    ensure!(
-                        spec.size_bytes > 0 && spec.size_bytes % spec.logical_sector.max(512) as u64 == 0,
-                        "disk {i}: size {} is not a positive multiple of the sector size {}",
-                        spec.size_bytes,
-                        spec.logical_sector
-                    );
-                    let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-                    f.set_len(spec.size_bytes)
-                        .with_context(|| format!("sizing {}", path.display()))?;
-                    AttachedDisk {
-                        path,
-                        bus: spec.bus,
-                        logical_sector: spec.logical_sector,
-                        serial: spec.serial.clone(),
-                    }
-                }
+        for (i, source) in self.disks.iter().enumerate() {
+            let mut disk = match source {
+                DiskSource::New(spec) => new_disk_image(i, spec, dir)?,
                 DiskSource::Existing(d) => {
                     ensure!(
                         d.path.is_file(),
@@ -380,65 +393,53 @@ impl Vm {
                     d.clone()
                 }
             };
-            let mut disk = disk;
             if disk.serial.is_empty() && disk.bus == DiskBus::Nvme {
                 disk.serial = format!("NVME{i:04}");
             }
             validate_disk(i, &disk)?;
             attached.push(disk);
         }
+        Ok(attached)
+    }
 
-        // Initrd: the bundle's, or a combination.
-        let initrd = if self.extra_initrds.is_empty() {
-            self.initrd.clone()
-        } else {
-            let combined = dir.join("initrd.combined");
-            let mut out =
-                File::create(&combined).with_context(|| format!("creating {}", combined.display()))?;
-            let mut len = 0u64;
-            for part in std::iter::once(&self.initrd).chain(self.extra_initrds.iter()) {
-                let pad = (4 - len % 4) % 4;
-                out.write_all(&[0u8; 3][..pad as usize])
-                    .context("padding initrd")?;
-                len += pad;
-                let mut src =
-                    File::open(part).with_context(|| format!("opening initrd part {}", part.display()))?;
-                len += std::io::copy(&mut src, &mut out)
-                    .with_context(|| format!("appending {} to {}", part.display(), combined.display()))?;
-            }
-            combined
-        };
+    /// The initrd to boot: the bundle's, or the bundle's with the extra archives appended.
+    fn boot_initrd(&self, dir: &Path) -> Result<PathBuf> {
+        if self.extra_initrds.is_empty() {
+            return Ok(self.initrd.clone());
+        }
+        let combined = dir.join("initrd.combined");
+        let mut out = File::create(&combined).with_context(|| format!("creating {}", combined.display()))?;
+        let mut len = 0u64;
+        for part in std::iter::once(&self.initrd).chain(self.extra_initrds.iter()) {
+            let pad = (4 - len % 4) % 4;
+            out.write_all(&[0u8; 3][..pad as usize])
+                .context("padding initrd")?;
+            len += pad;
+            let mut src =
+                File::open(part).with_context(|| format!("opening initrd part {}", part.display()))?;
+            len += std::io::copy(&mut src, &mut out)
+                .with_context(|| format!("appending {} to {}", part.display(), combined.display()))?;
+        }
+        Ok(combined)
+    }
 
+    /// The QEMU command line for this VM, and the UEFI variable store it uses.
+    fn qemu_command(
+        &self,
+        dir: &Path,
+        initrd: &Path,
+        cmdline: &str,
+        attached: &[AttachedDisk],
+    ) -> Result<(Command, Option<PathBuf>)> {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-name", &sanitize(&self.name)])
             .args(["-accel", "tcg", "-machine", &self.machine])
             .args(["-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()])
             .args(["-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot"]);
-        let mut uefi_vars = None;
-        if self.firmware == Firmware::Uefi {
-            for f in [OVMF_CODE, OVMF_VARS] {
-                ensure!(Path::new(f).is_file(), "{f} not found (apt-get install ovmf)");
-            }
-            let vars = match &self.uefi_vars {
-                Some(v) => {
-                    ensure!(v.is_file(), "UEFI variable store {} does not exist", v.display());
-                    v.clone()
-                }
-                None => {
-                    let vars = dir.join("OVMF_VARS.fd");
-                    fs::copy(OVMF_VARS, &vars)
-                        .with_context(|| format!("copying {OVMF_VARS} to {}", vars.display()))?;
-                    vars
-                }
-            };
-            uefi_vars = Some(vars.clone());
-            cmd.arg("-drive").arg(format!(
-                "if=pflash,format=raw,unit=0,readonly=on,file={}",
-                qemu_path(Path::new(OVMF_CODE))
-            ));
-            cmd.arg("-drive")
-                .arg(format!("if=pflash,format=raw,unit=1,file={}", qemu_path(&vars)));
-        }
+        let uefi_vars = match self.firmware {
+            Firmware::Uefi => Some(self.add_uefi_firmware(&mut cmd, dir)?),
+            Firmware::Bios => None,
+        };
         if let Some(cpu) = &self.cpu {
             cmd.args(["-cpu", cpu]);
         }
@@ -446,10 +447,45 @@ impl Vm {
             cmd.arg("-kernel")
                 .arg(&self.kernel)
                 .arg("-initrd")
-                .arg(&initrd)
+                .arg(initrd)
                 .arg("-append")
-                .arg(&cmdline);
+                .arg(cmdline);
         }
+        self.add_nics(&mut cmd);
+        add_disks(&mut cmd, attached);
+        cmd.args(&self.qemu_args);
+        Ok((cmd, uefi_vars))
+    }
+
+    /// OVMF's code and a variable store (a fresh copy in `dir` unless [`Vm::uefi_vars`] named
+    /// one) as pflash drives; returns the variable store.
+    fn add_uefi_firmware(&self, cmd: &mut Command, dir: &Path) -> Result<PathBuf> {
+        for f in [OVMF_CODE, OVMF_VARS] {
+            ensure!(Path::new(f).is_file(), "{f} not found (apt-get install ovmf)");
+        }
+        let vars = match &self.uefi_vars {
+            Some(v) => {
+                ensure!(v.is_file(), "UEFI variable store {} does not exist", v.display());
+                v.clone()
+            }
+            None => {
+                let vars = dir.join("OVMF_VARS.fd");
+                fs::copy(OVMF_VARS, &vars)
+                    .with_context(|| format!("copying {OVMF_VARS} to {}", vars.display()))?;
+                vars
+            }
+        };
+        cmd.arg("-drive").arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            qemu_path(Path::new(OVMF_CODE))
+        ));
+        cmd.arg("-drive")
+            .arg(format!("if=pflash,format=raw,unit=1,file={}", qemu_path(&vars)));
+        Ok(vars)
+    }
+
+    /// One user-mode virtio-net NIC per [`Vm::nic`], or `-nic none`.
+    fn add_nics(&self, cmd: &mut Command) {
         if self.nics.is_empty() {
             cmd.args(["-nic", "none"]);
         }
@@ -462,87 +498,68 @@ impl Vm {
             cmd.arg("-nic")
                 .arg(format!("user,model=virtio-net-pci,mac={mac}{extra}"));
         }
-        if attached.iter().any(|d| d.bus == DiskBus::Sata) {
-            cmd.args(["-device", "ahci,id=sata"]);
-        }
-        if attached.iter().any(|d| d.bus == DiskBus::Scsi) {
-            cmd.args(["-device", "virtio-scsi-pci,id=scsi"]);
-        }
-        let mut sata_port = 0;
-        for (i, d) in attached.iter().enumerate() {
-            cmd.arg("-drive").arg(format!(
-                "file={},format=raw,if=none,id=disk{i},cache=unsafe,discard=unmap",
-                qemu_path(&d.path)
-            ));
-            let serial = if d.serial.is_empty() {
-                String::new()
-            } else {
-                format!(",serial={}", d.serial)
-            };
-            let ss = d.logical_sector;
-            let blocks = format!(",logical_block_size={ss},physical_block_size={ss}");
-            let dev = match d.bus {
-                DiskBus::Virtio => format!("virtio-blk-pci,drive=disk{i}{serial}{blocks}"),
-                DiskBus::Nvme => format!("nvme,drive=disk{i}{serial}{blocks}"),
-                DiskBus::Scsi => format!("scsi-hd,drive=disk{i},bus=scsi.0{serial}{blocks}"),
-                DiskBus::Sata => {
-                    let s = format!("ide-hd,drive=disk{i},bus=sata.{sata_port}{serial}");
-                    sata_port += 1;
-                    s
-                }
-            };
-            cmd.arg("-device").arg(dev);
-        }
-        cmd.args(&self.qemu_args);
+    }
 
-        let log_path = dir.join("serial.log");
+    /// Writes `qemu-command` into `dir`, starts QEMU there, and the threads that read its
+    /// serial console (into `serial.log`) and its stderr.
+    fn start(&self, mut cmd: Command, dir: &Path) -> Result<Running> {
         let command = command_line(&cmd);
         fs::write(dir.join("qemu-command"), format!("{command}\n")).context("writing qemu-command")?;
         if self.echo {
             eprintln!("[{}] starting: {command}", self.name);
         }
-        cmd.current_dir(&dir)
+        cmd.current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let start = Instant::now();
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{command}` (apt-get install qemu-system-x86)"))?;
-
-        let shared = Arc::new(Shared::default());
+        // From here on, dropping `running` stops QEMU.
+        let mut running = Running {
+            child,
+            reader: None,
+            err_reader: None,
+            shared: Arc::new(Shared::default()),
+            start,
+        };
+        let log_path = dir.join(SERIAL_LOG);
         let log_file = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let stdout = child.stdout.take().context("qemu stdout")?;
-        let stderr = child.stderr.take().context("qemu stderr")?;
-        let reader = {
-            let shared = shared.clone();
+        let stdout = running.child.stdout.take().context("qemu stdout")?;
+        let stderr = running.child.stderr.take().context("qemu stderr")?;
+        running.reader = Some({
+            let shared = running.shared.clone();
             let name = self.name.clone();
             let echo = self.echo;
             thread::Builder::new()
                 .name(format!("{}-serial", self.name))
                 .spawn(move || serial_reader(stdout, log_file, shared, name, echo, start))
                 .context("spawning serial reader")?
-        };
-        let err_reader = {
-            let shared = shared.clone();
+        });
+        running.err_reader = Some({
+            let shared = running.shared.clone();
             let name = self.name.clone();
             let echo = self.echo;
             thread::Builder::new()
                 .name(format!("{}-stderr", self.name))
                 .spawn(move || stderr_reader(stderr, shared, name, echo))
                 .context("spawning stderr reader")?
-        };
+        });
+        Ok(running)
+    }
 
-        let mut running = Running {
-            child,
-            reader: Some(reader),
-            err_reader: Some(err_reader),
-        };
+    /// Hands the serial console to `f`. When `f` fails, QEMU is stopped and the error gets the
+    /// log's tail.
+    fn interact<F>(&self, running: &mut Running, f: F) -> Result<Console>
+    where
+        F: FnOnce(&mut Console) -> Result<()>,
+    {
         let mut console = Console {
-            shared: shared.clone(),
+            shared: running.shared.clone(),
             stdin: running.child.stdin.take(),
             cursor: 0,
-            deadline: start + self.timeout,
+            deadline: running.start + self.timeout,
         };
         if let Err(e) = f(&mut console) {
             running.kill_and_join();
@@ -550,24 +567,32 @@ impl Vm {
             let tail = if format!("{e:#}").contains("console lines ---") {
                 String::new()
             } else {
-                format!("\n{}", shared.tail_report(60))
+                format!("\n{}", running.shared.tail_report(60))
             };
             return Err(e.context(format!("console interaction failed{tail}")));
         }
+        Ok(console)
+    }
 
-        // Wait for exit, the result line + grace, or the timeout.
-        let deadline = start + self.timeout;
-        let mut killed = false;
-        let status: ExitStatus = loop {
-            if self.stop_after_interaction {
-                killed = true;
-                break running.kill_and_wait()?;
-            }
-            if let Some(st) = running.child.try_wait().context("waiting for qemu")? {
-                break st;
+    /// Waits for QEMU to exit by itself; kills it right away after a [`Vm::boot_from_disk`]
+    /// interaction, or [`Vm::grace`] after the result line; gives up at [`Vm::timeout`].
+    fn wait_for_end(&self, running: &mut Running) -> Result<Ending> {
+        if self.stop_after_interaction {
+            running.kill_and_wait()?;
+            return Ok(Ending::Killed);
+        }
+        let deadline = running.start + self.timeout;
+        loop {
+            if let Some(status) = running.child.try_wait().context("waiting for qemu")? {
+                return Ok(Ending::Exited(status));
             }
             let now = Instant::now();
-            let result_at = shared.state.lock().map_err(|_| anyhow!("poisoned"))?.result_at;
+            let result_at = running
+                .shared
+                .state
+                .lock()
+                .map_err(|_| anyhow!("poisoned"))?
+                .result_at;
             if let Some(at) = result_at {
                 if now >= at + self.grace {
                     if self.echo {
@@ -576,46 +601,55 @@ impl Vm {
                             self.name, self.grace
                         );
                     }
-                    killed = true;
-                    break running.kill_and_wait()?;
+                    running.kill_and_wait()?;
+                    return Ok(Ending::Killed);
                 }
             }
             if now >= deadline {
-                running.kill_and_join();
-                // Keep the temp dir for a look when asked to.
-                let kept = keep_if_asked(tempdir).err();
-                bail!(
-                    "timed out after {:?} (no QEMU exit{})\n{}{}",
-                    self.timeout,
-                    if result_at.is_some() {
-                        ""
-                    } else {
-                        ", no result line"
-                    },
-                    shared.tail_report(60),
-                    kept.map(|p| format!("\ntemp dir kept at {}", p.display()))
-                        .unwrap_or_else(|| {
-                            "\n(NIXOS_KEXEC_KEEP_VM=1 keeps the VM's disks and log)".to_string()
-                        })
-                );
+                return Ok(Ending::TimedOut {
+                    result_seen: result_at.is_some(),
+                });
             }
-            shared.wait_change(Duration::from_millis(100));
-        };
-        running.join();
-        let duration = start.elapsed();
-        drop(console);
+            running.shared.wait_change(Duration::from_millis(100));
+        }
+    }
 
-        let st = shared.state.lock().map_err(|_| anyhow!("poisoned"))?;
+    /// The error for a run that reached [`Vm::timeout`], with the log's tail. The temp dir is
+    /// kept for a look when `NIXOS_KEXEC_KEEP_VM` asks for it.
+    fn timed_out(&self, shared: &Shared, result_seen: bool, tempdir: tempfile::TempDir) -> anyhow::Error {
+        let kept = keep_if_asked(tempdir).err();
+        anyhow!(
+            "timed out after {:?} (no QEMU exit{})\n{}{}",
+            self.timeout,
+            if result_seen { "" } else { ", no result line" },
+            shared.tail_report(60),
+            kept.map(|p| format!("\ntemp dir kept at {}", p.display()))
+                .unwrap_or_else(|| "\n(NIXOS_KEXEC_KEEP_VM=1 keeps the VM's disks and log)".to_string())
+        )
+    }
+
+    /// What the run produced, once QEMU has ended; `status` is `None` when it was killed.
+    /// QEMU exiting by itself with a failure is an error.
+    fn outcome(
+        self,
+        running: &Running,
+        status: Option<ExitStatus>,
+        duration: Duration,
+        tempdir: tempfile::TempDir,
+        attached: Vec<AttachedDisk>,
+        uefi_vars: Option<PathBuf>,
+    ) -> Result<RunOutcome> {
+        let st = running.shared.state.lock().map_err(|_| anyhow!("poisoned"))?;
         let log = st.lines.join("\n") + if st.lines.is_empty() { "" } else { "\n" };
         let result_line = st.result_line.clone();
-        let time_to_result = st.result_at.map(|t| t - start);
+        let time_to_result = st.result_at.map(|t| t - running.start);
         let qemu_stderr = st.stderr.clone();
         drop(st);
 
-        if !killed && !status.success() {
+        if let Some(status) = status.filter(|s| !s.success()) {
             bail!(
                 "QEMU exited with {status}\n--- qemu stderr ---\n{qemu_stderr}\n{}",
-                shared.tail_report(60)
+                running.shared.tail_report(60)
             );
         }
         if self.echo {
@@ -623,7 +657,7 @@ impl Vm {
                 "[{}] finished after {:.1}s ({}){}",
                 self.name,
                 duration.as_secs_f64(),
-                if killed {
+                if status.is_none() {
                     "killed after the result line"
                 } else {
                     "QEMU exited by itself"
@@ -631,6 +665,7 @@ impl Vm {
                 result_line.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
             );
         }
+        let dir = tempdir.path().to_path_buf();
         let tempdir = keep_if_asked(tempdir).ok();
         Ok(RunOutcome {
             name: self.name,
@@ -639,15 +674,84 @@ impl Vm {
             disks: attached.iter().map(|d| d.path.clone()).collect(),
             attached,
             uefi_vars,
-            exited_by_itself: !killed,
-            exit_status: if killed { None } else { Some(status) },
+            exited_by_itself: status.is_some(),
+            exit_status: status,
             duration,
             time_to_result,
             qemu_stderr,
-            log_path,
+            log_path: dir.join(SERIAL_LOG),
             dir,
             _tempdir: tempdir,
         })
+    }
+}
+
+/// How a run ended.
+enum Ending {
+    /// QEMU exited by itself.
+    Exited(ExitStatus),
+    /// QEMU was killed after the console interaction or the result line (see
+    /// [`Vm::wait_for_end`]).
+    Killed,
+    /// [`Vm::timeout`] passed first.
+    TimedOut { result_seen: bool },
+}
+
+/// A new sparse image for `spec` in `dir`.
+fn new_disk_image(i: usize, spec: &DiskSpec, dir: &Path) -> Result<AttachedDisk> {
+    let path = dir.join(format!("disk{i}-{}.img", spec.bus));
+    ensure!(
+        spec.size_bytes > 0
+            && spec
+                .size_bytes
+                .is_multiple_of(spec.logical_sector.max(512) as u64),
+        "disk {i}: size {} is not a positive multiple of the sector size {}",
+        spec.size_bytes,
+        spec.logical_sector
+    );
+    let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(spec.size_bytes)
+        .with_context(|| format!("sizing {}", path.display()))?;
+    Ok(AttachedDisk {
+        path,
+        bus: spec.bus,
+        logical_sector: spec.logical_sector,
+        serial: spec.serial.clone(),
+    })
+}
+
+/// The controllers the disks' buses need, then one drive and device per disk, in order.
+fn add_disks(cmd: &mut Command, attached: &[AttachedDisk]) {
+    if attached.iter().any(|d| d.bus == DiskBus::Sata) {
+        cmd.args(["-device", "ahci,id=sata"]);
+    }
+    if attached.iter().any(|d| d.bus == DiskBus::Scsi) {
+        cmd.args(["-device", "virtio-scsi-pci,id=scsi"]);
+    }
+    let mut sata_port = 0;
+    for (i, d) in attached.iter().enumerate() {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=none,id=disk{i},cache=unsafe,discard=unmap",
+            qemu_path(&d.path)
+        ));
+        let serial = if d.serial.is_empty() {
+            String::new()
+        } else {
+            format!(",serial={}", d.serial)
+        };
+        let ss = d.logical_sector;
+        let blocks = format!(",logical_block_size={ss},physical_block_size={ss}");
+        let dev = match d.bus {
+            DiskBus::Virtio => format!("virtio-blk-pci,drive=disk{i}{serial}{blocks}"),
+            DiskBus::Nvme => format!("nvme,drive=disk{i}{serial}{blocks}"),
+            DiskBus::Scsi => format!("scsi-hd,drive=disk{i},bus=scsi.0{serial}{blocks}"),
+            DiskBus::Sata => {
+                let s = format!("ide-hd,drive=disk{i},bus=sata.{sata_port}{serial}");
+                sata_port += 1;
+                s
+            }
+        };
+        cmd.arg("-device").arg(dev);
     }
 }
 
@@ -695,10 +799,15 @@ fn sanitize(name: &str) -> String {
         .collect()
 }
 
+/// A started QEMU and the threads reading its output; dropping it stops QEMU.
 struct Running {
     child: Child,
     reader: Option<JoinHandle<()>>,
     err_reader: Option<JoinHandle<()>>,
+    /// What the readers have seen.
+    shared: Arc<Shared>,
+    /// When QEMU was started.
+    start: Instant,
 }
 
 impl Running {
