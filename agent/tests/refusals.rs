@@ -17,12 +17,13 @@ use anyhow::Result;
 use base64::Engine;
 use nixos_kexec::app::Input;
 use nixos_kexec::error::{as_user_error, one_line};
-use nixos_kexec::input::config::{Config, DiskChoice};
+use nixos_kexec::input::config::{Config, Layers};
 use nixos_kexec::input::fetch::{self, MachineVars};
 use nixos_kexec::input::http;
-use nixos_kexec::installer::plan::{self, Plan, PlanIds, GIB, MIB};
-use nixos_kexec::machine::facts::{Disk, ExistingPartition, Facts, Firmware, Transport};
-use nixos_kexec::machine::platform::Machine;
+use nixos_kexec::installer::layout::PlanIds;
+use nixos_kexec::installer::plan::{self, Plan};
+use nixos_kexec::installer::storage::{GIB, MIB};
+use nixos_kexec::machine::facts::{Disk, ExistingPartition, Facts, Firmware};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,47 +34,38 @@ use std::time::Duration;
 const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4";
 const KEY_PARAM: &str = "nixos_kexec.ssh_key=ssh-ed25519+AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD+operator@laptop";
 
-/// A virtio disk with an old 100 MiB partition on it, as the scenarios' used disks are.
-fn used_disk(name: &str, size: u64, serial: &str) -> Disk {
-    Disk {
-        name: name.into(),
-        dev_path: format!("/dev/{name}"),
-        size_bytes: size,
-        logical_sector: 512,
-        physical_sector: 512,
-        transport: Transport::Virtio,
-        model: None,
-        serial: Some(serial.into()),
-        wwn: None,
-        by_id: vec![format!("virtio-{serial}")],
-        by_path: vec![],
-        removable: false,
-        read_only: false,
-        partitions: vec![ExistingPartition {
-            name: format!("{name}1"),
-            start_bytes: MIB,
-            size_bytes: 100 * MIB,
-        }],
-        holders: vec![],
-        mounted_at: vec![],
-        modules: vec!["virtio_blk".into(), "virtio_pci".into()],
-    }
-}
-
-/// A QEMU VM as the harness makes it: 1024 MiB, x86_64.
-fn machine(firmware: Firmware, disks: Vec<Disk>) -> Facts {
-    Facts {
-        firmware,
-        ram_bytes: 1024 * MIB,
-        kernel_release: "6.1.0".into(),
-        disks,
-        nics: vec![],
-        previous_installs: vec![],
-        machine: Machine {
-            arch: "x86_64".into(),
-            ..Default::default()
-        },
-    }
+/// A QEMU VM as the harness makes it (1024 MiB, no NIC) with used virtio disks `(name, size,
+/// serial)`, each with an old 100 MiB partition: the machine of agent/tests/fixtures/plan/input/
+/// facts.json with these changes.
+fn machine(firmware: Firmware, disks: &[(&str, u64, &str)]) -> Facts {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/plan/input/facts.json"
+    );
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut facts: Facts = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let virtio = facts.disks[0].clone();
+    facts.firmware = firmware;
+    facts.ram_bytes = 1024 * MIB;
+    facts.nics.clear();
+    facts.disks = disks
+        .iter()
+        .map(|&(name, size, serial)| Disk {
+            name: name.into(),
+            dev_path: format!("/dev/{name}"),
+            size_bytes: size,
+            serial: Some(serial.into()),
+            by_id: vec![format!("virtio-{serial}")],
+            by_path: vec![],
+            partitions: vec![ExistingPartition {
+                name: format!("{name}1"),
+                start_bytes: MIB,
+                size_bytes: 100 * MIB,
+            }],
+            ..virtio.clone()
+        })
+        .collect();
+    facts
 }
 
 /// What the installer makes of `params` alone, as `app::prepare` does with local input: no
@@ -85,7 +77,7 @@ fn config_for(params: &str) -> Result<Config> {
         extra_params: Vec::new(),
         root: root.path().to_path_buf(),
     };
-    let mut config = Config::assemble(None, &input.params()?)?;
+    let mut config = Layers::read(&input.root, &input.params()?)?.config(None)?;
     config.find_secrets(&input.root);
     Ok(config)
 }
@@ -119,7 +111,7 @@ fn refused(name: &str, params: &str, facts: &Facts, expected: &str) {
 
 /// The used 3 GiB disk `bad_input_touches_no_disk` boots with.
 fn victim_3g() -> Facts {
-    machine(Firmware::Bios, vec![used_disk("vda", 3 * GIB, "VICTIM01")])
+    machine(Firmware::Bios, &[("vda", 3 * GIB, "VICTIM01")])
 }
 
 #[test]
@@ -159,7 +151,7 @@ fn layout_params(extra: &str) -> String {
 
 /// The used 2 GiB disk of `layouts.rs`'s refused scenarios.
 fn victim_2g(firmware: Firmware) -> Facts {
-    machine(firmware, vec![used_disk("vda", 2 * GIB, "VICTIM01")])
+    machine(firmware, &[("vda", 2 * GIB, "VICTIM01")])
 }
 
 #[test]
@@ -226,10 +218,7 @@ fn overlapping_declarative_partitions_are_refused() {
 fn no_disk_named_with_two_candidates_lists_both() {
     let facts = machine(
         Firmware::Bios,
-        vec![
-            used_disk("vda", 3 * GIB, "CANDIDATE-A"),
-            used_disk("vdb", 3 * GIB, "CANDIDATE-B"),
-        ],
+        &[("vda", 3 * GIB, "CANDIDATE-A"), ("vdb", 3 * GIB, "CANDIDATE-B")],
     );
     let params = format!("nixos_kexec.hostname=box nixos_kexec.after=poweroff {KEY_PARAM}");
     let error = plan_for(&params, &facts).expect_err("planned without a disk named");
@@ -254,7 +243,7 @@ fn no_disk_named_with_two_candidates_lists_both() {
         "auto cannot choose between two disks"
     );
     let auto = Config {
-        disk: DiskChoice::Auto,
+        disk_auto: true,
         ..config_for(&params).expect("the parameters are valid")
     };
     assert!(
@@ -298,16 +287,12 @@ fn config_url_not_found_names_the_url_and_the_status() {
         mac: Some(mac.into()),
         ..Default::default()
     };
-    let options = http::Options {
-        connect_timeout: Duration::from_secs(2),
-        io_timeout: Duration::from_secs(2),
-        attempts: 5,
-        first_delay: Duration::from_millis(10),
-        max_delay: Duration::from_millis(40),
-        trust: Vec::new(),
-    };
-    let error = fetch::runtime_info(&format!("{base}/hosts/${{mac}}.json"), &vars, &options)
-        .expect_err("a 404 gave runtime info");
+    let error = fetch::runtime_info(
+        &format!("{base}/hosts/${{mac}}.json"),
+        &vars,
+        &http::Options::default(),
+    )
+    .expect_err("a 404 gave runtime info");
     let reason = reason_of(&error);
     let url = format!("{base}/hosts/{mac}.json");
     assert!(

@@ -244,53 +244,31 @@ fn two_disks_target_by_serial_other_untouched() -> Result<()> {
     Ok(())
 }
 
-/// Each bad input stops the run with one clear error, before any disk is touched.
+/// Bad input stops the run with one clear error, before any disk is touched, and the machine
+/// stays up: one VM for the class (invalid runtime info, with a disk named). What each bad input
+/// says (this one, an unknown parameter, an absent disk) is checked in agent/tests/refusals.rs.
 #[test]
 fn bad_input_touches_no_disk() -> Result<()> {
     let bundle = dev_bundle()?;
-    let cases: [(&str, &[&str], &str); 3] = [
-        (
-            "bad_base64",
-            &["nixos_kexec.info=%%%not-base64%%%", "nixos_kexec.disk=/dev/vda"],
-            "not valid base64",
-        ),
-        (
-            "unknown_key",
-            &["nixos_kexec.dsik=/dev/vda"],
-            "Unknown parameter nixos_kexec.dsik",
-        ),
-        (
-            "absent_disk",
-            &["nixos_kexec.disk=serial:NOSUCHDISK"],
-            "not on this machine",
-        ),
-    ];
-    for (name, params, expected) in cases {
-        let scratch = tempfile::tempdir()?;
-        let disk = used_disk(scratch.path(), "disk.img", 3 * GIB)?;
-        let before = digest(&disk)?;
-        let mut vm = Vm::new(&bundle)
-            .name(name)
-            .disk_image(&disk, DiskBus::Virtio, 512, "VICTIM01");
-        for p in params {
-            vm = vm.param(*p);
-        }
-        let out = vm
-            .param("nixos_kexec.after=poweroff")
-            .grace(std::time::Duration::from_secs(3))
-            .run()?;
-        let reason = out.expect_failure()?;
-        ensure!(
-            reason.contains(expected),
-            "{name}: reason `{reason}` lacks `{expected}`"
-        );
-        ensure!(out.contains("nixos-kexec: fix: "), "{name}: no fix was printed");
-        ensure!(
-            !out.exited_by_itself,
-            "{name}: a failed run must not reboot or power off"
-        );
-        ensure!(digest(&disk)? == before, "{name}: the disk changed");
-    }
+    let scratch = tempfile::tempdir()?;
+    let disk = used_disk(scratch.path(), "disk.img", 3 * GIB)?;
+    let before = digest(&disk)?;
+    let out = Vm::new(&bundle)
+        .name("bad_base64")
+        .disk_image(&disk, DiskBus::Virtio, 512, "VICTIM01")
+        .param("nixos_kexec.info=%%%not-base64%%%")
+        .param("nixos_kexec.disk=/dev/vda")
+        .param("nixos_kexec.after=poweroff")
+        .grace(std::time::Duration::from_secs(3))
+        .run()?;
+    let reason = out.expect_failure()?;
+    ensure!(
+        reason.contains("not valid base64"),
+        "reason `{reason}` lacks `not valid base64`"
+    );
+    ensure!(out.contains("nixos-kexec: fix: "), "no fix was printed");
+    ensure!(!out.exited_by_itself, "a failed run must not reboot or power off");
+    ensure!(digest(&disk)? == before, "the disk changed");
     Ok(())
 }
 
