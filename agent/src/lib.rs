@@ -12,7 +12,7 @@
 //! - [`installer`]: the pure [`installer::plan::Plan`] made from config and facts, then the
 //!   steps that carry it out, ending in the report.
 //!
-//! [`app`] strings the stages together; [`console`] and [`error`] serve them all.
+//! [`app`] strings the stages together; [`console`], [`error`] and [`secret`] serve them all.
 
 pub mod app;
 pub mod console;
@@ -22,3 +22,4 @@ pub mod installer;
 pub mod machine;
 pub mod network;
 pub mod rescue;
+pub mod secret;

@@ -2,13 +2,15 @@
 //! time (the kernel unpacks concatenated archives; later files win). Secrets travel only here,
 //! so nothing here ever logs file contents.
 
+use crate::secret::Secret;
 use std::io::Write;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub path: String,
     pub mode: u32,
-    pub data: Vec<u8>,
+    /// Every file's bytes are held as a [`Secret`]: the archive is where secrets travel.
+    pub data: Secret,
     /// Masked in dry-run listings.
     pub secret: bool,
 }
@@ -23,7 +25,7 @@ const S_IFREG: u32 = 0o100000;
 
 impl Archive {
     /// Adds a file, and its parent directories if not yet added.
-    pub fn file(&mut self, path: &str, mode: u32, data: Vec<u8>, secret: bool) {
+    pub fn file(&mut self, path: &str, mode: u32, data: impl Into<Secret>, secret: bool) {
         let path = path.trim_start_matches('/');
         let mut parent = String::new();
         for component in path
@@ -41,7 +43,7 @@ impl Archive {
                 self.entries.push(Entry {
                     path: parent.clone(),
                     mode: S_IFDIR | 0o755,
-                    data: Vec::new(),
+                    data: Secret::new(Vec::new()),
                     secret: false,
                 });
             }
@@ -49,7 +51,7 @@ impl Archive {
         self.entries.push(Entry {
             path: path.to_string(),
             mode: S_IFREG | mode,
-            data,
+            data: data.into(),
             secret,
         });
     }
@@ -83,15 +85,35 @@ impl Archive {
             .collect()
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+    /// The archive, in one buffer of its final size (growing would leave copies of the
+    /// secrets behind).
+    pub fn to_bytes(&self) -> Secret {
+        let size: usize = self
+            .entries
+            .iter()
+            .map(|e| entry_size(&e.path, e.data.len()))
+            .sum::<usize>()
+            + entry_size("TRAILER!!!", 0)
+            + 512;
+        let mut out = Vec::with_capacity(size);
         for (index, entry) in self.entries.iter().enumerate() {
-            write_entry(&mut out, index as u32 + 1, &entry.path, entry.mode, &entry.data);
+            write_entry(
+                &mut out,
+                index as u32 + 1,
+                &entry.path,
+                entry.mode,
+                entry.data.as_bytes(),
+            );
         }
         write_entry(&mut out, 0, "TRAILER!!!", 0, &[]);
         pad(&mut out, 512);
-        out
+        Secret::new(out)
     }
+}
+
+/// Header, name and data of one entry, each padded to 4 bytes as newc wants.
+fn entry_size(path: &str, data: usize) -> usize {
+    (110 + path.len() + 1).next_multiple_of(4) + data.next_multiple_of(4)
 }
 
 fn pad(out: &mut Vec<u8>, to: usize) {
@@ -153,7 +175,7 @@ mod tests {
             .stdin
             .take()
             .unwrap()
-            .write_all(&archive.to_bytes())
+            .write_all(archive.to_bytes().as_bytes())
             .unwrap();
         assert!(child.wait().unwrap().success());
         let secret = dir.path().join("etc/nixos-kexec/secrets/disk-passphrase");

@@ -13,6 +13,7 @@ use crate::installer::layout::PlanIds;
 use crate::installer::plan;
 use crate::installer::storage::MIB;
 use crate::machine::facts::{Disk, Facts};
+use crate::secret::Secret;
 use anyhow::{Context, Result};
 use base64::Engine;
 use std::path::{Path, PathBuf};
@@ -176,8 +177,8 @@ pub fn identify_disk(choice: Option<&str>, facts: &Facts) -> Result<DiskSelector
     })
 }
 
-fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
-    let data = std::fs::read(path).with_context(|| format!("reading the {what} from {}", path.display()))?;
+fn read_secret(path: &Path, what: &str) -> Result<Secret> {
+    let data = Secret::read(path).with_context(|| format!("reading the {what} from {}", path.display()))?;
     if data.is_empty() {
         return Err(user_error(
             format!("The {what} file {} is empty.", path.display()),
@@ -368,7 +369,7 @@ pub fn prepare(
         archive.file(
             &format!("{SECRETS_DIR}/ssh_host_ed25519_key"),
             0o600,
-            private.as_bytes().to_vec(),
+            Secret::new(private.as_bytes().to_vec()),
             true,
         );
         console::line(&format!("host key: {fingerprint}"));
@@ -390,7 +391,7 @@ pub fn plan_as_installer(options: &RunOptions, facts: &Facts, handover: &Handove
         .entries()
         .iter()
         .find(|e| e.path == crate::input::config::RUNTIME_INFO_FILE.trim_start_matches('/'))
-        .map(|e| runtime_info::parse_json(&e.data, runtime_info::Source::File, false))
+        .map(|e| runtime_info::parse_json(e.data.as_bytes(), runtime_info::Source::File, false))
         .transpose()?;
     let mut config = Config::assemble(info_file, &params)?;
     config.disk_passphrase_given = options.disk_key_file.is_some();
@@ -445,11 +446,12 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
         console::line("dry run: nothing was loaded");
         return Ok(());
     }
-    let mut initrd = kexec::pad4(initrd);
-    if !handover.archive.is_empty() {
-        initrd.extend(handover.archive.to_bytes());
-    }
-    let initrd_file = kexec::memfd_with(&[&initrd])?;
+    let initrd = kexec::pad4(initrd);
+    // Appended as its own part: the bundle's initrd is large, the archive (secrets) small and
+    // locked in RAM.
+    let archive = handover.archive.to_bytes();
+    let initrd_file = kexec::memfd_with(&[&initrd, archive.as_bytes()])?;
+    drop(archive);
     drop(initrd);
     if let Err(native) = kexec::load(&kernel, &initrd_file, &handover.cmdline) {
         console::line(&format!("{native:#}; trying a kexec binary"));
@@ -526,7 +528,7 @@ mod tests {
             .unwrap()
             .data;
         assert_eq!(
-            runtime_info::parse_json(entry, runtime_info::Source::File, false).unwrap(),
+            runtime_info::parse_json(entry.as_bytes(), runtime_info::Source::File, false).unwrap(),
             big
         );
     }
@@ -577,7 +579,7 @@ mod tests {
             h.cmdline
         );
         assert!(!h.archive.listing().join("\n").contains("correct horse"));
-        assert!(h.archive.to_bytes().windows(5).any(|w| w == b"horse"));
+        assert!(h.archive.to_bytes().as_bytes().windows(5).any(|w| w == b"horse"));
     }
 
     /// The operator's options win over what was gathered; what they leave out is kept.

@@ -7,17 +7,17 @@
 use crate::error::user_error;
 use crate::installer::layout::{LuksVolume, SwapArea};
 use crate::machine::runner;
+use crate::secret::Secret;
 use anyhow::Result;
 use std::path::Path;
 use std::process::Command;
-use zeroize::Zeroizing;
 
-/// The disk passphrase, overwritten in memory when dropped.
-pub struct Passphrase(Zeroizing<Vec<u8>>);
+/// The disk passphrase, locked in RAM and overwritten when dropped.
+pub struct Passphrase(Secret);
 
 impl Passphrase {
     pub fn bytes(&self) -> &[u8] {
-        &self.0
+        self.0.as_bytes()
     }
 }
 
@@ -30,19 +30,19 @@ impl std::fmt::Debug for Passphrase {
 /// Reads the passphrase file and wipes it at once, whatever happens next. One trailing newline
 /// is dropped (files written with `echo` have one; the passphrase typed at boot has none).
 pub fn take_passphrase(path: &Path) -> Result<Passphrase> {
-    let read = std::fs::read(path);
+    let read = Secret::read(path);
     crate::installer::steps::keys::wipe_file(path);
-    let mut data = Passphrase(Zeroizing::new(read.map_err(|e| {
+    let mut data = Passphrase(read.map_err(|e| {
         user_error(
-            format!("The disk passphrase file {} cannot be read ({e}).", path.display()),
+            format!("The disk passphrase file {} cannot be read ({e:#}).", path.display()),
             "append a cpio archive holding etc/nixos-kexec/secrets/disk-passphrase (mode 0600), e.g. with nixos-kexec run --disk-key-file FILE.",
         )
-    })?));
+    })?);
     let kept = data
-        .0
+        .bytes()
         .strip_suffix(b"\r\n")
-        .or_else(|| data.0.strip_suffix(b"\n"))
-        .map_or(data.0.len(), <[u8]>::len);
+        .or_else(|| data.bytes().strip_suffix(b"\n"))
+        .map_or(data.bytes().len(), <[u8]>::len);
     data.0.truncate(kept);
     if data.0.is_empty() {
         return Err(user_error(
@@ -50,7 +50,7 @@ pub fn take_passphrase(path: &Path) -> Result<Passphrase> {
             "put the passphrase in the file given with --disk-key-file.",
         ));
     }
-    if data.0.contains(&b'\n') || data.0.contains(&0) {
+    if data.bytes().contains(&b'\n') || data.bytes().contains(&0) {
         return Err(user_error(
             "The disk passphrase spans several lines (or holds a NUL byte), so it could not be typed at boot.",
             "use a passphrase on a single line.",
