@@ -8,10 +8,19 @@ use crate::installer::report::{Marker, Report, Run, Summary, FILE_NAME, REPORT_D
 use anyhow::{Context, Result};
 use std::time::{Instant, SystemTime};
 
-/// The finish step of a run that got this far: the report, then the marker.
+/// The finish step of a run that got this far: the report, then the marker. Each vouches for
+/// what was written before it, so that reaches the disk first: after a power cut the reinstall
+/// guard must never find a finished install that is not all there. Until a sync, what
+/// nixos-install wrote may be in RAM only (Nix does not fsync store paths, nor do the boot
+/// loader's installers their menu on the ESP), while cryptsetup writes the marker to the disk
+/// at once.
 pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
+    nix::unistd::sync();
     match write_report(plan, execution, None)? {
-        Some(summary) => mark_encrypted(plan, &summary),
+        Some(summary) => {
+            nix::unistd::sync();
+            mark_encrypted(plan, &summary)
+        }
         None => Ok(()),
     }
 }
