@@ -464,7 +464,8 @@ fn read_response(mut reader: impl BufRead) -> Result<Response, Failure> {
         let status = parts.next().and_then(|s| s.parse::<u16>().ok());
         let (true, Some(status)) = (version.starts_with("HTTP/1."), status) else {
             return Err(Failure::Transient(format!(
-                "not an HTTP/1.x status line: {status_line:?}"
+                "not an HTTP/1.x status line: {}",
+                quote_start(&status_line)
             )));
         };
         let reason = parts.next().unwrap_or("").trim().to_string();
@@ -497,7 +498,7 @@ fn read_response(mut reader: impl BufRead) -> Result<Response, Failure> {
     } else if let Some(length) = response.header("content-length") {
         let length: usize = length
             .parse()
-            .map_err(|_| Failure::Transient(format!("bad Content-Length {length:?}")))?;
+            .map_err(|_| Failure::Transient(format!("bad Content-Length {}", quote_start(length))))?;
         if length > MAX_BODY {
             return Err(too_big());
         }
@@ -523,6 +524,17 @@ fn read_response(mut reader: impl BufRead) -> Result<Response, Failure> {
     Ok(response)
 }
 
+/// What the server sent, quoted for a message: at most its first characters, so a server
+/// that answers with something else (binary data, a page without line breaks) cannot fill the
+/// console, the result line and the report with it.
+fn quote_start(text: &str) -> String {
+    const SHOWN: usize = 40;
+    match text.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}...", &text[..cut]),
+        None => format!("{text:?}"),
+    }
+}
+
 fn too_big() -> Failure {
     Failure::Final(user_error(
         format!(
@@ -540,7 +552,7 @@ fn read_chunked(reader: &mut impl BufRead) -> Result<Vec<u8>, Failure> {
         let line = read_line(reader, &mut budget)?;
         let size_text = line.split(';').next().unwrap_or("").trim();
         let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| Failure::Transient(format!("bad chunk size {line:?}")))?;
+            .map_err(|_| Failure::Transient(format!("bad chunk size {}", quote_start(&line))))?;
         if size == 0 {
             // Trailers, then the empty line; a server that just closes is fine too.
             while let Ok(line) = read_line(reader, &mut budget) {
@@ -648,11 +660,35 @@ mod tests {
         assert_eq!(r.body, b"{\"a\":1}");
         let r = parse_response(b"HTTP/1.0 404 Not Found\n\nno such host").unwrap();
         assert_eq!((r.status, r.body.as_slice()), (404, &b"no such host"[..]));
-        assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+        let error = parse_response(b"SSH-2.0-OpenSSH\r\n\r\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error, r#"not an HTTP/1.x status line: "SSH-2.0-OpenSSH""#);
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
         let huge = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
         assert!(parse_response(huge.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn garbage_is_quoted_only_as_far_as_it_helps() {
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 0x80) as u8 | 0x80).collect();
+        let error = parse_response(&garbage).unwrap_err().to_string();
+        assert!(error.starts_with("not an HTTP/1.x status line: \""), "{error}");
+        assert!(error.ends_with("\"..."), "{error}");
+        assert!(error.len() < 200, "{} bytes: {error}", error.len());
+        let chunk = parse_response(
+            format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{}\r\n",
+                "z".repeat(5000)
+            )
+            .as_bytes(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(chunk, format!("bad chunk size {:?}...", "z".repeat(40)));
+        // Multi-byte characters are cut between characters, not inside one.
+        assert_eq!(quote_start(&"é".repeat(50)), format!("{:?}...", "é".repeat(40)));
     }
 
     /// A server on 127.0.0.1 answering each connection with the next canned response (the
