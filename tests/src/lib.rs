@@ -33,12 +33,14 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 
+pub mod config_server;
 pub mod cpio;
 pub mod inspect;
 pub mod rescue;
 pub mod tool;
 pub mod vm;
 
+pub use config_server::{ConfigServer, Routes};
 pub use cpio::{cpio_from_dir, Cpio};
 pub use inspect::*;
 pub use tool::{run_tool, run_tool_unchecked, run_tool_with_input, tool, ToolOutput};
@@ -69,6 +71,17 @@ impl Bundle {
             }
         }
         Ok(b)
+    }
+
+    /// The test double for nixos-install (`tests/stand-in/nixos-install` with Debian's
+    /// boot-loader tools) as an initrd to append, which `kexec-bundle/build-dev` makes beside
+    /// the bundle.
+    pub fn stand_in(&self) -> Result<PathBuf> {
+        let path = self.dir.join("boot-stand-in.cpio.gz");
+        if !path.is_file() {
+            bail!("{} is missing (kexec-bundle/build-dev makes it)", path.display());
+        }
+        Ok(path)
     }
 }
 

@@ -14,7 +14,7 @@
 use anyhow::{ensure, Context, Result};
 use nixos_kexec_tests::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 const KEY: &str =
@@ -26,23 +26,12 @@ fn key_param() -> String {
     format!("nixos_kexec.ssh_key={}", KEY.replace(' ', "+"))
 }
 
-/// The appended test double for nixos-install, with Debian's grub-install and bootctl.
-fn stand_in(bundle: &Bundle) -> Result<PathBuf> {
-    let path = bundle.dir.join("boot-stand-in.cpio.gz");
-    ensure!(
-        path.is_file(),
-        "{} is missing (kexec-bundle/build-dev makes it)",
-        path.display()
-    );
-    Ok(path)
-}
-
 /// An install VM: the stand-in appended, a NIC (the install step needs a default route), an
 /// SSH key, power off when done.
 fn installer(bundle: &Bundle, name: &str) -> Result<Vm> {
     Ok(Vm::new(bundle)
         .name(name)
-        .extra_initrd(stand_in(bundle)?)
+        .extra_initrd(bundle.stand_in()?)
         .nic("52:54:00:12:34:70")
         .param(key_param())
         .param("nixos_kexec.after=poweroff")
