@@ -1,6 +1,7 @@
 //! The plan: a pure function of config and facts. Everything the steps do is resolved here
 //! (device paths, byte offsets, sizes, labels, UUIDs), so it can be printed, tested and
-//! checked before anything touches a disk.
+//! checked before anything touches a disk; the only files it reads are the provided host keys,
+//! to refuse a bad one before the wipe.
 //!
 //! The disk layout comes from the declarative form ([`crate::installer::storage`]): a preset is first
 //! written in that form ([`crate::installer::presets`]), then placed on the disk ([`crate::installer::layout`]).
@@ -189,7 +190,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
             nic_modules,
         });
     let virtualisation = facts.machine.virtualisation;
-    Ok(Plan {
+    let plan = Plan {
         hostname: config.hostname().to_string(),
         firmware: facts.firmware,
         system,
@@ -248,7 +249,19 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         stop_before: config.stop_before,
         after: config.after,
         dry_run: config.dry_run,
-    })
+    };
+    refuse_what_the_steps_would(&plan)?;
+    Ok(plan)
+}
+
+/// What the steps up to `install` would refuse in the input, refused now, before the wipe:
+/// the host flake is rendered (and dropped; the flake step renders it again, with the
+/// installer's network facts, which only add matches) and the provided host keys are parsed
+/// (the files stay for the keys step, which wipes them). Names, sizes and the rest of the
+/// layout were checked as it was placed.
+fn refuse_what_the_steps_would(plan: &Plan) -> Result<()> {
+    crate::installer::steps::flake::render(plan, None)?;
+    crate::installer::steps::keys::check_provided(&plan.provided_host_keys)
 }
 
 fn describe(disk: &Disk) -> String {
@@ -703,6 +716,52 @@ pub mod tests {
         f.machine.arch = "riscv64".into();
         let err = make(&config, &f, &ids()).unwrap_err();
         assert!(crate::error::one_line(&err).contains("riscv64"), "{err}");
+    }
+
+    /// What used to fail after the wipe is settled while planning: a key comment that looks
+    /// like a template placeholder is written as it is, a host key that is no key is refused
+    /// (its file kept for a new try, its contents never quoted).
+    #[test]
+    fn input_the_steps_would_refuse_is_refused_while_planning() {
+        let mut config = choose(Some("/dev/vda"), None);
+        config.layout = Layout::BtrfsImpermanence;
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD deploy@word@ /*@imports@*/";
+        config.runtime_info.ssh_authorized_keys = vec![key.into()];
+        let f = facts(vec![disk("vda", 8 * GIB, 512, "A")]);
+        let plan = make(&config, &f, &ids()).unwrap();
+        let flake = crate::installer::steps::flake::render(&plan, None).unwrap();
+        assert!(flake.configuration.contains(key), "{}", flake.configuration);
+
+        let dir = tempfile::tempdir().unwrap();
+        let ecdsa = dir.path().join("ssh_host_ecdsa_key");
+        let made = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-N", "", "-t", "ecdsa", "-f"])
+            .arg(&ecdsa)
+            .status()
+            .expect("ssh-keygen is needed for this test (Debian: openssh-client)");
+        assert!(made.success());
+        config.provided_host_keys = vec![ecdsa.to_string_lossy().into_owned()];
+        let plan = make(&config, &f, &ids()).unwrap();
+        let persist = crate::installer::steps::flake::render(&plan, None)
+            .unwrap()
+            .persist
+            .unwrap();
+        assert!(persist.contains("type = \"ecdsa\";"), "{persist}");
+
+        let garbage = dir.path().join("ssh_host_ed25519_key");
+        std::fs::write(&garbage, "SECRET-BYTES not a key\n").unwrap();
+        config
+            .provided_host_keys
+            .push(garbage.to_string_lossy().into_owned());
+        let err = make(&config, &f, &ids()).unwrap_err();
+        let user = crate::error::as_user_error(&err).expect("a user error");
+        assert!(user.problem.contains(&*garbage.to_string_lossy()), "{user}");
+        assert!(user.fix.contains("--host-keys"), "{user}");
+        assert!(!user.to_string().contains("SECRET-BYTES"), "{user}");
+        assert!(
+            garbage.exists() && ecdsa.exists(),
+            "the keys step still needs the files"
+        );
     }
 
     #[test]

@@ -18,19 +18,65 @@ pub enum Value {
     Block(String),
 }
 
+/// Fills every placeholder of `template` in one pass: a value goes in as data and is never
+/// read for placeholders again, so an SSH key comment or hostname holding `@word@` (or
+/// another value's placeholder) stays as written. A placeholder without a value is a bug.
 pub fn render(template: &str, values: &[(&str, Value)]) -> Result<String> {
-    let mut out = template.to_string();
-    for (name, value) in values {
-        match value {
-            Value::Text(text) => out = out.replace(&format!("@{name}@"), &escape_in_string(text)),
-            Value::Block(nix) => out = out.replace(&format!("/*@{name}@*/"), nix),
-        }
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(at) = rest.find('@') {
+        let Some(placeholder) = Placeholder::at(rest, at) else {
+            if rest[..at].ends_with("/*") {
+                let left: String = rest[at - 2..].chars().take(40).collect();
+                bail!("template block placeholder {left:?} is malformed (a bug in nixos-kexec)");
+            }
+            out.push_str(&rest[..=at]);
+            rest = &rest[at + 1..];
+            continue;
+        };
+        let value = values.iter().find(|(name, _)| *name == placeholder.name);
+        let filled = match (value, placeholder.block) {
+            (Some((_, Value::Text(text))), false) => escape_in_string(text),
+            (Some((_, Value::Block(nix))), true) => nix.clone(),
+            _ => {
+                let left: String = rest[placeholder.start..].chars().take(40).collect();
+                bail!("template placeholder left unfilled at {left:?} (a bug in nixos-kexec)");
+            }
+        };
+        out.push_str(&rest[..placeholder.start]);
+        out.push_str(&filled);
+        rest = &rest[placeholder.end..];
     }
-    if let Some(start) = out.find("/*@").or_else(|| find_placeholder(&out)) {
-        let rest: String = out[start..].chars().take(40).collect();
-        bail!("template placeholder left unfilled at {rest:?} (a bug in nixos-kexec)");
-    }
+    out.push_str(rest);
     Ok(tidy(&out))
+}
+
+/// A placeholder in a template: `@name@` inside a string, or a `/*@name@*/` block.
+struct Placeholder<'a> {
+    start: usize,
+    end: usize,
+    name: &'a str,
+    block: bool,
+}
+
+impl Placeholder<'_> {
+    /// The placeholder whose first `@` is at `at` in `text`, if that `@` begins one (an email
+    /// address in a comment does not).
+    fn at(text: &str, at: usize) -> Option<Placeholder<'_>> {
+        let after = &text[at + 1..];
+        let len = after.find(|c: char| !(c.is_ascii_lowercase() || c == '_'))?;
+        if len == 0 || !after[len..].starts_with('@') {
+            return None;
+        }
+        let end = at + len + 2;
+        let block = text[..at].ends_with("/*") && text[end..].starts_with("*/");
+        Some(Placeholder {
+            start: if block { at - 2 } else { at },
+            end: if block { end + 2 } else { end },
+            name: &after[..len],
+            block,
+        })
+    }
 }
 
 /// An empty block leaves its indentation behind: such lines become empty, and a run of empty
@@ -55,19 +101,6 @@ fn tidy(text: &str) -> String {
         });
     }
     out
-}
-
-fn find_placeholder(text: &str) -> Option<usize> {
-    let bytes = text.as_bytes();
-    (0..bytes.len()).find(|&i| {
-        bytes[i] == b'@'
-            && bytes[i + 1..].iter().position(|&b| b == b'@').is_some_and(|len| {
-                len > 0
-                    && bytes[i + 1..i + 1 + len]
-                        .iter()
-                        .all(|b| b.is_ascii_lowercase() || *b == b'_')
-            })
-    })
 }
 
 /// Escapes text for a double-quoted Nix string.
@@ -126,5 +159,27 @@ mod tests {
         assert!(render("x = [ /*@b@*/ ];", &[]).is_err());
         // An email address in a key comment is not a placeholder.
         assert!(render("x = \"me@host\";", &[]).is_ok());
+        // A value of the wrong kind does not fill it.
+        assert!(render("x = [ /*@b@*/ ];", &[("b", Value::Text("t".into()))]).is_err());
+        assert!(render("x = [ /*@B@*/ ];", &[]).is_err());
+    }
+
+    /// Values are data: what looks like a placeholder inside one (an SSH key comment
+    /// `deploy@build@`, another value's name) is written as it is.
+    #[test]
+    fn values_holding_placeholders_stay_as_written() {
+        let out = render(
+            "a = \"@a@\"; b = [ /*@b@*/ ]; c = \"@c@\";",
+            &[
+                ("a", Value::Text("key deploy@build@ @c@ /*@b@*/".into())),
+                ("b", Value::Block(list_lines(&["ssh-ed25519 AAAA me@word@"], 0))),
+                ("c", Value::Text("@a@".into())),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "a = \"key deploy@build@ @c@ /*@b@*/\"; b = [ \"ssh-ed25519 AAAA me@word@\" ]; c = \"@a@\";"
+        );
     }
 }

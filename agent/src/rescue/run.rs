@@ -338,12 +338,11 @@ pub fn prepare(
                 continue;
             }
             let data = read_secret(&private, "host key")?;
-            let key = ssh_key::PrivateKey::from_openssh(&data).map_err(|e| {
-                user_error(
-                    format!("{} is not an OpenSSH private key ({e}).", private.display()),
-                    "pass a directory with ssh_host_<type>_key files as ssh-keygen writes them, unencrypted.",
-                )
-            })?;
+            let key = crate::installer::steps::keys::parse_host_key(
+                &private,
+                &data,
+                "pass a directory with ssh_host_<type>_key files as ssh-keygen writes them, unencrypted.",
+            )?;
             console::line(&format!(
                 "host key: {}",
                 crate::installer::steps::keys::fingerprint_line(&key)

@@ -32,6 +32,23 @@ pub(super) fn check_name(at: &str, what: &str, text: &str, max: usize, extra: &s
     }
 }
 
+/// A name the installer hands on as a path component or a program's argument: a btrfs
+/// subvolume (a directory at the filesystem's top) or a LUKS mapping (`/dev/mapper/<name>`,
+/// a positional argument of cryptsetup). [`check_name`]'s characters (so no `/`, NUL or
+/// space), and not `.` or `..`, which name directories that exist, nor a leading `-`, which
+/// reads as an option.
+pub(super) fn check_component(at: &str, what: &str, text: &str, max: usize, extra: &str) -> Result<()> {
+    check_name(at, what, text, max, extra)?;
+    if text == "." || text == ".." || text.starts_with('-') {
+        return Err(err_at(
+            at,
+            format!("{what} {text:?} is not allowed: it would name a directory that exists or read as an option"),
+            "start the name with a letter or digit, e.g. \"data\" or \"@data\" for a subvolume, \"cryptdata\" for a LUKS container.",
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn check_mountpoint(at: &str, path: &str) -> Result<()> {
     let ok = path == "/"
         || (path.starts_with('/')
@@ -90,6 +107,16 @@ mod tests {
         assert!(check_name("x", "subvolume name", "@home", 255, "@").is_ok());
         for bad in ["", "a b", "seventeen-letters", "@home"] {
             assert!(check_name("x", "label", bad, 16, "").is_err(), "{bad}");
+        }
+        for good in ["@", "@home", "data.1", "a-b", "_x"] {
+            assert!(
+                check_component("x", "subvolume name", good, 255, "@").is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [".", "..", "-x", "--help", "a/b", "", "a\0b"] {
+            let err = check_component("x", "LUKS name", bad, 32, "").unwrap_err();
+            assert!(format!("{err:#}").contains("LUKS name"), "{bad}: {err:#}");
         }
         for good in ["/", "/boot", "/var/lib/@data+x"] {
             assert!(check_mountpoint("x", good).is_ok(), "{good}");

@@ -2,7 +2,7 @@
 //! and its mounts, a swap area, or a LUKS container and what it holds; one function per type,
 //! after the checks every type shares (label, size).
 
-use super::checks::{check_mountpoint, check_name, check_options, err_at};
+use super::checks::{check_component, check_mountpoint, check_name, check_options, err_at};
 use super::extents::{align_down, align_up};
 use super::mounts::MountOn;
 use super::{
@@ -221,7 +221,7 @@ impl<'a> Contents<'a> {
         let mut names = BTreeSet::new();
         for (i, sub) in subvolumes.iter().enumerate() {
             let sub_at = format!("{}.subvolumes[{i}]", slot.at);
-            check_name(&sub_at, "subvolume name", &sub.name, 255, "@")?;
+            check_component(&sub_at, "subvolume name", &sub.name, 255, "@")?;
             if !names.insert(sub.name.clone()) {
                 return Err(err_at(
                     &sub_at,
@@ -290,7 +290,7 @@ impl<'a> Contents<'a> {
         let name = name
             .clone()
             .unwrap_or_else(|| format!("crypt{}", self.luks.len()));
-        check_name(&slot.at, "LUKS name", &name, 32, "")?;
+        check_component(&slot.at, "LUKS name", &name, 32, "")?;
         if self.luks.iter().any(|l| l.name == name) {
             return Err(err_at(
                 &slot.at,
@@ -483,6 +483,16 @@ mod tests {
                 serde_json::json!({"partitions": [esp(), {"size": "rest", "filesystem": {"type": "ext4",
                 "label": "much-too-long-label", "mountpoint": "/"}}]}),
                 "label \"much-too-long-label\" is not allowed",
+            ),
+            (
+                serde_json::json!({"partitions": [esp(), {"size": "rest", "filesystem": {"type": "btrfs",
+                "subvolumes": [{"name": "@", "mountpoint": "/"}, {"name": ".."}]}}]}),
+                "partitions[1].filesystem.subvolumes[1]: subvolume name \"..\" is not allowed",
+            ),
+            (
+                serde_json::json!({"partitions": [esp(), {"size": "rest", "filesystem": {"type": "luks",
+                "name": "-cryptroot", "filesystem": {"type": "ext4", "mountpoint": "/"}}}]}),
+                "partitions[1].filesystem: LUKS name \"-cryptroot\" is not allowed",
             ),
         ];
         assert_refusals(&cases);

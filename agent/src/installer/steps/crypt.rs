@@ -60,7 +60,9 @@ pub fn take_passphrase(path: &Path) -> Result<Passphrase> {
 }
 
 /// cryptsetup without udev: libdevmapper would otherwise wait for udev to make the
-/// /dev/mapper node, and the installer has no udev.
+/// /dev/mapper node, and the installer has no udev. Its positional arguments (devices,
+/// mapping names) always follow `--`, so none can ever read as an option (the layout checks
+/// refuse names starting with `-` too).
 fn cryptsetup() -> Command {
     let mut command = Command::new("cryptsetup");
     command.env("DM_DISABLE_UDEV", "1");
@@ -105,7 +107,7 @@ pub struct Opened {
 impl Opened {
     pub fn close(mut self) -> Result<()> {
         self.active = false;
-        runner::run(cryptsetup().args(["close", &self.name]))?;
+        runner::run(cryptsetup().args(["close", "--", &self.name]))?;
         Ok(())
     }
 }
@@ -113,7 +115,7 @@ impl Opened {
 impl Drop for Opened {
     fn drop(&mut self) {
         if self.active {
-            if let Err(e) = runner::run(cryptsetup().args(["close", &self.name])) {
+            if let Err(e) = runner::run(cryptsetup().args(["close", "--", &self.name])) {
                 log::warn!("closing {}: {e:#}", self.name);
             }
         }
@@ -135,7 +137,10 @@ pub fn format_and_open(volume: &LuksVolume, passphrase: &Passphrase) -> Result<O
         volume.sector_size
     ));
     runner::run_with_input(
-        cryptsetup().args(format_args(volume)).arg(&volume.device),
+        cryptsetup()
+            .args(format_args(volume))
+            .arg("--")
+            .arg(&volume.device),
         passphrase.bytes(),
     )?;
     runner::run_with_input(
@@ -145,6 +150,7 @@ pub fn format_and_open(volume: &LuksVolume, passphrase: &Passphrase) -> Result<O
             "luks2",
             "--key-file",
             "-",
+            "--",
             &volume.device,
             &volume.name,
         ]),
@@ -163,7 +169,7 @@ const SUBSYSTEM_FIELD: std::ops::Range<usize> = 208..256;
 /// Writes `text` (at most 47 bytes; empty clears it) into the subsystem field of the LUKS2
 /// header on `device`. Only the header's metadata changes, so the container may be open.
 pub fn set_subsystem(device: &str, text: &str) -> Result<()> {
-    runner::run(cryptsetup().args(["config", "--subsystem", text, device]))?;
+    runner::run(cryptsetup().args(["config", "--subsystem", text, "--", device]))?;
     Ok(())
 }
 
@@ -201,6 +207,7 @@ pub fn open_random_swap(swap: &SwapArea) -> Result<Opened> {
         "/dev/urandom",
         "--sector-size",
         &swap.sector_size.to_string(),
+        "--",
         &swap.partition,
         &name,
     ]))?;

@@ -2,6 +2,7 @@
 //! fingerprint before the first boot.
 
 use super::Execution;
+use crate::error::user_error;
 use crate::installer::plan::Plan;
 use anyhow::{anyhow, Context, Result};
 use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey};
@@ -55,6 +56,9 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
     Ok(())
 }
 
+/// How to hand over a host key the installer takes, for the errors that refuse one.
+const PROVIDED_KEY_FIX: &str = "hand over host keys as ssh-keygen writes them (unencrypted OpenSSH private keys named ssh_host_<type>_key, e.g. with nixos-kexec run --host-keys DIR), or leave them out and the installer makes a new ed25519 key.";
+
 /// Installs the operator's own host keys (from the secrets archive) so secrets encrypted to
 /// the host key (sops-nix, agenix) work at first boot; then wipes them from RAM.
 fn install_provided(private_keys: &[String], dir: &Path) -> Result<Vec<String>> {
@@ -62,12 +66,52 @@ fn install_provided(private_keys: &[String], dir: &Path) -> Result<Vec<String>> 
     for source in private_keys {
         let source = Path::new(source);
         let name = source.file_name().context("host key path without a file name")?;
-        let data = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
-        let key = install_key(dir, &name.to_string_lossy(), &data)?;
+        let (data, key) = read_provided(source)?;
+        write_key(dir, &name.to_string_lossy(), &data, &key)?;
         fingerprints.push(fingerprint_line(&key));
         wipe_file(source);
     }
     Ok(fingerprints)
+}
+
+/// Reads and parses the operator's host keys as the keys step will, so a bad one is refused
+/// while planning, before the disk is wiped. The files stay for the keys step; what they hold
+/// is never printed.
+pub fn check_provided(private_keys: &[String]) -> Result<()> {
+    for source in private_keys {
+        read_provided(Path::new(source))?;
+    }
+    Ok(())
+}
+
+/// A provided host key file: its bytes (overwritten in memory when dropped) and the key.
+fn read_provided(source: &Path) -> Result<(zeroize::Zeroizing<Vec<u8>>, PrivateKey)> {
+    let data = zeroize::Zeroizing::new(
+        std::fs::read(source).with_context(|| format!("reading {}", source.display()))?,
+    );
+    let key = parse_host_key(source, &data, PROVIDED_KEY_FIX)?;
+    Ok((data, key))
+}
+
+/// A host private key as sshd can load it: OpenSSH's format, unencrypted. `path` names it in
+/// the error, `fix` says where a good one comes from; the error never quotes the key.
+pub fn parse_host_key(path: &Path, data: &[u8], fix: &str) -> Result<PrivateKey> {
+    let key = PrivateKey::from_openssh(data).map_err(|e| {
+        user_error(
+            format!("{} is not an OpenSSH private key ({e}).", path.display()),
+            fix,
+        )
+    })?;
+    if key.is_encrypted() {
+        return Err(user_error(
+            format!(
+                "{} is encrypted with a passphrase, which sshd cannot type at boot.",
+                path.display()
+            ),
+            fix,
+        ));
+    }
+    Ok(key)
 }
 
 fn key_bits(key: &PrivateKey) -> u32 {
@@ -150,11 +194,16 @@ pub fn generate_ed25519(dir: &Path, comment: &str) -> Result<String> {
     Ok(fingerprint)
 }
 
-/// Writes a private key (0600) and its public half (0644) into `dir`; returns the key.
-fn install_key(dir: &Path, name: &str, private: &[u8]) -> Result<PrivateKey> {
+/// Writes a private key (0600) and its public half (0644) into `dir`.
+fn install_key(dir: &Path, name: &str, private: &[u8]) -> Result<()> {
     let key = PrivateKey::from_openssh(private)
         .map_err(|e| anyhow!("{e}"))
         .with_context(|| format!("parsing {name}"))?;
+    write_key(dir, name, private, &key)
+}
+
+/// Writes `private` (0600), the text of `key`, and its public half (0644) into `dir`.
+fn write_key(dir: &Path, name: &str, private: &[u8], key: &PrivateKey) -> Result<()> {
     let public = key
         .public_key()
         .to_openssh()
@@ -165,8 +214,7 @@ fn install_key(dir: &Path, name: &str, private: &[u8]) -> Result<PrivateKey> {
         &dir.join(format!("{name}.pub")),
         format!("{public}\n").as_bytes(),
         0o644,
-    )?;
-    Ok(key)
+    )
 }
 
 /// Creates a file with its final mode from the start, so a secret is never briefly readable.
@@ -244,6 +292,26 @@ mod tests {
                 "{kind}"
             );
         }
+    }
+
+    /// sshd cannot load a key behind a passphrase: refused like one that is no key at all.
+    #[test]
+    fn encrypted_or_broken_host_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ssh_host_ed25519_key");
+        let made = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-N", "a passphrase", "-t", "ed25519", "-f"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let err = check_provided(&[path.to_string_lossy().into_owned()]).unwrap_err();
+        let user = crate::error::as_user_error(&err).unwrap();
+        assert!(user.problem.contains("encrypted"), "{user}");
+        std::fs::write(&path, b"-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n").unwrap();
+        let err = check_provided(&[path.to_string_lossy().into_owned()]).unwrap_err();
+        assert!(crate::error::as_user_error(&err).is_some(), "{err:#}");
+        assert!(path.exists());
     }
 
     #[test]
