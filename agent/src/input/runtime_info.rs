@@ -73,12 +73,18 @@ impl RuntimeInfo {
     }
 }
 
+/// The target disk; every field given must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// The disk's WWN or NVMe namespace id, as [`crate::machine::facts::Disk::wwn`] has it:
+    /// what `nixos-kexec run` names the disk by when its serial is shared (NVMe namespaces,
+    /// multipath, some cloud volumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
 }
@@ -239,7 +245,7 @@ impl RuntimeInfo {
             validate_hostname(hostname)?;
         }
         if let Some(disk) = &self.disk {
-            if disk.path.is_none() && disk.serial.is_none() {
+            if disk.path.is_none() && disk.serial.is_none() && disk.wwn.is_none() {
                 return Err(user_error(
                     format!("{from}: \"disk\" names neither \"path\" nor \"serial\"."),
                     "give the target disk as {\"path\": \"/dev/disk/by-id/...\"} or {\"serial\": \"...\"}.",
@@ -321,6 +327,32 @@ mod tests {
 
     const KEY: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD me@host";
+
+    /// `wwn` is new and optional: a selector without it is written as before, and one with it
+    /// alone names a disk.
+    #[test]
+    fn disk_by_wwn_alone_names_a_disk() {
+        let info = parse_json(
+            br#"{"version":1,"disk":{"wwn":"eui.0011223344556601","size_bytes":4294967296}}"#,
+            Source::File,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            info.disk.and_then(|d| d.wwn).as_deref(),
+            Some("eui.0011223344556601")
+        );
+        let old = DiskSelector {
+            serial: Some("S1".into()),
+            size_bytes: Some(1024),
+            ..DiskSelector::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"serial":"S1","size_bytes":1024}"#
+        );
+        assert!(parse_json(br#"{"version":1,"disk":{"size_bytes":1}}"#, Source::File, false).is_err());
+    }
 
     fn example() -> String {
         format!(

@@ -371,12 +371,25 @@ pub fn select_disk<'a>(config: &Config, facts: &'a Facts) -> Result<&'a Disk> {
                         .as_deref()
                         .is_none_or(|s| d.serial.as_deref() == Some(s.trim()))
                 })
+                .filter(|d| {
+                    selector
+                        .wwn
+                        .as_deref()
+                        .is_none_or(|w| d.wwn.as_deref() == Some(w))
+                })
                 .collect();
-            let wanted = match (&selector.path, &selector.serial) {
-                (Some(p), Some(s)) => format!("{p} with serial {s}"),
-                (Some(p), None) => p.clone(),
-                (None, Some(s)) => format!("serial {s}"),
-                (None, None) => "nothing".into(),
+            let named: Vec<String> = [
+                selector.path.clone(),
+                selector.serial.as_ref().map(|s| format!("serial {s}")),
+                selector.wwn.as_ref().map(|w| format!("WWN {w}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let wanted = if named.is_empty() {
+                "nothing".to_string()
+            } else {
+                named.join(" with ")
             };
             let disk = match found.as_slice() {
                 [one] => *one,
@@ -480,7 +493,7 @@ pub mod tests {
         config.runtime_info.disk = Some(DiskSelector {
             path: path.map(Into::into),
             serial: serial.map(Into::into),
-            size_bytes: None,
+            ..DiskSelector::default()
         });
         config
     }
@@ -539,6 +552,56 @@ pub mod tests {
         );
         assert!(select_disk(&choose(Some("/dev/vda"), Some("B")), &f).is_err());
         assert!(select_disk(&choose(None, Some("C")), &f).is_err());
+    }
+
+    /// The identities `nixos-kexec run` sends (see `rescue::run::identify_disk`) find the
+    /// disk it meant, where a shared serial alone is ambiguous.
+    #[test]
+    fn selection_by_wwn_or_path_and_size_where_serials_are_shared() {
+        let mut namespaces = vec![
+            disk("nvme0n1", 4 * GIB, 512, "NV-SHARED"),
+            disk("nvme0n2", 4 * GIB, 512, "NV-SHARED"),
+        ];
+        namespaces[0].wwn = Some("eui.0011223344556600".into());
+        namespaces[1].wwn = Some("eui.0011223344556601".into());
+        let f = facts(namespaces);
+        let err = select_disk(&choose(None, Some("NV-SHARED")), &f).unwrap_err();
+        assert!(crate::error::one_line(&err).contains("ambiguous"), "{err}");
+        let mut by_wwn = Config::default();
+        by_wwn.runtime_info.disk = Some(DiskSelector {
+            wwn: Some("eui.0011223344556601".into()),
+            size_bytes: Some(4 * GIB),
+            ..DiskSelector::default()
+        });
+        assert_eq!(select_disk(&by_wwn, &f).unwrap().name, "nvme0n2");
+        if let Some(selector) = &mut by_wwn.runtime_info.disk {
+            selector.wwn = Some("eui.ffffffffffffffff".into());
+        }
+        let err = select_disk(&by_wwn, &f).unwrap_err();
+        assert!(
+            crate::error::one_line(&err)
+                .contains("The target disk WWN eui.ffffffffffffffff is not on this machine"),
+            "{err}"
+        );
+
+        // Serial and WWN shared (two paths to one LUN would look so), sizes not.
+        let mut a = disk("sda", 4 * GIB, 512, "LUN-1");
+        let mut b = disk("sdb", 5 * GIB, 512, "LUN-1");
+        a.wwn = Some("0x5000c50015ea71ac".into());
+        b.wwn = a.wwn.clone();
+        let f = facts(vec![a, b]);
+        let mut by_path = choose(Some("/dev/sdb"), None);
+        if let Some(selector) = &mut by_path.runtime_info.disk {
+            selector.size_bytes = Some(5 * GIB);
+        }
+        assert_eq!(select_disk(&by_path, &f).unwrap().name, "sdb");
+        if let Some(selector) = &mut by_path.runtime_info.disk {
+            selector.size_bytes = Some(4 * GIB);
+        }
+        assert!(
+            select_disk(&by_path, &f).is_err(),
+            "a renamed disk is caught by its size"
+        );
     }
 
     #[test]

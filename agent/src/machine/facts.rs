@@ -37,6 +37,10 @@ pub struct Disk {
     pub transport: Transport,
     pub model: Option<String>,
     pub serial: Option<String>,
+    /// The World Wide Name of an ATA or SCSI disk (`0x5000c500...`), or the namespace id of an
+    /// NVMe one (the kernel's `wwid`: `eui.<EUI-64 or NGUID>`, `uuid.<UUID>`, or
+    /// `nvme.<vendor>-<serial>-<model>-<nsid>`), which tells namespaces and controllers that
+    /// share a serial apart.
     pub wwn: Option<String>,
     /// The names udev (systemd 252, stock `60-persistent-storage.rules`) gives the disk under
     /// /dev/disk/by-id, derived without udev; the one to name the disk by comes first.
@@ -466,7 +470,7 @@ fn nvme_identity(dir: &Path, device: &Path) -> Identity {
     }
     Identity {
         model,
-        wwn: None,
+        wwn: wwid,
         by_id,
     }
 }
@@ -1000,6 +1004,7 @@ mod tests {
             nvme.by_id,
             ["nvme-QEMU_NVMe_Ctrl_NV123", "nvme-eui.0011223344556677"]
         );
+        assert_eq!(nvme.wwn.as_deref(), Some("eui.0011223344556677"));
         assert_eq!(nvme.modules, ["nvme"]);
     }
 

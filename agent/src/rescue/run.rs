@@ -89,15 +89,22 @@ fn console_params(running_cmdline: &str) -> Vec<String> {
 
 fn describe(disk: &Disk) -> String {
     format!(
-        "{} ({} MiB, serial {})",
+        "{} ({} MiB, serial {}{})",
         disk.dev_path,
         disk.size_bytes / MIB,
-        disk.serial.as_deref().unwrap_or("none")
+        disk.serial.as_deref().unwrap_or("none"),
+        disk.wwn
+            .as_deref()
+            .map(|w| format!(", WWN {w}"))
+            .unwrap_or_default()
     )
 }
 
-/// Resolves `--disk` on this machine and returns how the installer will recognise it: by serial
-/// when it has one, else by path cross-checked with a size no other disk has.
+/// Resolves `--disk` on this machine and returns how the installer will recognise it after the
+/// kexec, where kernel names may differ: by the most specific identity no other disk here
+/// shares (its WWN or NVMe namespace id, else its serial, else its path cross-checked with a
+/// size no other disk has). When none is unique the installer could not be sure to find the
+/// same disk, so `run` refuses here, before anything is loaded.
 pub fn identify_disk(choice: Option<&str>, facts: &Facts) -> Result<DiskSelector> {
     let Some(choice) = choice else {
         let list: Vec<String> = facts.disks.iter().map(describe).collect();
@@ -149,32 +156,47 @@ pub fn identify_disk(choice: Option<&str>, facts: &Facts) -> Result<DiskSelector
             "choose a writable disk.",
         ));
     }
+    let only_one = |same: &dyn Fn(&Disk) -> bool| facts.disks.iter().filter(|d| same(d)).count() == 1;
+    let size_bytes = Some(disk.size_bytes);
+    if let Some(wwn) = &disk.wwn {
+        if only_one(&|d| d.wwn.as_ref() == Some(wwn)) {
+            return Ok(DiskSelector {
+                wwn: Some(wwn.clone()),
+                size_bytes,
+                ..DiskSelector::default()
+            });
+        }
+    }
     if let Some(serial) = &disk.serial {
+        if only_one(&|d| d.serial.as_ref() == Some(serial)) {
+            return Ok(DiskSelector {
+                serial: Some(serial.clone()),
+                size_bytes,
+                ..DiskSelector::default()
+            });
+        }
+    }
+    if only_one(&|d| d.size_bytes == disk.size_bytes) {
         return Ok(DiskSelector {
-            path: None,
-            serial: Some(serial.clone()),
-            size_bytes: Some(disk.size_bytes),
+            path: Some(disk.dev_path.clone()),
+            size_bytes,
+            ..DiskSelector::default()
         });
     }
-    let same_size = facts
+    let alike: Vec<String> = facts
         .disks
         .iter()
-        .filter(|d| d.size_bytes == disk.size_bytes)
-        .count();
-    if same_size > 1 {
-        return Err(user_error(
-            format!(
-                "Disk {} has no serial number and another disk has the same size, so the installer could not be sure to find the same disk after kexec (device names can change).",
-                describe(disk)
-            ),
-            "give the disk a serial (or use a provider volume that has one), or detach the other disk.",
-        ));
-    }
-    Ok(DiskSelector {
-        path: Some(disk.dev_path.clone()),
-        serial: None,
-        size_bytes: Some(disk.size_bytes),
-    })
+        .filter(|d| d.size_bytes == disk.size_bytes && d.dev_path != disk.dev_path)
+        .map(describe)
+        .collect();
+    Err(user_error(
+        format!(
+            "Disk {} cannot be told apart from {} after the kexec: the installer finds the disk again by WWN, serial or size (device names can change), and no other disk may share the one it uses.",
+            describe(disk),
+            alike.join("; ")
+        ),
+        "give the disks distinct serial numbers (a setting of the provider's volume or of the VM), or detach the other disk for the install.",
+    ))
 }
 
 fn read_secret(path: &Path, what: &str) -> Result<Secret> {
@@ -548,6 +570,65 @@ mod tests {
         assert!(identify_disk(Some("/dev/vda"), &facts(vec![a.clone(), b])).is_err());
         let id = identify_disk(Some("/dev/vda"), &facts(vec![a])).unwrap();
         assert_eq!(id.path.as_deref(), Some("/dev/vda"));
+    }
+
+    /// Two namespaces of one NVMe controller: one serial, an EUI each.
+    fn nvme_namespaces() -> Vec<Disk> {
+        let mut disks = vec![
+            disk("nvme0n1", 4 << 30, 512, "NV-SHARED"),
+            disk("nvme0n2", 4 << 30, 512, "NV-SHARED"),
+        ];
+        for (i, d) in disks.iter_mut().enumerate() {
+            d.transport = crate::machine::facts::Transport::Nvme;
+            d.wwn = Some(format!("eui.00112233445566{i:02}"));
+            d.by_id = vec![
+                format!("nvme-Model_NV-SHARED_{}", i + 1),
+                format!("nvme-eui.00112233445566{i:02}"),
+            ];
+        }
+        disks
+    }
+
+    /// The most specific identity no other disk shares: WWN/EUI, then serial, then path and a
+    /// size of its own; refused when even that is shared, listing the look-alike.
+    #[test]
+    fn disk_identity_is_the_most_specific_unique_one() {
+        let f = facts(nvme_namespaces());
+        let id = identify_disk(Some("/dev/nvme0n2"), &f).unwrap();
+        assert_eq!(id.wwn.as_deref(), Some("eui.0011223344556601"));
+        assert_eq!((id.serial, id.path, id.size_bytes), (None, None, Some(4 << 30)));
+
+        // A WWN of its own wins over a serial of its own too.
+        let mut one = nvme_namespaces();
+        one.truncate(1);
+        let id = identify_disk(Some("/dev/nvme0n1"), &facts(one)).unwrap();
+        assert_eq!(id.wwn.as_deref(), Some("eui.0011223344556600"));
+
+        // Multipath-like: serial and WWN shared, sizes differ.
+        let mut a = disk("sda", 4 << 30, 512, "LUN-1");
+        let mut b = disk("sdb", 5 << 30, 512, "LUN-1");
+        a.wwn = Some("0x5000c50015ea71ac".into());
+        b.wwn = a.wwn.clone();
+        let id = identify_disk(Some("/dev/sdb"), &facts(vec![a.clone(), b.clone()])).unwrap();
+        assert_eq!(
+            id,
+            DiskSelector {
+                path: Some("/dev/sdb".into()),
+                size_bytes: Some(5 << 30),
+                ..DiskSelector::default()
+            }
+        );
+
+        // The same in every way: refused before the kexec, naming both.
+        b.size_bytes = a.size_bytes;
+        let err = identify_disk(Some("/dev/sdb"), &facts(vec![a, b])).unwrap_err();
+        let user = crate::error::as_user_error(&err).unwrap();
+        assert!(
+            user.problem.contains("/dev/sdb") && user.problem.contains("/dev/sda"),
+            "{user}"
+        );
+        assert!(user.problem.contains("WWN 0x5000c50015ea71ac"), "{user}");
+        assert!(user.fix.contains("detach the other disk"), "{user}");
     }
 
     #[test]

@@ -515,8 +515,7 @@ mod tests {
         let mut config = Config::default();
         config.runtime_info.disk = Some(crate::input::runtime_info::DiskSelector {
             path: Some("/dev/vda".into()),
-            serial: None,
-            size_bytes: None,
+            ..Default::default()
         });
         let mut plan = crate::installer::plan::make(&config, &facts, &ids()).unwrap();
         let esp = plan
