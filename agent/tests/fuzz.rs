@@ -3,18 +3,26 @@
 //! random bytes and random input of the right shape, and must answer with a value or an error,
 //! never a panic. Tests build in debug mode, so an arithmetic overflow is a panic too.
 //!
+//! One property spans them: input the planner accepts is input the steps up to `install`
+//! accept (`planned_input_passes_the_steps_up_to_install`), so a bad one fails before `wipe`.
+//!
 //! `NIXOS_KEXEC_FUZZ_CASES` sets the cases per target (default 3000); `tests/bench` runs a
 //! longer round and the README gives its count.
 
 use nixos_kexec::input::cmdline::{Params, COMMAND_LINE_SIZE};
-use nixos_kexec::input::config::{parameter_keys, Config};
+use nixos_kexec::input::config::{parameter_keys, Config, HOST_KEY_TYPES, SECRETS_DIR};
 use nixos_kexec::input::http::parse_response;
 use nixos_kexec::input::runtime_info::{self, Source};
-use nixos_kexec::installer::layout::{place, PlanIds};
-use nixos_kexec::machine::facts::{Disk, Firmware, Transport};
+use nixos_kexec::installer::layout::{place, FsKind, PlanIds};
+use nixos_kexec::installer::plan::{self, Plan};
+use nixos_kexec::installer::steps::{flake, format, keys, partition};
+use nixos_kexec::installer::storage::{Table, GIB};
+use nixos_kexec::machine::facts::{Disk, Facts, Firmware, Transport};
 use nixos_kexec::network::netlink::{self, IfAddr, IfInfo, RtMsg};
 use proptest::prelude::*;
 use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::OnceLock;
 
 fn cases() -> u32 {
     std::env::var("NIXOS_KEXEC_FUZZ_CASES")
@@ -192,6 +200,200 @@ fn disk(size_bytes: u64, logical_sector: u32) -> Disk {
     }
 }
 
+/// Host keys as an operator might hand them over, made once with ssh-keygen: each type it
+/// makes, one behind a passphrase, and one cut short.
+fn host_key_samples() -> &'static [Vec<u8>] {
+    static SAMPLES: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    SAMPLES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut samples = Vec::new();
+        for (i, args) in [
+            &["-t", "ed25519", "-N", ""][..],
+            &["-t", "ecdsa", "-b", "384", "-N", ""],
+            &["-t", "rsa", "-b", "1024", "-N", ""],
+            &["-t", "ed25519", "-N", "a passphrase"],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let path = dir.path().join(format!("key{i}"));
+            let made = std::process::Command::new("ssh-keygen")
+                .arg("-q")
+                .args(args)
+                .arg("-f")
+                .arg(&path)
+                .status()
+                .expect("ssh-keygen is needed for this test (Debian: openssh-client)");
+            assert!(made.success());
+            samples.push(std::fs::read(&path).unwrap());
+        }
+        let cut = samples[0][..samples[0].len() / 2].to_vec();
+        samples.push(cut);
+        samples
+    })
+}
+
+/// A provided host key file's contents: one of [`host_key_samples`], or bytes of any kind.
+fn host_key_file() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        3 => (0..host_key_samples().len()).prop_map(|i| host_key_samples()[i].clone()),
+        1 => bytes(200),
+        1 => Just(b"-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n".to_vec()),
+    ]
+}
+
+/// A comment on an authorized key: printable text, and what looks like the host flake's
+/// template placeholders or Nix syntax.
+fn key_comment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[ -~]{0,30}",
+        Just("deploy@word@".to_string()),
+        Just("/*@authorized_keys@*/ @hostname@".to_string()),
+        Just("${builtins.abort \"x\"} '' \\".to_string()),
+        Just("me@host".to_string()),
+    ]
+}
+
+/// Declarative storage shaped like what people write (boot partitions, then `/` in ext4,
+/// btrfs subvolumes or LUKS), with names of any kind where the installer hands names on.
+fn plausible_storage() -> impl Strategy<Value = Value> {
+    let subvolume = (
+        name_text(),
+        prop::option::of(prop::sample::select(vec!["/home", "/nix", "/var/log"])),
+    )
+        .prop_map(|(name, mountpoint)| json!({"name": name, "mountpoint": mountpoint}));
+    let root = prop_oneof![
+        Just(json!({"type": "ext4", "mountpoint": "/"})),
+        (name_text(), prop::collection::vec(subvolume, 0..3)).prop_map(|(name, mut subvolumes)| {
+            subvolumes.insert(0, json!({"name": name, "mountpoint": "/"}));
+            json!({"type": "btrfs", "subvolumes": subvolumes})
+        }),
+    ];
+    let root = (root, prop::option::of(name_text()), any::<bool>()).prop_map(|(fs, name, luks)| {
+        if luks {
+            json!({"type": "luks", "name": name, "filesystem": fs})
+        } else {
+            fs
+        }
+    });
+    (
+        prop::sample::select(vec!["gpt", "mbr"]),
+        any::<bool>(),
+        prop::sample::select(vec!["100M", "512M", "1G", "rest"]),
+        prop::option::of(prop::sample::select(vec!["512M", "2G"])),
+        root,
+    )
+        .prop_map(|(table, bios_boot, esp, swap, root)| {
+            let mut partitions = Vec::new();
+            if table == "gpt" {
+                if bios_boot {
+                    partitions.push(json!({"size": "1M", "type": "bios-boot"}));
+                }
+                partitions.push(json!({"size": esp, "type": "esp",
+                    "filesystem": {"type": "vfat", "mountpoint": "/boot"}}));
+            }
+            if let Some(swap) = swap {
+                partitions.push(json!({"size": swap, "filesystem": {"type": "swap"}}));
+            }
+            partitions.push(json!({"size": "rest", "filesystem": root}));
+            json!({"table": table, "partitions": partitions})
+        })
+}
+
+/// Runtime info as JSON: a preset or declarative storage, a hostname and keys of any shape.
+fn install_input() -> impl Strategy<Value = Value> {
+    let layout = prop_oneof![
+        1 => storage().prop_map(|storage| json!({"storage": storage})),
+        2 => plausible_storage().prop_map(|storage| json!({"storage": storage})),
+        2 => (
+            prop::sample::select(vec!["ext4", "btrfs", "btrfs-impermanence", "luks-btrfs", "luks-ext4", "zfs"]),
+            prop::sample::select(vec!["0", "512M", "2G", "64G"]),
+            prop::sample::select(vec!["gpt", "mbr"]),
+        )
+            .prop_map(|(layout, swap, table)| json!({"layout": layout, "swap": swap, "table": table})),
+    ];
+    let hostname = prop_oneof![
+        4 => "[a-z0-9]{1,12}(-[a-z0-9]{1,8})?",
+        1 => "[ -~]{0,20}",
+    ];
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD";
+    let keys = prop::collection::vec(
+        (key_comment(), any::<bool>()).prop_map(move |(comment, restricted)| {
+            let options = if restricted {
+                "restrict,command=\"uptime\" "
+            } else {
+                ""
+            };
+            format!("{options}{key} {comment}")
+        }),
+        0..3,
+    );
+    (layout, hostname, keys).prop_map(|(mut info, hostname, keys)| {
+        info["version"] = json!(1);
+        info["hostname"] = json!(hostname);
+        info["ssh_authorized_keys"] = json!(keys);
+        info
+    })
+}
+
+/// A scratch directory in RAM where there is one: the property writes disk images.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap()
+}
+
+/// What the steps up to `install` do with the input, as far as it runs without a disk or
+/// root: the flake step's files, the keys step's provided keys, the partition step's table
+/// on an image of the disk's size, the format step's FAT32 (up to 2 GiB, on an image) and
+/// its subvolume names. `Err` carries the step and its error.
+fn run_steps_without_a_disk(plan: &Plan, config: &Config, dir: &Path) -> Result<(), String> {
+    let fail = |step: &'static str| move |e: anyhow::Error| format!("{step}: {e:#}");
+    flake::write_all(&dir.join("etc/nixos"), plan, &config.runtime_info, None).map_err(fail("flake"))?;
+    let ssh = dir.join("etc/ssh");
+    std::fs::create_dir_all(&ssh).unwrap();
+    keys::install_provided(&plan.provided_host_keys, &ssh).map_err(fail("keys"))?;
+    let image = |name: &str, size: u64| {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(name))
+            .unwrap();
+        file.set_len(size).unwrap();
+        file
+    };
+    let disk = image("disk.img", plan.disk.size_bytes);
+    match plan.table {
+        Table::Gpt => partition::write_gpt(disk, plan).map(drop),
+        Table::Mbr => partition::write_mbr(disk, plan).map(drop),
+    }
+    .map_err(fail("partition"))?;
+    std::fs::remove_file(dir.join("disk.img")).unwrap();
+    for fs in &plan.filesystems {
+        match fs.kind {
+            FsKind::Vfat if fs.size_bytes <= 2 * GIB => {
+                drop(image("esp.img", fs.size_bytes));
+                let on_image = nixos_kexec::installer::layout::Filesystem {
+                    device: dir.join("esp.img").to_string_lossy().into_owned(),
+                    ..fs.clone()
+                };
+                format::format_esp(&on_image, plan.disk.logical_sector).map_err(fail("format"))?;
+                std::fs::remove_file(dir.join("esp.img")).unwrap();
+            }
+            FsKind::Btrfs => {
+                for name in &fs.subvolumes {
+                    nixos_kexec::machine::btrfs::check_subvolume_name(name).map_err(fail("format"))?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn netlink_datagram() -> impl Strategy<Value = Vec<u8>> {
     let attr = (any::<u16>(), bytes(24)).prop_map(|(kind, payload)| (kind, payload));
     let message = (
@@ -314,6 +516,62 @@ proptest! {
             prop_assert!(start >= end.max(1 << 20), "overlap at {start}");
             end = start.checked_add(bytes).expect("an extent past u64");
             prop_assert!(end <= size, "{end} beyond the disk's {size} bytes");
+        }
+    }
+
+    /// Whatever planning accepts, the steps up to `install` accept too, so a run that would
+    /// fail for its input fails before `wipe`. Input: runtime info with a preset or generated
+    /// declarative storage, hostnames and authorized keys with odd comments (template
+    /// placeholders, Nix syntax), provided host keys of every type ssh-keygen makes, encrypted,
+    /// cut short or garbage, on disks of any size with either sector size and firmware.
+    /// Covered, when `plan::make` succeeds: rendering and writing the host flake (flake step),
+    /// reading and installing the provided host keys (keys step), writing the partition table
+    /// on an image of the disk's size (partition step), formatting each FAT32 of up to 2 GiB on
+    /// an image and the kernel's rules for subvolume names (format step). Not covered here:
+    /// what needs root or the disk (mkfs.*, cryptsetup, mounting; the QEMU scenarios run
+    /// those) and the network check before the wipe.
+    #[test]
+    fn planned_input_passes_the_steps_up_to_install(
+        info in install_input(),
+        host_keys in prop::collection::vec((0..HOST_KEY_TYPES.len(), host_key_file()), 0..3),
+        size in prop_oneof![(1u64 << 30)..(64u64 << 30), 0u64..(15u64 << 40)],
+        big_sector in any::<bool>(),
+        uefi in any::<bool>(),
+    ) {
+        let Ok(info) = runtime_info::parse_json(info.to_string().as_bytes(), Source::File, false) else {
+            return Ok(());
+        };
+        let Ok(mut config) = Config::assemble(Some(info), &Params::parse("").unwrap()) else {
+            return Ok(());
+        };
+        let dir = scratch();
+        let secrets = dir.path().join("initrd").join(SECRETS_DIR.trim_start_matches('/'));
+        std::fs::create_dir_all(&secrets).unwrap();
+        for (kind, data) in &host_keys {
+            std::fs::write(secrets.join(format!("ssh_host_{}_key", HOST_KEY_TYPES[*kind])), data).unwrap();
+        }
+        std::fs::write(secrets.join("disk-passphrase"), "a passphrase\n").unwrap();
+        config.find_secrets(&dir.path().join("initrd"));
+        config.disk_auto = true;
+        let sector = if big_sector { 4096 } else { 512 };
+        let facts = Facts {
+            firmware: if uefi { Firmware::Uefi } else { Firmware::Bios },
+            ram_bytes: 2 * GIB,
+            kernel_release: "6.1.0".into(),
+            disks: vec![disk(size / sector as u64 * sector as u64, sector)],
+            nics: vec![],
+            previous_installs: vec![],
+            machine: nixos_kexec::machine::platform::Machine {
+                arch: "x86_64".into(),
+                ..Default::default()
+            },
+        };
+        let Ok(plan) = plan::make(&config, &facts, &PlanIds::random()) else {
+            return Ok(());
+        };
+        let target = dir.path().join("target");
+        if let Err(e) = run_steps_without_a_disk(&plan, &config, &target) {
+            prop_assert!(false, "planned, then failed in {}\n{}", e, serde_json::to_string(&plan.runtime_info).unwrap());
         }
     }
 

@@ -17,11 +17,18 @@ pub struct VolArgs {
 
 nix::ioctl_write_ptr!(subvol_create, 0x94, 14, VolArgs);
 
-/// Creates subvolume `name` in the directory `parent` (a mounted btrfs).
-pub fn create_subvolume(parent: &Path, name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 255 || name.contains('/') || name == "." || name == ".." {
+/// What the kernel takes as the name of a new subvolume: one path component, not `.` or `..`,
+/// at most 255 bytes (`BTRFS_NAME_LEN`), no NUL (the ioctl's name ends at one).
+pub fn check_subvolume_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 || name.contains(['/', '\0']) || name == "." || name == ".." {
         bail!("{name:?} cannot be a subvolume name");
     }
+    Ok(())
+}
+
+/// Creates subvolume `name` in the directory `parent` (a mounted btrfs).
+pub fn create_subvolume(parent: &Path, name: &str) -> Result<()> {
+    check_subvolume_name(name)?;
     let dir = std::fs::File::open(parent).with_context(|| format!("opening {}", parent.display()))?;
     let mut args = VolArgs {
         fd: 0,

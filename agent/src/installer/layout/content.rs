@@ -77,6 +77,18 @@ pub(super) fn min_size(kind: &FsType, sector: u64) -> u64 {
     }
 }
 
+/// The largest size a filesystem of this type can be created with here, where there is one:
+/// FAT32 as the format step writes it counts sectors in 32 bits and has at most 0x0FFFFFF4
+/// clusters of at most 32 KiB (2 TiB with 512-byte sectors, 8 TiB with 4096).
+pub(super) fn max_size(kind: &FsType, sector: u64) -> Option<u64> {
+    match kind {
+        FsType::Vfat(_) => Some(align_down(
+            (u32::MAX as u64 * sector).min(0x0FFF_FFF4 * 32 * 1024),
+        )),
+        _ => None,
+    }
+}
+
 /// Filesystems that must not be squeezed: `/` and `/nix` hold the Nix store.
 pub(super) fn holds_store(fs: &FsSpec) -> bool {
     let store = |mount: &MountSpec| matches!(mount.mountpoint.as_deref(), Some("/") | Some("/nix"));
@@ -176,6 +188,19 @@ impl<'a> Contents<'a> {
                     min.div_ceil(MIB)
                 ),
                 "make the partition larger.",
+            ));
+        }
+        if let Some(max) = max_size(&fs.kind, self.sector as u64).filter(|max| slot.size > *max) {
+            return Err(err_at(
+                &slot.at,
+                format!(
+                    "{} GiB is too large for {} (at most {} GiB with {}-byte sectors)",
+                    slot.size / GIB,
+                    fs.kind.name(),
+                    max / GIB,
+                    self.sector
+                ),
+                "give the partition a size; an ESP needs no more than a few GiB.",
             ));
         }
         match &fs.kind {
@@ -374,6 +399,31 @@ mod tests {
     use crate::installer::layout::tests::{assert_refusals, esp, mounts, owned, preset};
     use crate::installer::storage::Table;
     use crate::machine::facts::Firmware;
+
+    /// The format step cannot make a FAT32 beyond 2^32 sectors: refused while planning.
+    #[test]
+    fn fat32_has_a_largest_size() {
+        let storage: crate::installer::storage::Storage = serde_json::from_value(serde_json::json!({
+            "partitions": [
+                {"size": "3T", "type": "esp", "filesystem": {"type": "vfat", "mountpoint": "/boot"}},
+                {"size": "rest", "filesystem": {"type": "ext4", "mountpoint": "/"}}]}))
+        .unwrap();
+        let place = |sector| {
+            super::super::place(
+                &storage,
+                &crate::installer::plan::tests::disk("vda", 4 << 40, sector, "S"),
+                crate::machine::facts::Firmware::Uefi,
+                GIB,
+                &crate::installer::plan::tests::ids(),
+            )
+        };
+        let err = place(512).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("partitions[0].filesystem: 3072 GiB is too large for vfat (at most 2047 GiB with 512-byte sectors)"),
+            "{err:#}"
+        );
+        assert!(place(4096).is_ok(), "4096-byte sectors reach 8 TiB");
+    }
 
     #[test]
     fn btrfs_subvolumes_and_options() {

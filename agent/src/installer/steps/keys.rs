@@ -61,7 +61,7 @@ const PROVIDED_KEY_FIX: &str = "hand over host keys as ssh-keygen writes them (u
 
 /// Installs the operator's own host keys (from the secrets archive) so secrets encrypted to
 /// the host key (sops-nix, agenix) work at first boot; then wipes them from RAM.
-fn install_provided(private_keys: &[String], dir: &Path) -> Result<Vec<String>> {
+pub fn install_provided(private_keys: &[String], dir: &Path) -> Result<Vec<String>> {
     let mut fingerprints = Vec::new();
     for source in private_keys {
         let source = Path::new(source);
