@@ -18,7 +18,7 @@ pub fn rescue_init(run_args: &str) -> String {
         r#"#!/bin/busybox sh
 export PATH=/bin:/sbin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in virtio_pci virtio_net virtio_blk; do modprobe $m; done
+for m in virtio_pci virtio_net virtio_blk nvme; do modprobe $m; done
 sleep 1
 ip link set eth0 name wan0
 ip link set eth1 name lan0

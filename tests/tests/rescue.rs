@@ -11,6 +11,7 @@ use serde_json::Value;
 use std::path::Path;
 
 const PASSPHRASE: &str = "Sup3r-Secret-Disk-Passphrase-7781";
+const GIB: u64 = 1 << 30;
 const OPERATOR_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop";
 
@@ -204,6 +205,83 @@ fn large_runtime_info_travels_in_the_appended_cpio() -> Result<()> {
             configuration.contains(key.trim()),
             "key {} missing",
             &key[..40.min(key.len())]
+        );
+    }
+    Ok(())
+}
+
+/// Two namespaces of one NVMe controller share its serial, as namespaces of one drive do:
+/// `run` names the chosen one by its namespace id (the kernel's `wwid`), which no other disk
+/// shares, and the installer prepares that one and leaves its sibling alone. By serial, the
+/// installer would have stopped at "ambiguous".
+#[test]
+fn nvme_namespaces_sharing_a_serial_are_told_apart() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let mut args = Vec::new();
+    let mut images = Vec::new();
+    for nsid in [1, 2] {
+        let image = scratch.path().join(format!("ns{nsid}.img"));
+        std::fs::File::create(&image)?.set_len(3 << 30)?;
+        args.extend([
+            "-drive".to_string(),
+            format!("file={},if=none,id=ns{nsid},format=raw", image.display()),
+            "-device".to_string(),
+            format!("nvme-ns,drive=ns{nsid},bus=shared-nvme,nsid={nsid}"),
+        ]);
+        images.push(image);
+    }
+    args.splice(
+        0..0,
+        [
+            "-device".to_string(),
+            "nvme,id=shared-nvme,serial=SHARED-SERIAL".to_string(),
+        ],
+    );
+    let rescue = rescue(
+        &bundle,
+        "--disk /dev/nvme0n2 --param stop_before=install --param after=poweroff",
+        &[],
+    )?;
+    let out = rescue_vm(&bundle, &rescue.cpio).qemu_args(args).run()?;
+    out.expect_success()?;
+    let target = &images[1];
+    sgdisk_verify(target)?;
+    let info: Value = serde_json::from_str(&read_root_file(target, "/etc/nixos/runtime-info.json")?)?;
+    let wwn = info["disk"]["wwn"].as_str().unwrap_or_default();
+    ensure!(
+        !wwn.is_empty() && info["disk"].get("serial").is_none(),
+        "the disk did not travel by its namespace id: {info}"
+    );
+    ensure!(
+        nonzero_blocks(&images[0])?.is_empty(),
+        "the other namespace was written to"
+    );
+    Ok(())
+}
+
+/// Two disks alike in serial and size, and without a WWN: after the kexec the installer could
+/// not tell which was chosen, so `run` refuses before anything is loaded, naming both.
+#[test]
+fn disks_alike_in_every_identity_are_refused_before_the_kexec() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let rescue = rescue(&bundle, "--disk /dev/vdc --param after=poweroff", &[])?;
+    let out = rescue_vm(&bundle, &rescue.cpio)
+        .disk(DiskSpec::new(4 * GIB, DiskBus::Virtio).serial("TWIN"))
+        .disk(DiskSpec::new(4 * GIB, DiskBus::Virtio).serial("TWIN"))
+        .grace(std::time::Duration::from_secs(2))
+        .run()?;
+    let reason = out.expect_failure()?;
+    ensure!(
+        reason.contains("cannot be told apart") && reason.contains("/dev/vdc") && reason.contains("/dev/vdd"),
+        "{reason}"
+    );
+    ensure!(!out.contains("starting as init"), "the installer was started");
+    for twin in &out.disks[2..] {
+        ensure!(
+            nonzero_blocks(twin)?.is_empty(),
+            "{} was written to",
+            twin.display()
         );
     }
     Ok(())

@@ -156,27 +156,34 @@ pub fn identify_disk(choice: Option<&str>, facts: &Facts) -> Result<DiskSelector
             "choose a writable disk.",
         ));
     }
-    let only_one = |same: &dyn Fn(&Disk) -> bool| facts.disks.iter().filter(|d| same(d)).count() == 1;
+    // `disk`'s identity `of` gives, when it has one and no other disk here has it too.
+    let own = |of: fn(&Disk) -> Option<&String>| {
+        of(disk)
+            .filter(|id| facts.disks.iter().filter(|d| of(d) == Some(id)).count() == 1)
+            .cloned()
+    };
     let size_bytes = Some(disk.size_bytes);
-    if let Some(wwn) = &disk.wwn {
-        if only_one(&|d| d.wwn.as_ref() == Some(wwn)) {
-            return Ok(DiskSelector {
-                wwn: Some(wwn.clone()),
-                size_bytes,
-                ..DiskSelector::default()
-            });
-        }
+    if let Some(wwn) = own(|d| d.wwn.as_ref()) {
+        return Ok(DiskSelector {
+            wwn: Some(wwn),
+            size_bytes,
+            ..DiskSelector::default()
+        });
     }
-    if let Some(serial) = &disk.serial {
-        if only_one(&|d| d.serial.as_ref() == Some(serial)) {
-            return Ok(DiskSelector {
-                serial: Some(serial.clone()),
-                size_bytes,
-                ..DiskSelector::default()
-            });
-        }
+    if let Some(serial) = own(|d| d.serial.as_ref()) {
+        return Ok(DiskSelector {
+            serial: Some(serial),
+            size_bytes,
+            ..DiskSelector::default()
+        });
     }
-    if only_one(&|d| d.size_bytes == disk.size_bytes) {
+    if facts
+        .disks
+        .iter()
+        .filter(|d| d.size_bytes == disk.size_bytes)
+        .count()
+        == 1
+    {
         return Ok(DiskSelector {
             path: Some(disk.dev_path.clone()),
             size_bytes,
@@ -191,7 +198,7 @@ pub fn identify_disk(choice: Option<&str>, facts: &Facts) -> Result<DiskSelector
         .collect();
     Err(user_error(
         format!(
-            "Disk {} cannot be told apart from {} after the kexec: the installer finds the disk again by WWN, serial or size (device names can change), and no other disk may share the one it uses.",
+            "Disk {} cannot be told apart from {} after the kexec: device names can change, so the installer finds the disk again by its WWN, serial or size, and another disk here shares each one it has.",
             describe(disk),
             alike.join("; ")
         ),
