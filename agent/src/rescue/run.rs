@@ -369,7 +369,7 @@ pub fn prepare(
             let data = read_secret(&private, "host key")?;
             let key = crate::installer::steps::keys::parse_host_key(
                 &private,
-                &data,
+                data.as_bytes(),
                 "pass a directory with ssh_host_<type>_key files as ssh-keygen writes them, unencrypted.",
             )?;
             console::line(&format!(

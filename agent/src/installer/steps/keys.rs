@@ -4,6 +4,7 @@
 use super::Execution;
 use crate::error::user_error;
 use crate::installer::plan::Plan;
+use crate::secret::Secret;
 use anyhow::{anyhow, Context, Result};
 use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey};
 use std::io::Write;
@@ -67,7 +68,7 @@ pub fn install_provided(private_keys: &[String], dir: &Path) -> Result<Vec<Strin
         let source = Path::new(source);
         let name = source.file_name().context("host key path without a file name")?;
         let (data, key) = read_provided(source)?;
-        write_key(dir, &name.to_string_lossy(), &data, &key)?;
+        write_key(dir, &name.to_string_lossy(), data.as_bytes(), &key)?;
         fingerprints.push(fingerprint_line(&key));
         wipe_file(source);
     }
@@ -84,12 +85,10 @@ pub fn check_provided(private_keys: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// A provided host key file: its bytes (overwritten in memory when dropped) and the key.
-fn read_provided(source: &Path) -> Result<(zeroize::Zeroizing<Vec<u8>>, PrivateKey)> {
-    let data = zeroize::Zeroizing::new(
-        std::fs::read(source).with_context(|| format!("reading {}", source.display()))?,
-    );
-    let key = parse_host_key(source, &data, PROVIDED_KEY_FIX)?;
+/// A provided host key file: its bytes (kept from swap, overwritten when dropped) and the key.
+fn read_provided(source: &Path) -> Result<(Secret, PrivateKey)> {
+    let data = Secret::read(source)?;
+    let key = parse_host_key(source, data.as_bytes(), PROVIDED_KEY_FIX)?;
     Ok((data, key))
 }
 
