@@ -35,6 +35,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod config_server;
 pub mod cpio;
+pub mod images;
 pub mod inspect;
 pub mod rescue;
 pub mod tool;
@@ -42,6 +43,7 @@ pub mod vm;
 
 pub use config_server::{ConfigServer, Routes};
 pub use cpio::{cpio_from_dir, Cpio};
+pub use images::{blank_disk, used_disk};
 pub use inspect::*;
 pub use tool::{run_tool, run_tool_unchecked, run_tool_with_input, tool, ToolOutput};
 pub use vm::{

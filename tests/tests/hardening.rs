@@ -4,35 +4,10 @@
 use anyhow::{ensure, Context, Result};
 use nixos_kexec_tests::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 const GIB: u64 = 1 << 30;
-
-fn sha256(path: &Path) -> Result<String> {
-    Ok(tool("sha256sum", [path.to_str().context("path")?])?
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string())
-}
-
-/// A disk with a partition table and a partition, like a machine's old disk.
-fn old_disk(dir: &Path) -> Result<PathBuf> {
-    let path = dir.join("old.img");
-    std::fs::File::create(&path)?.set_len(2 * GIB)?;
-    tool(
-        "sgdisk",
-        [
-            "-n",
-            "1:2048:+100M",
-            "-c",
-            "1:old-data",
-            path.to_str().context("path")?,
-        ],
-    )?;
-    Ok(path)
-}
 
 /// The root moves from the initramfs to a tmpfs before anything else. When that fails the root
 /// may be half gone, so the installer must stop there: no disk touched, no reboot.
@@ -40,8 +15,8 @@ fn old_disk(dir: &Path) -> Result<PathBuf> {
 fn a_failed_root_move_stops_before_any_disk() -> Result<()> {
     let bundle = dev_bundle()?;
     let scratch = tempfile::tempdir()?;
-    let disk = old_disk(scratch.path())?;
-    let before = sha256(&disk)?;
+    let disk = used_disk(scratch.path(), "old.img", 2 * GIB)?;
+    let before = sparse_digest(&disk)?;
     // A file where the installer mounts its tmpfs makes the move fail at its first step.
     let blocker = scratch.path().join("blocker.cpio");
     Cpio::new()
@@ -66,7 +41,7 @@ fn a_failed_root_move_stops_before_any_disk() -> Result<()> {
         out.tail(30)
     );
     ensure!(!out.exited_by_itself, "a failed run must not reboot or power off");
-    ensure!(sha256(&disk)? == before, "the disk changed");
+    ensure!(sparse_digest(&disk)? == before, "the disk changed");
     Ok(())
 }
 
@@ -90,13 +65,6 @@ fn cut_power_at(vm: Vm, line: &str) -> Result<RunOutcome> {
     })?;
     eprintln!("[{}] power cut at {line:?}", out.name);
     Ok(out)
-}
-
-/// A blank image in `dir`.
-fn blank_disk(dir: &Path, size: u64) -> Result<PathBuf> {
-    let path = dir.join("disk.img");
-    std::fs::File::create(&path)?.set_len(size)?;
-    Ok(path)
 }
 
 /// What the power cut while the table was written left: a GPT, or none yet. The next boot
@@ -162,7 +130,7 @@ fn installer(bundle: &Bundle, name: &str, disk: &Path, serial: &str, params: &[&
 fn power_cuts_while_partitioning_encrypting_and_finishing() -> Result<()> {
     let bundle = dev_bundle()?;
     let scratch = tempfile::tempdir()?;
-    let disk = blank_disk(scratch.path(), 3 * GIB)?;
+    let disk = blank_disk(scratch.path(), "disk.img", 3 * GIB)?;
     let secrets = scratch.path().join("secrets.cpio");
     Cpio::new()
         .file("etc/nixos-kexec/secrets/disk-passphrase", 0o600, PASSPHRASE)
@@ -228,7 +196,7 @@ fn power_cuts_while_partitioning_encrypting_and_finishing() -> Result<()> {
 fn a_failed_install_and_power_cuts_then_a_boot_finishes() -> Result<()> {
     let bundle = dev_bundle()?;
     let scratch = tempfile::tempdir()?;
-    let disk = blank_disk(scratch.path(), 3 * GIB)?;
+    let disk = blank_disk(scratch.path(), "disk.img", 3 * GIB)?;
     let fail = scratch.path().join("fail.cpio");
     Cpio::new()
         .file("etc/nixos-kexec-stand-in.fail-install", 0o644, "")
@@ -288,7 +256,7 @@ fn a_failed_install_and_power_cuts_then_a_boot_finishes() -> Result<()> {
 fn a_config_server_that_breaks_off_or_sends_garbage_is_retried_then_named() -> Result<()> {
     let bundle = dev_bundle()?;
     let scratch = tempfile::tempdir()?;
-    let disk = old_disk(scratch.path())?;
+    let disk = used_disk(scratch.path(), "old.img", 2 * GIB)?;
     let before = sparse_digest(&disk)?;
     let body = r#"{"version": 1, "hostname": "cut-short", "disk": {"serial": "OLDDISK2"}}"#;
     let cut = format!(

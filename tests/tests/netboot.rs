@@ -19,31 +19,6 @@ const GIB: u64 = 1 << 30;
 
 // ------------------------------------------------------------------------- helpers
 
-/// A fingerprint of a whole image, to show a disk was not touched (see [`sparse_digest`]).
-fn digest(path: &Path) -> Result<String> {
-    sparse_digest(path)
-}
-
-/// A 3 GiB image with an old partition table and data, like a machine's old disk.
-fn used_disk(dir: &Path, name: &str) -> Result<PathBuf> {
-    let path = dir.join(name);
-    std::fs::File::create(&path)?.set_len(3 * GIB)?;
-    tool(
-        "sgdisk",
-        ["-n", "1:2048:+100M", "-t", "1:8300", "-c", "1:old-data"]
-            .iter()
-            .map(std::ffi::OsStr::new)
-            .chain([path.as_os_str()]),
-    )?;
-    Ok(path)
-}
-
-fn blank_disk(dir: &Path, name: &str) -> Result<PathBuf> {
-    let path = dir.join(name);
-    std::fs::File::create(&path)?.set_len(3 * GIB)?;
-    Ok(path)
-}
-
 fn runtime_info(hostname: &str, serial: &str) -> String {
     json!({
         "version": 1,
@@ -178,9 +153,9 @@ fn pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
     )?;
     let scratch = tempfile::tempdir()?;
     let tftp = pxe_tftp_root(&bundle, scratch.path(), &server)?;
-    let other = used_disk(scratch.path(), "other.img")?;
-    let other_before = digest(&other)?;
-    let target = blank_disk(scratch.path(), "target.img")?;
+    let other = used_disk(scratch.path(), "other.img", 3 * GIB)?;
+    let other_before = sparse_digest(&other)?;
+    let target = blank_disk(scratch.path(), "target.img", 3 * GIB)?;
     let out = Vm::new(&bundle)
         .direct_boot(false)
         .qemu_args(["-boot", "n"])
@@ -195,7 +170,7 @@ fn pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
     );
     check_pxe_boot(&out, &server, mac)?;
     ensure!(
-        digest(&other)? == other_before,
+        sparse_digest(&other)? == other_before,
         "the disk the runtime info did not name changed"
     );
     eprintln!(
@@ -222,7 +197,7 @@ fn uefi_pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
     )?;
     let scratch = tempfile::tempdir()?;
     let tftp = pxe_tftp_root(&bundle, scratch.path(), &server)?;
-    let target = blank_disk(scratch.path(), "target.img")?;
+    let target = blank_disk(scratch.path(), "target.img", 3 * GIB)?;
     let out = Vm::new(&bundle)
         .firmware(Firmware::Uefi)
         .direct_boot(false)
@@ -325,7 +300,7 @@ fn grub_console_typed_lines_install_with_agent_side_mac() -> Result<()> {
     )?;
     let scratch = tempfile::tempdir()?;
     let iso = grub_console_iso(&bundle, scratch.path())?;
-    let target = blank_disk(scratch.path(), "target.img")?;
+    let target = blank_disk(scratch.path(), "target.img", 3 * GIB)?;
     let linux = format!(
         "linux /bzImage console=ttyS0 panic=-1 loglevel=4 'nixos_kexec.config_url={}/${{mac}}.json' {PREPARE}",
         server.guest_url()
@@ -382,7 +357,7 @@ fn uefi_grub_console_installs_with_smbios_serial_and_uuid() -> Result<()> {
     )?;
     let scratch = tempfile::tempdir()?;
     let iso = grub_console_iso(&bundle, scratch.path())?;
-    let target = blank_disk(scratch.path(), "target.img")?;
+    let target = blank_disk(scratch.path(), "target.img", 3 * GIB)?;
     let template = format!("{}/hosts/${{serial}}/${{uuid}}.json", server.guest_url());
     let linux = format!(
         "linux /bzImage console=ttyS0 panic=-1 loglevel=4 'nixos_kexec.config_url={template}' {PREPARE}"
@@ -433,8 +408,8 @@ fn uefi_grub_console_installs_with_smbios_serial_and_uuid() -> Result<()> {
 fn no_disk_named_writes_nothing_and_says_how_to_confirm() -> Result<()> {
     let bundle = dev_bundle()?;
     let scratch = tempfile::tempdir()?;
-    let single = used_disk(scratch.path(), "single.img")?;
-    let single_before = digest(&single)?;
+    let single = used_disk(scratch.path(), "single.img", 3 * GIB)?;
+    let single_before = sparse_digest(&single)?;
     let out = with_params(Vm::new(&bundle), "nixos_kexec.after=poweroff")
         .name("no_disk_named_single")
         .disk_image(&single, DiskBus::Virtio, 512, "ONLY-ONE")
@@ -454,7 +429,7 @@ fn no_disk_named_writes_nothing_and_says_how_to_confirm() -> Result<()> {
         "how to confirm is not printed"
     );
     ensure!(!out.exited_by_itself, "a refusal must not power off");
-    ensure!(digest(&single)? == single_before, "the only disk changed");
+    ensure!(sparse_digest(&single)? == single_before, "the only disk changed");
     Ok(())
 }
 
@@ -479,7 +454,7 @@ fn config_url_retries_server_errors() -> Result<()> {
         10,
     )?;
     let scratch = tempfile::tempdir()?;
-    let target = blank_disk(scratch.path(), "target.img")?;
+    let target = blank_disk(scratch.path(), "target.img", 3 * GIB)?;
     let out = with_params(Vm::new(&bundle), PREPARE)
         .param(format!(
             "nixos_kexec.config_url={}/retry/${{hostname}}/${{mac}}.json",
@@ -519,8 +494,8 @@ fn config_url_fails_cleanly(
 ) -> Result<(RunOutcome, String)> {
     let bundle = dev_bundle()?;
     let scratch = tempfile::tempdir()?;
-    let disk = used_disk(scratch.path(), "disk.img")?;
-    let before = digest(&disk)?;
+    let disk = used_disk(scratch.path(), "disk.img", 3 * GIB)?;
+    let before = sparse_digest(&disk)?;
     let out = nic(with_params(Vm::new(&bundle), PREPARE))
         .param(format!("nixos_kexec.config_url={config_url}"))
         .disk_image(&disk, DiskBus::Virtio, 512, serial)
@@ -528,7 +503,7 @@ fn config_url_fails_cleanly(
         .run()?;
     let reason = out.expect_failure()?;
     ensure!(!out.exited_by_itself, "a failed run must not power off");
-    ensure!(digest(&disk)? == before, "the disk changed");
+    ensure!(sparse_digest(&disk)? == before, "the disk changed");
     Ok((out, reason))
 }
 
@@ -687,7 +662,7 @@ fn config_url_over_https_trusts_an_appended_ca_and_installs() -> Result<()> {
         runtime_info("tls-box", "TLS-TARGET"),
     )])?;
     let scratch = tempfile::tempdir()?;
-    let target = blank_disk(scratch.path(), "target.img")?;
+    let target = blank_disk(scratch.path(), "target.img", 3 * GIB)?;
     let template = format!("{}/hosts/${{serial}}.json", server.guest_url());
     let out = with_params(Vm::new(&server.bundle_trusting_the_ca(&bundle)?), PREPARE)
         .param(format!("nixos_kexec.config_url={template}"))
@@ -739,7 +714,7 @@ fn config_url_over_https_refuses_an_unknown_ca() -> Result<()> {
 fn short_parameters_install_and_a_second_boot_does_not_reinstall() -> Result<()> {
     let bundle = dev_bundle()?;
     let scratch = tempfile::tempdir()?;
-    let disk = blank_disk(scratch.path(), "disk.img")?;
+    let disk = blank_disk(scratch.path(), "disk.img", 3 * GIB)?;
     let mac = "52:54:00:12:34:06";
     let short = |hostname: &str| {
         format!(
@@ -766,7 +741,7 @@ fn short_parameters_install_and_a_second_boot_does_not_reinstall() -> Result<()>
         flake.contains("github:NixOS/nixpkgs/nixos-25.05"),
         "nixos_kexec.nixpkgs did not reach the flake:\n{flake}"
     );
-    let installed = digest(&disk)?;
+    let installed = sparse_digest(&disk)?;
 
     let second = boot("second_boot", &short("second"))?;
     let reason = second.expect_failure()?;
@@ -777,7 +752,10 @@ fn short_parameters_install_and_a_second_boot_does_not_reinstall() -> Result<()>
         "{reason}"
     );
     ensure!(!second.exited_by_itself, "a refusal must not power off");
-    ensure!(digest(&disk)? == installed, "the refused run changed the disk");
+    ensure!(
+        sparse_digest(&disk)? == installed,
+        "the refused run changed the disk"
+    );
 
     let third = boot("reinstall", &format!("{} nixos_kexec.reinstall", short("second")))?;
     ensure!(
@@ -804,8 +782,8 @@ fn a_second_boot_recognises_btrfs_and_luks_installs() -> Result<()> {
             "Guard-Test-Passphrase",
         )
         .write_to(&secrets)?;
-    let btrfs = blank_disk(scratch.path(), "btrfs.img")?;
-    let luks = blank_disk(scratch.path(), "luks.img")?;
+    let btrfs = blank_disk(scratch.path(), "btrfs.img", 3 * GIB)?;
+    let luks = blank_disk(scratch.path(), "luks.img", 3 * GIB)?;
     let params = |disk: &str, hostname: &str, layout: &str| {
         format!(
             "nixos_kexec.disk={disk} nixos_kexec.hostname={hostname} nixos_kexec.layout={layout} \
@@ -833,7 +811,7 @@ fn a_second_boot_recognises_btrfs_and_luks_installs() -> Result<()> {
         first.contains("LUKS2 header of /dev/vda3 marked as a finished install: nixos-kexec "),
         "the LUKS install left no marker"
     );
-    let installed = (digest(&btrfs)?, digest(&luks)?);
+    let installed = (sparse_digest(&btrfs)?, sparse_digest(&luks)?);
 
     let second = vm("second_boot", &params("/dev/vdb", "second", "ext4"))
         .disk_image(&btrfs, DiskBus::Virtio, 512, "GUARDBTRFS")
@@ -859,7 +837,7 @@ fn a_second_boot_recognises_btrfs_and_luks_installs() -> Result<()> {
         "{reason}"
     );
     ensure!(
-        (digest(&btrfs)?, digest(&luks)?) == installed,
+        (sparse_digest(&btrfs)?, sparse_digest(&luks)?) == installed,
         "the refused run changed a disk"
     );
     Ok(())
@@ -871,8 +849,8 @@ fn a_second_boot_recognises_btrfs_and_luks_installs() -> Result<()> {
 fn without_network_nothing_that_needs_it_starts() -> Result<()> {
     let bundle = dev_bundle()?;
     let scratch = tempfile::tempdir()?;
-    let disk = used_disk(scratch.path(), "disk.img")?;
-    let before = digest(&disk)?;
+    let disk = used_disk(scratch.path(), "disk.img", 3 * GIB)?;
+    let before = sparse_digest(&disk)?;
 
     let out = with_params(Vm::new(&bundle).name("config_url_without_network"), PREPARE)
         .param("nixos_kexec.config_url=http://10.0.2.2:9/${mac}.json")
@@ -884,7 +862,7 @@ fn without_network_nothing_that_needs_it_starts() -> Result<()> {
         reason.contains("needs the network") && reason.contains("no network interface"),
         "{reason}"
     );
-    ensure!(digest(&disk)? == before, "the disk changed");
+    ensure!(sparse_digest(&disk)? == before, "the disk changed");
 
     // A stand-in nixos-install (a test double: the real one needs a Nix binary cache) makes
     // the install step runnable; without a network it must not start wiping.
@@ -912,7 +890,7 @@ fn without_network_nothing_that_needs_it_starts() -> Result<()> {
     );
     ensure!(!out.contains("stand-in called"), "the install step ran");
     ensure!(!out.exited_by_itself, "a failed run must not power off");
-    ensure!(digest(&disk)? == before, "the disk changed");
+    ensure!(sparse_digest(&disk)? == before, "the disk changed");
     Ok(())
 }
 
@@ -921,15 +899,15 @@ fn without_network_nothing_that_needs_it_starts() -> Result<()> {
 fn sparse_digest_sees_every_write() -> Result<()> {
     use std::os::unix::fs::FileExt;
     let scratch = tempfile::tempdir()?;
-    let path = used_disk(scratch.path(), "d.img")?;
-    let first = digest(&path)?;
-    ensure!(digest(&path)? == first, "not stable");
+    let path = used_disk(scratch.path(), "d.img", 3 * GIB)?;
+    let first = sparse_digest(&path)?;
+    ensure!(sparse_digest(&path)? == first, "not stable");
     let file = std::fs::OpenOptions::new().write(true).open(&path)?;
     file.write_all_at(&[0u8; 4096], 2 * GIB)?;
-    let zeros = digest(&path)?;
+    let zeros = sparse_digest(&path)?;
     ensure!(zeros != first, "zeros written into a hole went unseen: {zeros}");
     file.write_all_at(b"x", 1 << 20)?;
-    ensure!(digest(&path)? != zeros, "a changed byte went unseen");
+    ensure!(sparse_digest(&path)? != zeros, "a changed byte went unseen");
 
     // copy_range_sparse reads only data extents too; the copy must still be exact.
     file.write_all_at(b"tail of the range", (1 << 20) + 3 * 4096 - 5)?;
