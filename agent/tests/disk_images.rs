@@ -2,45 +2,22 @@
 //! and the reinstall guard on what each preset's finished run leaves, on loop devices.
 //! (The kernel side of it, re-reading and mounting, is covered by the QEMU scenarios in tests/.)
 
+mod common;
+
 use nixos_kexec::input::config::{Config, Layout};
 use nixos_kexec::installer::layout::{self, PlanIds};
 use nixos_kexec::installer::plan;
 use nixos_kexec::installer::steps::{format, partition};
 use nixos_kexec::installer::storage::{Table, GIB};
-use nixos_kexec::machine::facts::{Disk, Evidence, Facts, Firmware, PreviousInstall, Transport};
+use nixos_kexec::machine::facts::{Evidence, Facts, Firmware, PreviousInstall};
 use std::process::Command;
 
 fn facts(size: u64, sector: u32) -> Facts {
-    Facts {
-        firmware: Firmware::Uefi,
-        ram_bytes: GIB,
-        kernel_release: "test".into(),
-        disks: vec![Disk {
-            name: "vda".into(),
-            dev_path: "/dev/vda".into(),
-            size_bytes: size,
-            logical_sector: sector,
-            physical_sector: sector,
-            transport: Transport::Virtio,
-            model: None,
-            serial: Some("IMG".into()),
-            wwn: None,
-            by_id: vec!["virtio-IMG".into()],
-            by_path: vec![],
-            removable: false,
-            read_only: false,
-            partitions: vec![],
-            holders: vec![],
-            mounted_at: vec![],
-            modules: vec![],
-        }],
-        nics: vec![],
-        previous_installs: vec![],
-        machine: nixos_kexec::machine::platform::Machine {
-            arch: "x86_64".into(),
-            ..Default::default()
-        },
-    }
+    let mut facts = common::facts_with(Firmware::Uefi, size, sector);
+    // The key derivation's memory follows RAM; loop-device tests want it small.
+    facts.ram_bytes = GIB;
+    facts.nics.clear();
+    facts
 }
 
 /// A read-only loop device, detached on drop.

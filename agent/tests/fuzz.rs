@@ -9,6 +9,8 @@
 //! `NIXOS_KEXEC_FUZZ_CASES` sets the cases per target (default 3000); `tests/bench` runs a
 //! longer round and the README gives its count.
 
+mod common;
+
 use nixos_kexec::input::cmdline::{Params, COMMAND_LINE_SIZE};
 use nixos_kexec::input::config::{parameter_keys, Config, HOST_KEY_TYPES, SECRETS_DIR};
 use nixos_kexec::input::http::parse_response;
@@ -17,7 +19,7 @@ use nixos_kexec::installer::layout::{place, FsKind, PlanIds};
 use nixos_kexec::installer::plan::{self, Plan};
 use nixos_kexec::installer::steps::{flake, format, keys, partition};
 use nixos_kexec::installer::storage::{Table, GIB};
-use nixos_kexec::machine::facts::{Disk, Facts, Firmware, Transport};
+use nixos_kexec::machine::facts::{Facts, Firmware};
 use nixos_kexec::network::netlink::{self, IfAddr, IfInfo, RtMsg};
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -176,28 +178,6 @@ fn storage() -> impl Strategy<Value = Value> {
         prop::collection::vec(partition, 0..6),
     )
         .prop_map(|(table, partitions)| json!({"table": table, "partitions": partitions}))
-}
-
-fn disk(size_bytes: u64, logical_sector: u32) -> Disk {
-    Disk {
-        name: "vda".into(),
-        dev_path: "/dev/vda".into(),
-        size_bytes,
-        logical_sector,
-        physical_sector: logical_sector,
-        transport: Transport::Virtio,
-        model: None,
-        serial: Some("FUZZ".into()),
-        wwn: None,
-        by_id: vec![],
-        by_path: vec![],
-        removable: false,
-        read_only: false,
-        partitions: vec![],
-        holders: vec![],
-        mounted_at: vec![],
-        modules: vec![],
-    }
 }
 
 /// Host keys as an operator might hand them over, made once with ssh-keygen: each type it
@@ -504,7 +484,7 @@ proptest! {
         let sector = if big_sector { 4096 } else { 512 };
         let firmware = if uefi { Firmware::Uefi } else { Firmware::Bios };
         let size = size / sector as u64 * sector as u64;
-        let Ok(placed) = place(&storage, &disk(size, sector), firmware, ram, &PlanIds::random()) else {
+        let Ok(placed) = place(&storage, &common::disk(size, sector), firmware, ram, &PlanIds::random()) else {
             return Ok(());
         };
         // Whatever is accepted is a layout that fits: aligned, inside the disk, disjoint.
@@ -558,7 +538,7 @@ proptest! {
             firmware: if uefi { Firmware::Uefi } else { Firmware::Bios },
             ram_bytes: 2 * GIB,
             kernel_release: "6.1.0".into(),
-            disks: vec![disk(size / sector as u64 * sector as u64, sector)],
+            disks: vec![common::disk(size / sector as u64 * sector as u64, sector)],
             nics: vec![],
             previous_installs: vec![],
             machine: nixos_kexec::machine::platform::Machine {

@@ -4,6 +4,8 @@
 //!
 //! To accept an intended change, run with NIXOS_KEXEC_WRITE_FIXTURES=1 and review the diff.
 
+mod common;
+
 use nixos_kexec::input::cmdline::Params;
 use nixos_kexec::input::config::{Config, Layout};
 use nixos_kexec::input::runtime_info::{self, Source};
@@ -24,16 +26,6 @@ fn read<T: serde::de::DeserializeOwned>(relative: &str) -> T {
     let path = fixture(relative);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// One virtio disk and NIC in a KVM guest (input/facts.json), with the firmware and disk asked for.
-fn facts(firmware: Firmware, size: u64, sector: u32) -> Facts {
-    let mut facts: Facts = read("input/facts.json");
-    facts.firmware = firmware;
-    facts.disks[0].size_bytes = size;
-    facts.disks[0].logical_sector = sector;
-    facts.disks[0].physical_sector = sector;
-    facts
 }
 
 /// The plan JSON exactly as `nixos-kexec plan` prints it, from a runtime-info file.
@@ -68,12 +60,12 @@ fn cases() -> Vec<(String, String)> {
         let gpt = base(serde_json::json!({"layout": name, "swap": "2G"}));
         cases.push((
             format!("{name}-gpt-uefi"),
-            plan_json(gpt, &facts(Firmware::Uefi, 20 * GIB, 512)),
+            plan_json(gpt, &common::facts_with(Firmware::Uefi, 20 * GIB, 512)),
         ));
         let mbr = base(serde_json::json!({"layout": name, "table": "mbr"}));
         cases.push((
             format!("{name}-mbr-bios"),
-            plan_json(mbr, &facts(Firmware::Bios, 20 * GIB, 4096)),
+            plan_json(mbr, &common::facts_with(Firmware::Bios, 20 * GIB, 4096)),
         ));
     }
     // The README's example.
@@ -97,7 +89,7 @@ fn cases() -> Vec<(String, String)> {
     }}));
     cases.push((
         "declarative-readme".into(),
-        plan_json(readme, &facts(Firmware::Uefi, 100 * GIB, 512)),
+        plan_json(readme, &common::facts_with(Firmware::Uefi, 100 * GIB, 512)),
     ));
     // MBR, a tmpfs root, explicit starts, type bytes, an unmounted btrfs top level with
     // subvolumes, plain swap with a label, a second FAT filesystem and a LUKS data volume.
@@ -123,7 +115,7 @@ fn cases() -> Vec<(String, String)> {
     }}));
     cases.push((
         "declarative-tmpfs-mbr".into(),
-        plan_json(tmpfs, &facts(Firmware::Bios, 16 * GIB, 512)),
+        plan_json(tmpfs, &common::facts_with(Firmware::Bios, 16 * GIB, 512)),
     ));
     let luks_data = base(serde_json::json!({"storage": {
         "partitions": [
@@ -139,7 +131,7 @@ fn cases() -> Vec<(String, String)> {
     }}));
     cases.push((
         "declarative-luks-data".into(),
-        plan_json(luks_data, &facts(Firmware::Bios, 12 * GIB, 4096)),
+        plan_json(luks_data, &common::facts_with(Firmware::Bios, 12 * GIB, 4096)),
     ));
     cases
 }

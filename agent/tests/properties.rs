@@ -1,6 +1,8 @@
 //! Property tests: the input parsers never panic, and the partition planner never produces a
 //! layout that overlaps, is misaligned or leaves the disk, for any disk size and both sector sizes.
 
+mod common;
+
 use nixos_kexec::input::cmdline::Params;
 use nixos_kexec::input::config::Config;
 use nixos_kexec::input::config::Layout;
@@ -9,30 +11,7 @@ use nixos_kexec::installer::layout::{place, PlanIds, ALIGNMENT};
 use nixos_kexec::installer::presets::storage_for;
 use nixos_kexec::installer::storage::{Table, MIB};
 use nixos_kexec::machine::facts::Firmware;
-use nixos_kexec::machine::facts::{Disk, Transport};
 use proptest::prelude::*;
-
-fn disk(size: u64, sector: u32) -> Disk {
-    Disk {
-        name: "nvme0n1".into(),
-        dev_path: "/dev/nvme0n1".into(),
-        size_bytes: size,
-        logical_sector: sector,
-        physical_sector: sector,
-        transport: Transport::Nvme,
-        model: None,
-        serial: None,
-        wwn: None,
-        by_id: vec![],
-        by_path: vec![],
-        removable: false,
-        read_only: false,
-        partitions: vec![],
-        holders: vec![],
-        mounted_at: vec![],
-        modules: vec![],
-    }
-}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
@@ -106,7 +85,7 @@ proptest! {
         let size = size / sector as u64 * sector as u64;
         let table = if mbr { Table::Mbr } else { Table::Gpt };
         let storage = storage_for(layout, table, swap_mib * MIB).unwrap();
-        let placed = match place(&storage, &disk(size, sector), Firmware::Bios, 1 << 30, &PlanIds::random()) {
+        let placed = match place(&storage, &common::disk(size, sector), Firmware::Bios, 1 << 30, &PlanIds::random()) {
             Ok(placed) => placed,
             Err(e) => {
                 // Refused: must be because it is too small, or too large for an MBR, and said so.

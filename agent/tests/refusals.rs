@@ -13,6 +13,8 @@
 //! config_url or the install step needs missing (`config_url_without_a_dhcp_server_says_so`,
 //! `without_network_nothing_that_needs_it_starts`).
 
+mod common;
+
 use anyhow::Result;
 use base64::Engine;
 use nixos_kexec::app::Input;
@@ -38,12 +40,7 @@ const KEY_PARAM: &str = "nixos_kexec.ssh_key=ssh-ed25519+AAAAC3NzaC1lZDI1NTE5AAA
 /// serial)`, each with an old 100 MiB partition: the machine of agent/tests/fixtures/plan/input/
 /// facts.json with these changes.
 fn machine(firmware: Firmware, disks: &[(&str, u64, &str)]) -> Facts {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/plan/input/facts.json"
-    );
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let mut facts: Facts = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut facts = common::facts();
     let virtio = facts.disks[0].clone();
     facts.firmware = firmware;
     facts.ram_bytes = 1024 * MIB;
