@@ -142,7 +142,7 @@ impl Url {
 }
 
 /// Shown in place of a query string, which often carries an access token.
-pub const HIDDEN_QUERY: &str = "?<hidden>";
+const HIDDEN_QUERY: &str = "?<hidden>";
 
 /// A URL as the console, the log and error messages may show it: a password or token in its
 /// user part or query string is replaced, and the fragment dropped. For text that is not (yet)
@@ -173,11 +173,11 @@ impl std::fmt::Display for Url {
             Scheme::Http => "http",
             Scheme::Https => "https",
         };
-        let path = match self.path.split_once('?') {
-            Some((path, _)) => format!("{path}{HIDDEN_QUERY}"),
-            None => self.path.clone(),
-        };
-        write!(f, "{scheme}://{}{path}", self.host_header())
+        f.write_str(&redact(&format!(
+            "{scheme}://{}{}",
+            self.host_header(),
+            self.path
+        )))
     }
 }
 
