@@ -237,7 +237,7 @@ fn plan_for(
     cmdline: &str,
 ) -> Result<nixos_kexec::installer::plan::Plan> {
     use nixos_kexec::input::config::Config;
-    use nixos_kexec::machine::facts::{Disk, Facts, Firmware, Transport};
+    use nixos_kexec::machine::facts::{Facts, Firmware};
     let params = nixos_kexec::input::cmdline::Params::parse(cmdline)?;
     let mut config = Config {
         disk_auto: true,
@@ -245,34 +245,17 @@ fn plan_for(
         ..Config::assemble(None, &params)?
     };
     config.runtime_info.ssh_authorized_keys = vec!["ssh-ed25519 AAAA op@laptop".into()];
-    let disk = Disk {
-        name: "vda".into(),
-        dev_path: "/dev/vda".into(),
-        size_bytes: 8 << 30,
-        logical_sector: 512,
-        physical_sector: 512,
-        transport: Transport::Virtio,
-        model: None,
-        serial: Some("TARGET".into()),
-        wwn: None,
-        by_id: vec!["virtio-TARGET".into()],
-        by_path: vec![],
-        removable: false,
-        read_only: false,
-        partitions: vec![],
-        holders: vec![],
-        mounted_at: vec![],
-        modules: vec!["virtio_blk".into(), "virtio_pci".into()],
-    };
-    let facts = Facts {
-        firmware: Firmware::Bios,
-        ram_bytes: 1 << 30,
-        kernel_release: "6.1.0".into(),
-        disks: vec![disk],
-        nics: vec![],
-        previous_installs: vec![],
-        machine,
-    };
+    // The agent's fixture machine (one virtio disk), with this BIOS machine's firmware, RAM
+    // and platform.
+    let path = nixos_kexec_tests::workspace_root().join("agent/tests/fixtures/plan/input/facts.json");
+    let mut facts: Facts = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    facts.firmware = Firmware::Bios;
+    facts.ram_bytes = 1 << 30;
+    facts.disks[0].size_bytes = 8 << 30;
+    facts.nics.clear();
+    facts.machine = machine;
     nixos_kexec::installer::plan::make(
         &config,
         &facts,
