@@ -28,7 +28,7 @@ enum Command {
     /// Print runtime info about this (rescue) system as JSON: network, disks, keys, firmware.
     Gather,
     /// Gather, merge the options below, and kexec into the installer bundle.
-    Run(RunOptions),
+    Run(Box<RunOptions>),
     /// Diagnostics: the /dev/disk links the installer makes in place of udev.
     #[command(hide = true)]
     Devlinks {

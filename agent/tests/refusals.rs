@@ -15,15 +15,15 @@
 
 mod common;
 
-use anyhow::Result;
+use common::{config_for, plan_for, reason_of};
+
 use base64::Engine;
-use nixos_kexec::app::Input;
-use nixos_kexec::error::{as_user_error, one_line};
-use nixos_kexec::input::config::{Config, Layers};
+use nixos_kexec::error::as_user_error;
+use nixos_kexec::input::config::Config;
 use nixos_kexec::input::fetch::{self, MachineVars};
 use nixos_kexec::input::http;
 use nixos_kexec::installer::layout::PlanIds;
-use nixos_kexec::installer::plan::{self, Plan};
+use nixos_kexec::installer::plan;
 use nixos_kexec::installer::storage::{GIB, MIB};
 use nixos_kexec::machine::facts::{Disk, ExistingPartition, Facts, Firmware};
 use std::io::{Read, Write};
@@ -32,8 +32,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// What the QEMU harness puts before every scenario's parameters (`BASE_CMDLINE` there).
-const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4";
 const KEY_PARAM: &str = "nixos_kexec.ssh_key=ssh-ed25519+AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD+operator@laptop";
 
 /// A QEMU VM as the harness makes it (1024 MiB, no NIC) with used virtio disks `(name, size,
@@ -63,34 +61,6 @@ fn machine(firmware: Firmware, disks: &[(&str, u64, &str)]) -> Facts {
         })
         .collect();
     facts
-}
-
-/// What the installer makes of `params` alone, as `app::prepare` does with local input: no
-/// runtime-info file and no secrets in the initrd.
-fn config_for(params: &str) -> Result<Config> {
-    let root = tempfile::tempdir()?;
-    let input = Input {
-        cmdline: format!("{BASE_CMDLINE} {params}"),
-        extra_params: Vec::new(),
-        root: root.path().to_path_buf(),
-    };
-    let mut config = Layers::read(&input.root, &input.params()?)?.config(None)?;
-    config.find_secrets(&input.root);
-    Ok(config)
-}
-
-/// The plan the installer would make from `params` on `facts`.
-fn plan_for(params: &str, facts: &Facts) -> Result<Plan> {
-    plan::make(&config_for(params)?, facts, &PlanIds::random())
-}
-
-/// The reason the result line would give, after checking the error is one the operator can
-/// fix (those, and only those, get their `nixos-kexec: fix: ` line).
-fn reason_of(error: &anyhow::Error) -> String {
-    let user =
-        as_user_error(error).unwrap_or_else(|| panic!("not a user error, no fix is printed: {error:#}"));
-    assert!(!user.fix.trim().is_empty(), "an empty fix: {user}");
-    one_line(error)
 }
 
 /// Expects `params` on `facts` to be refused with a reason containing `expected`.

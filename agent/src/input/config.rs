@@ -4,6 +4,7 @@
 //! `nixos_kexec.config_url=`, then single `nixos_kexec.*` parameters ([`PARAMETERS`]).
 
 use crate::error::user_error;
+use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::cmdline::{percent_decode, Params, SerialConsole};
 use crate::input::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
 use crate::installer::storage::{self, Storage, Table};
@@ -307,7 +308,38 @@ pub const PARAMETERS: &[Parameter] = &[
     ),
     Parameter::new("swap", Effect::Text(|layer| &mut layer.info.swap, None)),
     Parameter::new("table", Effect::Text(|layer| &mut layer.info.table, None)),
+    Parameter::new(
+        "system",
+        Effect::Set(|layer, value| {
+            layer.info.system = Some(StorePath::parse(value)?);
+            Ok(())
+        }),
+    ),
+    Parameter::new(
+        "substituters",
+        Effect::Set(|layer, value| {
+            layer.info.substituters = comma_list(value, Substituter::parse)?;
+            Ok(())
+        }),
+    ),
+    Parameter::new(
+        "trusted_public_keys",
+        Effect::Set(|layer, value| {
+            layer.info.trusted_public_keys = comma_list(value, PublicKey::parse)?;
+            Ok(())
+        }),
+    ),
 ];
+
+/// A parameter's list: the kernel command line splits words at spaces, so items are
+/// separated by commas.
+fn comma_list<T>(value: &str, parse: fn(&str) -> Result<T>) -> Result<Vec<T>> {
+    value
+        .split(',')
+        .filter(|item| !item.is_empty())
+        .map(parse)
+        .collect()
+}
 
 /// The parameter `key` names (after the prefix, with underscores).
 pub fn parameter(key: &str) -> Option<&'static Parameter> {

@@ -121,6 +121,18 @@ impl Url {
         }
     }
 
+    /// This URL with `file` appended to its path (a file in the directory the URL names).
+    pub fn join_file(&self, file: &str) -> Url {
+        let directory = self
+            .path
+            .split_once('?')
+            .map_or(self.path.as_str(), |(path, _)| path);
+        Url {
+            path: format!("{}/{file}", directory.trim_end_matches('/')),
+            ..self.clone()
+        }
+    }
+
     /// Resolves `Location:` against this URL (absolute URLs and absolute paths). A redirect
     /// from HTTPS to plain HTTP is refused: it would silently drop the server's authentication.
     fn join(&self, location: &str) -> Result<Url> {
@@ -134,7 +146,7 @@ impl Url {
         if self.scheme == Scheme::Https && next.scheme == Scheme::Http {
             return Err(user_error(
                 format!("{self} redirects to {next}, from HTTPS down to plain HTTP."),
-                "make the config server redirect to an https:// URL, or point nixos_kexec.config_url at the final URL.",
+                "make the server redirect to an https:// URL, or use the final URL.",
             ));
         }
         Ok(next)
@@ -232,14 +244,58 @@ impl Default for Options {
 /// receives one line per failed attempt (for the console).
 pub fn get(url: &str, options: &Options, report: &mut dyn FnMut(&str)) -> Result<Vec<u8>> {
     let url = Url::parse(url)?;
+    let (answered, response) = get_response(&url, options, report).map_err(|e| match e.downcast::<Unreachable>() {
+        Ok(unreachable) => user_error(
+            unreachable.to_string(),
+            "check that the config server is up and reachable from this machine (the network lines above show what the installer has).",
+        ),
+        Err(e) => e,
+    })?;
+    match response.status {
+        200..=299 => Ok(response.body),
+        status => Err(user_error(
+            format!("{answered} answered {status} {}.", response.reason),
+            if (400..500).contains(&status) {
+                "check the URL and that the config server has an entry for this machine (the substituted URL is shown above)."
+            } else {
+                "make the config server answer 200 with the runtime-info JSON."
+            },
+        )),
+    }
+}
+
+/// All attempts at a URL failed for reasons that may pass (connection, timeout, 5xx).
+#[derive(Debug)]
+pub struct Unreachable {
+    pub url: Url,
+    pub attempts: u32,
+    pub last: String,
+}
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Could not fetch {}: {} attempts failed, the last with: {}.",
+            self.url, self.attempts, self.last
+        )
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// GETs `url`, following redirects and retrying transient failures, and returns the URL that
+/// answered and its answer whatever the status, unless it stayed transient: then the error is
+/// an [`Unreachable`]. Certificate and protocol problems are final errors at once.
+pub fn get_response(url: &Url, options: &Options, report: &mut dyn FnMut(&str)) -> Result<(Url, Response)> {
     let mut delay = options.first_delay;
     let mut last = String::new();
     let attempts = options.attempts.max(1);
     // Loaded on the first https:// request, then shared by redirects and retries.
     let mut tls = None;
     for attempt in 1..=attempts {
-        match get_following_redirects(&url, options, &mut tls) {
-            Ok(body) => return Ok(body),
+        match get_following_redirects(url, options, &mut tls) {
+            Ok(response) => return Ok(response),
             Err(Failure::Final(e)) => return Err(e),
             Err(Failure::Transient(why)) => {
                 last = why;
@@ -254,10 +310,11 @@ pub fn get(url: &str, options: &Options, report: &mut dyn FnMut(&str)) -> Result
             }
         }
     }
-    Err(user_error(
-        format!("Could not fetch {url}: {attempts} attempts failed, the last with: {last}."),
-        "check that the config server is up and reachable from this machine (the network lines above show what the installer has).",
-    ))
+    Err(anyhow::Error::new(Unreachable {
+        url: url.clone(),
+        attempts,
+        last,
+    }))
 }
 
 fn describe_delay(delay: Duration) -> String {
@@ -272,12 +329,11 @@ fn get_following_redirects(
     url: &Url,
     options: &Options,
     tls: &mut Option<crate::input::tls::Client>,
-) -> Result<Vec<u8>, Failure> {
+) -> Result<(Url, Response), Failure> {
     let mut current = url.clone();
     for _ in 0..=MAX_REDIRECTS {
         let response = get_once(&current, options, tls)?;
         match response.status {
-            200..=299 => return Ok(response.body),
             301 | 302 | 303 | 307 | 308 => {
                 let location = response.header("location").ok_or_else(|| {
                     Failure::Final(user_error(
@@ -285,11 +341,11 @@ fn get_following_redirects(
                             "{current} answered {} {} without a Location.",
                             response.status, response.reason
                         ),
-                        "fix the config server's redirect, or point nixos_kexec.config_url at the final URL.",
+                        "fix the server's redirect, or use the final URL.",
                     ))
                 })?;
                 let next = current.join(location).map_err(Failure::Final)?;
-                log::info!("config_url: {current} redirects to {next}");
+                log::info!("{current} redirects to {next}");
                 current = next;
             }
             408 | 429 | 500..=599 => {
@@ -298,21 +354,12 @@ fn get_following_redirects(
                     response.status, response.reason
                 )))
             }
-            status => {
-                return Err(Failure::Final(user_error(
-                    format!("{current} answered {status} {}.", response.reason),
-                    if (400..500).contains(&status) {
-                        "check the URL and that the config server has an entry for this machine (the substituted URL is shown above)."
-                    } else {
-                        "make the config server answer 200 with the runtime-info JSON."
-                    },
-                )))
-            }
+            _ => return Ok((current, response)),
         }
     }
     Err(Failure::Final(user_error(
         format!("{url} redirects more than {MAX_REDIRECTS} times."),
-        "point nixos_kexec.config_url at the final URL.",
+        "use the final URL.",
     )))
 }
 

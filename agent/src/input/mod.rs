@@ -2,6 +2,7 @@
 //! info, initrd files and `config_url`, fetched over HTTP(S) when needed.
 
 pub mod authorized_keys;
+pub mod binary_cache;
 pub mod cmdline;
 pub mod config;
 pub mod fetch;

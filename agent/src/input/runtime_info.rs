@@ -4,6 +4,7 @@
 //! the fields below must keep their meaning.
 
 use crate::error::user_error;
+use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::network::types::{self, Destination, MacAddr, Prefix};
 use anyhow::Result;
 use base64::Engine;
@@ -38,6 +39,16 @@ pub struct RuntimeInfo {
     /// A declarative disk layout, instead of a preset `layout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<crate::installer::storage::Storage>,
+    /// A system built elsewhere (`nix build ….config.system.build.toplevel`): installed by
+    /// downloading it from `substituters`, with nothing evaluated or built on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<StorePath>,
+    /// Binary caches the install downloads from, besides the bundle's own (cache.nixos.org).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub substituters: Vec<Substituter>,
+    /// Keys whose signatures make a cache's paths trusted, besides the bundle's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_public_keys: Vec<PublicKey>,
 }
 
 impl RuntimeInfo {
@@ -57,6 +68,9 @@ impl RuntimeInfo {
             swap,
             table,
             storage,
+            system,
+            substituters,
+            trusted_public_keys,
         } = upper;
         self.hostname = hostname.or(self.hostname.take());
         self.disk = disk.or(self.disk.take());
@@ -70,6 +84,13 @@ impl RuntimeInfo {
         self.swap = swap.or(self.swap.take());
         self.table = table.or(self.table.take());
         self.storage = storage.or(self.storage.take());
+        self.system = system.or(self.system.take());
+        if !substituters.is_empty() {
+            self.substituters = substituters;
+        }
+        if !trusted_public_keys.is_empty() {
+            self.trusted_public_keys = trusted_public_keys;
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! written in that form ([`crate::installer::presets`]), then placed on the disk ([`crate::installer::layout`]).
 
 use crate::error::user_error;
+use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::config::{After, Config, DiskChoice, Layout, Step};
 use crate::input::runtime_info::RuntimeInfo;
 use crate::installer::layout::{Filesystem, LuksVolume, PlanIds, PlannedMount, PlannedPartition, SwapArea};
@@ -22,6 +23,41 @@ pub const INITRD_SSH_PORT: u16 = 2222;
 /// Where the initrd SSH host key lives on the installed system (under the persist path when
 /// `/` is a tmpfs); NixOS copies it into the initrd (boot.initrd.secrets).
 pub const INITRD_HOST_KEY: &str = "etc/secrets/initrd/ssh_host_ed25519_key";
+
+/// The operator's binary caches and the keys that sign them, added to the bundle's Nix
+/// settings for the install (`extra-substituters`, `extra-trusted-public-keys`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BinaryCaches {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub substituters: Vec<Substituter>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_public_keys: Vec<PublicKey>,
+}
+
+impl BinaryCaches {
+    pub fn is_empty(&self) -> bool {
+        self.substituters.is_empty() && self.trusted_public_keys.is_empty()
+    }
+
+    /// nixos-install's `--option NAME VALUE` arguments, which it hands to every Nix command.
+    pub fn nix_options(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        let mut option = |name: &str, values: Vec<String>| {
+            if !values.is_empty() {
+                args.extend(["--option".to_string(), name.to_string(), values.join(" ")]);
+            }
+        };
+        option(
+            "extra-substituters",
+            self.substituters.iter().map(|s| s.as_str().to_string()).collect(),
+        );
+        option(
+            "extra-trusted-public-keys",
+            self.trusted_public_keys.iter().map(|k| k.to_string()).collect(),
+        );
+        args
+    }
+}
 
 /// SSH in the installed system's initrd, to type the disk passphrase from afar.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +127,12 @@ pub struct Plan {
     pub stop_before: Option<Step>,
     pub after: Option<After>,
     pub dry_run: bool,
+    /// A system built elsewhere that the install downloads instead of building the host flake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prebuilt_system: Option<StorePath>,
+    /// Binary caches the install may download from, besides the bundle's own.
+    #[serde(default, skip_serializing_if = "BinaryCaches::is_empty")]
+    pub caches: BinaryCaches,
     pub install_command: Vec<String>,
     /// TMPDIR of the install: on a disk, not in RAM (a tmpfs `/` is RAM too).
     pub install_tmpdir: String,
@@ -165,6 +207,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
     if config.stop_before.is_some_and(|step| step != Step::Finish) {
         steps.push(Step::Finish);
     }
+    let caches = binary_caches(config)?;
     let mount_root = "/mnt".to_string();
     let state_dir = placed.persist.clone().unwrap_or_else(|| "/".into());
     let root_tmpfs = placed.persist.is_some();
@@ -226,15 +269,16 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         ssh_authorized_keys: config.ssh_authorized_keys().to_vec(),
         nixpkgs: config.nixpkgs().to_string(),
         state_version: config.state_version().to_string(),
-        install_command: vec![
-            "nixos-install".into(),
-            "--root".into(),
-            mount_root.clone(),
-            "--flake".into(),
-            format!("{flake_dir}#{}", config.hostname()),
-            "--no-root-passwd".into(),
-            "--no-channel-copy".into(),
-        ],
+        prebuilt_system: config.runtime_info.system.clone(),
+        caches: caches.clone(),
+        install_command: install_command(
+            &mount_root,
+            match &config.runtime_info.system {
+                Some(system) => InstallFrom::Prebuilt(system),
+                None => InstallFrom::Flake(format!("{flake_dir}#{}", config.hostname())),
+            },
+            &caches,
+        ),
         install_tmpdir: if root_tmpfs {
             format!("{mount_root}/nix/.nixos-kexec-tmp")
         } else {
@@ -252,6 +296,39 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
     };
     refuse_what_the_steps_would(&plan)?;
     Ok(plan)
+}
+
+fn binary_caches(config: &Config) -> Result<BinaryCaches> {
+    let info = &config.runtime_info;
+    if let (Some(system), true) = (&info.system, info.substituters.is_empty()) {
+        return Err(user_error(
+            format!("system {system} is given, but no substituters to download it from."),
+            "push the system to a binary cache (nix copy --to CACHE-URL PATH) and name it in substituters (nixos_kexec.substituters=URL, or nixos-kexec run --substituter URL), with the key that signs it in trusted_public_keys.",
+        ));
+    }
+    Ok(BinaryCaches {
+        substituters: info.substituters.clone(),
+        trusted_public_keys: info.trusted_public_keys.clone(),
+    })
+}
+
+enum InstallFrom<'a> {
+    /// The host flake, `DIR#HOST`, built on the target.
+    Flake(String),
+    Prebuilt(&'a StorePath),
+}
+
+/// nixos-install as the install step runs it. With a prebuilt system it only sets the system
+/// profile (`nix-env --set`, which downloads the closure) and installs the boot loader.
+fn install_command(mount_root: &str, from: InstallFrom, caches: &BinaryCaches) -> Vec<String> {
+    let mut command: Vec<String> = vec!["nixos-install".into(), "--root".into(), mount_root.into()];
+    match from {
+        InstallFrom::Flake(flake) => command.extend(["--flake".into(), flake]),
+        InstallFrom::Prebuilt(system) => command.extend(["--system".into(), system.to_string()]),
+    }
+    command.extend(["--no-root-passwd".into(), "--no-channel-copy".into()]);
+    command.extend(caches.nix_options());
+    command
 }
 
 /// What the steps up to `install` would refuse in the input, refused now, before the wipe:

@@ -6,6 +6,7 @@ use super::gather::{self, Gathered};
 use super::kexec;
 use crate::console;
 use crate::error::user_error;
+use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::cmdline::{Params, COMMAND_LINE_SIZE};
 use crate::input::config::{Config, Effect};
 use crate::input::runtime_info::{self, DiskSelector, RuntimeInfo};
@@ -35,6 +36,18 @@ pub struct RunOptions {
     /// nixpkgs flake reference for the host flake.
     #[arg(long)]
     pub nixpkgs: Option<String>,
+    /// A system built elsewhere (nix build ….config.system.build.toplevel) to install from
+    /// --substituter, with nothing evaluated on the machine.
+    #[arg(long, value_parser = typed(StorePath::parse))]
+    pub system: Option<StorePath>,
+    /// A binary cache (http://, https://, file://) to download from, besides cache.nixos.org;
+    /// repeatable.
+    #[arg(long = "substituter", value_parser = typed(Substituter::parse))]
+    pub substituters: Vec<Substituter>,
+    /// A key that signs those caches, NAME:BASE64 (nix key convert-secret-to-public);
+    /// repeatable.
+    #[arg(long = "trusted-public-key", value_parser = typed(PublicKey::parse))]
+    pub trusted_public_keys: Vec<PublicKey>,
     /// SSH public keys for root (default: root's authorized_keys here); repeatable.
     #[arg(long = "ssh-key-file")]
     pub ssh_key_files: Vec<PathBuf>,
@@ -50,6 +63,11 @@ pub struct RunOptions {
     /// Print the command line, the appended archive (secrets masked) and the plan; load nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// A clap value parser from one of our input parsers, its error as the one line `main` prints.
+fn typed<T>(parse: fn(&str) -> Result<T>) -> impl Fn(&str) -> std::result::Result<T, String> + Clone {
+    move |text| parse(text).map_err(|e| crate::error::one_line(&e))
 }
 
 /// How the runtime info travels to the installer.
@@ -301,6 +319,9 @@ pub fn prepare(
     info.overlay(RuntimeInfo {
         hostname: options.hostname.clone(),
         nixpkgs: options.nixpkgs.clone(),
+        system: options.system.clone(),
+        substituters: options.substituters.clone(),
+        trusted_public_keys: options.trusted_public_keys.clone(),
         ssh_authorized_keys,
         ..RuntimeInfo::default()
     });
@@ -693,9 +714,17 @@ mod tests {
         options.hostname = Some("db1".into());
         options.nixpkgs = Some("github:me/nixpkgs".into());
         options.ssh_key_files = vec![keys];
+        let system = "/nix/store/2dz8wm2ahnxv3kmz2d9h2dhpl0dxsdl2-nixos-system-db1-26.05";
+        options.system = Some(StorePath::parse(system).unwrap());
+        options.substituters = vec![Substituter::parse("https://cache.example.com").unwrap()];
+        options.trusted_public_keys =
+            vec![PublicKey::parse(crate::input::binary_cache::NIXOS_CACHE_KEY).unwrap()];
         let chosen = decoded(&options);
         assert_eq!(chosen.hostname.as_deref(), Some("db1"));
         assert_eq!(chosen.nixpkgs.as_deref(), Some("github:me/nixpkgs"));
+        assert_eq!(chosen.system, options.system);
+        assert_eq!(chosen.substituters, options.substituters);
+        assert_eq!(chosen.trusted_public_keys, options.trusted_public_keys);
         assert_eq!(
             chosen.ssh_authorized_keys,
             vec![format!("{KEY}-operator"), format!("{KEY}-other")]

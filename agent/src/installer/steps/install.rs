@@ -3,12 +3,17 @@
 use super::Execution;
 use crate::console;
 use crate::error::user_error;
+use crate::input::binary_cache::{
+    CacheFile, Location, Narinfo, PublicKey, StorePath, Substituter, NIXOS_CACHE_KEY, STORE_DIR,
+};
 use crate::input::config::Step;
+use crate::input::http;
 use crate::installer::plan::Plan;
 use crate::machine::runner;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 fn find_in_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -30,17 +35,131 @@ pub fn check_network_before_wiping(plan: &Plan) -> Result<()> {
     if find_in_path(program).is_none() {
         return Ok(());
     }
+    let downloads = match &plan.prebuilt_system {
+        // A cache on the installer itself (file://) needs no network.
+        Some(_)
+            if plan
+                .caches
+                .substituters
+                .iter()
+                .all(|s| matches!(s.location(), Location::Directory(_))) =>
+        {
+            return Ok(())
+        }
+        Some(system) => format!("{program} downloads {system}"),
+        None => format!("{program} downloads {} and the system's packages", plan.nixpkgs),
+    };
     let facts = crate::network::facts::gather()?;
     if facts.routes.iter().any(|r| r.destination.is_none()) {
         return Ok(());
     }
     Err(user_error(
         format!(
-            "The install step needs the network ({program} downloads {} and the system's packages), but the installer has no default route. Nothing was written.",
-            plan.nixpkgs
+            "The install step needs the network ({downloads}), but the installer has no default route. Nothing was written."
         ),
         "connect the machine to a network with DHCP or router advertisements, describe its network in the runtime info (network.interfaces), or add nixos_kexec.stop_before=install to only prepare the disk.",
     ))
+}
+
+/// Refuses before the disk is wiped when the prebuilt system cannot be downloaded: no
+/// substituter answers, none has the path, or its signature does not verify with a trusted
+/// key. Nix would find the same after the wipe, in the middle of the install. Only the
+/// system's own path is looked up; a path it references that is missing from every cache
+/// still fails in the install step.
+pub fn check_caches_before_wiping(plan: &Plan) -> Result<()> {
+    let Some(system) = plan
+        .prebuilt_system
+        .as_ref()
+        .filter(|_| plan.steps.contains(&Step::Install))
+    else {
+        return Ok(());
+    };
+    let mut trusted = plan.caches.trusted_public_keys.clone();
+    trusted.push(PublicKey::parse(NIXOS_CACHE_KEY)?);
+    let mut findings = Vec::new();
+    for cache in &plan.caches.substituters {
+        match look_up(cache, system, &trusted) {
+            Ok(()) => {
+                console::line(&format!(
+                    "install: {cache} has {system}{}",
+                    if cache.trusted() {
+                        " (trusted=1: no signature needed)"
+                    } else {
+                        ", signed by a trusted key"
+                    }
+                ));
+                return Ok(());
+            }
+            Err(why) => findings.push(format!("{cache}: {why}")),
+        }
+    }
+    Err(user_error(
+        format!(
+            "No substituter can provide the system {system}, so the install would fail after the wipe. Nothing was written. {}.",
+            findings.join("; ")
+        ),
+        "push the system to the cache, signed (nix copy --to URL PATH with ?secret-key=FILE, or nix store sign -k FILE PATH), name the URL the machine can reach in substituters, and the public half of the signing key (nix key convert-secret-to-public) in trusted_public_keys.",
+    ))
+}
+
+/// Why `cache` cannot provide `system` in a way Nix accepts, if it cannot.
+fn look_up(cache: &Substituter, system: &StorePath, trusted: &[PublicKey]) -> Result<(), String> {
+    let info = read_cache_file(&cache.file("nix-cache-info"))?
+        .ok_or("it is not a binary cache (it has no nix-cache-info)")?;
+    let store_dir = String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|line| line.strip_prefix("StoreDir: ").map(|dir| dir.trim().to_string()));
+    if let Some(dir) = store_dir.filter(|dir| dir != STORE_DIR) {
+        return Err(format!("its store is {dir}, not {STORE_DIR}"));
+    }
+    let file = cache.file(&format!("{}.narinfo", system.hash_part()));
+    let narinfo =
+        read_cache_file(&file)?.ok_or_else(|| format!("it does not have the path ({file} is not there)"))?;
+    let narinfo = Narinfo::parse(&String::from_utf8_lossy(&narinfo)).map_err(|e| format!("{file}: {e:#}"))?;
+    if narinfo.store_path != system.as_str() {
+        return Err(format!("{file} describes {}, not the system", narinfo.store_path));
+    }
+    if cache.trusted() {
+        return Ok(());
+    }
+    narinfo.verify(trusted).map_err(|why| {
+        let names: Vec<&str> = trusted.iter().map(PublicKey::name).collect();
+        format!("{why} (trusted: {})", names.join(", "))
+    })
+}
+
+/// The file's bytes; `None` when the cache answers that it has no such file.
+fn read_cache_file(file: &CacheFile) -> Result<Option<Vec<u8>>, String> {
+    match file {
+        CacheFile::Local(path) => match std::fs::read(path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("reading {path}: {e}")),
+        },
+        CacheFile::Http(url) => {
+            let options = http::Options {
+                attempts: 3,
+                attempt_timeout: Duration::from_secs(30),
+                ..http::Options::default()
+            };
+            let report = &mut |line: &str| console::line(&format!("install: {line}"));
+            match http::get_response(url, &options, report) {
+                Ok((_, response)) if (200..300).contains(&response.status) => Ok(Some(response.body)),
+                Ok((_, response)) if matches!(response.status, 404 | 403 | 410) => Ok(None),
+                Ok((answered, response)) => Err(format!(
+                    "{answered} answered {} {}",
+                    response.status, response.reason
+                )),
+                Err(e) => Err(match e.downcast_ref::<http::Unreachable>() {
+                    Some(unreachable) => format!(
+                        "unreachable ({} attempts, the last failed with: {})",
+                        unreachable.attempts, unreachable.last
+                    ),
+                    None => crate::error::one_line(&e),
+                }),
+            }
+        }
+    }
 }
 
 pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
@@ -53,7 +172,7 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
     };
     if find_in_path(program).is_none() {
         return Err(user_error(
-            format!("{program} is not in this installer bundle, so NixOS cannot be installed from it (the dev bundle carries no Nix)."),
+            format!("{program} is not in this installer bundle, so NixOS cannot be installed from it (a dev bundle carries Nix only when build-dev ran with --with-nix, and never nixos-install)."),
             "boot the Nix-built bundle (nix build .#kexec-bundle), or pass nixos_kexec.stop_before=install to stop once the disk and host flake are ready.",
         ));
     }
