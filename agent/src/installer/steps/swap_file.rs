@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 
 /// At the top of the filesystem holding /nix; a name no NixOS file has.
 pub const FILE_NAME: &str = ".nixos-kexec-swap";
-/// Below this much RAM the install gets swap: RAM and swap together are brought up to it. Nix
-/// evaluating nixpkgs for a flake install peaks at 1-1.5 GiB.
+/// Below this much RAM the install gets swap: RAM and swap together are brought up to it
+/// (issue #11: a 1 GB machine often runs out halfway through evaluating nixpkgs, and
+/// nixos-anywhere's kexec image is tested with 1.5-2 GiB).
 pub const RAM_AND_SWAP: u64 = 2 * GIB;
 /// Less swap than this is not worth the disk it takes; a filesystem that cannot spare it
 /// gets none.
