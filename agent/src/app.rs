@@ -9,6 +9,7 @@ use crate::input::fetch::{self, MachineVars};
 use crate::input::runtime_info::Network;
 use crate::installer::layout::PlanIds;
 use crate::installer::plan::{self, Plan};
+use crate::installer::steps::swap_file::TemporarySwap;
 use crate::installer::steps::{self, finish, Execution};
 use crate::installer::storage::MIB;
 use crate::machine::facts::Facts;
@@ -145,6 +146,16 @@ fn print_plan(plan: &Plan, label: &str) -> Result<()> {
                 ""
             }
         ));
+    }
+    match &plan.temporary_swap {
+        TemporarySwap::File { path, size_bytes, .. } => console::line(&format!(
+            "{label}: swap file {} MiB at {path} during the install, removed afterwards",
+            size_bytes / MIB
+        )),
+        TemporarySwap::NoRoom { why } => {
+            console::line(&format!("{label}: no swap file for the install: {why}"))
+        }
+        TemporarySwap::NotNeeded { .. } => {}
     }
     if let Some(previous) = &plan.replaces {
         console::line(&format!(

@@ -453,3 +453,139 @@ fn guard_sees_a_finished_luks_btrfs_install_by_its_header() {
 fn guard_sees_a_finished_luks_ext4_install_by_its_header() {
     guard_sees_the_finished_run(Layout::LuksExt4, today());
 }
+
+// ------------------------------------------------------------------------- temporary swap file
+
+/// Whether the kernel lists `path` as swap in /proc/swaps (a file, not a partition).
+fn swapping_on(path: &std::path::Path) -> bool {
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap();
+    swaps.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        fields.next() == path.to_str() && fields.next() == Some("file")
+    })
+}
+
+/// The install step's swap file as the plan decides it for 512 MiB of RAM and `preset` (no
+/// swap in it), on a real filesystem of that kind on a loop device, mounted as the plan mounts
+/// /nix (btrfs: the `@nix` subvolume, zstd-compressed): the kernel swaps on it during the
+/// install, and it is off and gone afterwards whether the install succeeded, failed or
+/// panicked; the filesystem checks clean.
+fn swap_file_during_the_install(preset: Layout) {
+    use nixos_kexec::installer::layout::FsKind;
+    use nixos_kexec::installer::steps::swap_file::{self, TemporarySwap};
+    use nixos_kexec::machine::blockdev::Mount;
+    use std::os::unix::fs::PermissionsExt;
+
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut facts = facts(8 * GIB, 512);
+    facts.ram_bytes = 512 << 20;
+    let config = Config {
+        disk_auto: true,
+        layout: preset,
+        ..Config::default()
+    };
+    let mut plan = plan::make(&config, &facts, &PlanIds::random()).unwrap();
+    let TemporarySwap::File {
+        path,
+        size_bytes,
+        filesystem,
+        ..
+    } = &mut plan.temporary_swap
+    else {
+        panic!(
+            "{}: no swap file planned: {:?}",
+            preset.name(),
+            plan.temporary_swap
+        );
+    };
+    let (size_bytes, kind) = (*size_bytes, *filesystem);
+    let store = plan
+        .mounts
+        .iter()
+        .rfind(|m| m.mountpoint == "/" || m.mountpoint == "/nix")
+        .unwrap()
+        .clone();
+
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("store.img");
+    std::fs::File::create(&image).unwrap().set_len(4 * GIB).unwrap();
+    let looped = Loop::writable(&image);
+    let mount_root = dir.path().join("mnt");
+    match kind {
+        FsKind::Ext4 => {
+            tool("mkfs.ext4", &["-q", "-F", &looped.device]);
+        }
+        FsKind::Btrfs => {
+            tool("mkfs.btrfs", &["-q", "-f", &looped.device]);
+            let top = Mount::new(&looped.device, &dir.path().join("top"), "btrfs", &[]).unwrap();
+            let subvolume = store.subvolume.as_deref().unwrap();
+            nixos_kexec::machine::btrfs::create_subvolume(top.target(), subvolume).unwrap();
+            top.unmount().unwrap();
+        }
+        FsKind::Vfat => unreachable!(),
+    }
+    assert!(
+        store
+            .options
+            .iter()
+            .all(|o| kind != FsKind::Btrfs || o != "nodatacow"),
+        "the test wants btrfs as the presets mount it"
+    );
+    let mounted = Mount::new(&looped.device, &mount_root, kind.name(), &store.options).unwrap();
+    let file = mount_root.join(swap_file::FILE_NAME);
+    *path = file.to_string_lossy().into_owned();
+
+    // Succeeds: swap on while installing, then off and deleted.
+    swap_file::while_installing(&plan, || {
+        assert!(swapping_on(&file), "{} is not in /proc/swaps", file.display());
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), size_bytes);
+        if kind == FsKind::Btrfs {
+            let attributes = tool("lsattr", &[file.to_str().unwrap()]);
+            let flags = attributes.split_whitespace().next().unwrap();
+            assert!(flags.contains('C'), "not NOCOW: {attributes}");
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert!(!swapping_on(&file) && !file.exists(), "left after a good install");
+
+    // Fails: the install's error comes back, and the file goes all the same.
+    let err = swap_file::while_installing(&plan, || {
+        assert!(swapping_on(&file));
+        anyhow::bail!("nixos-install exited with exit status: 1")
+    })
+    .unwrap_err();
+    assert_eq!(err.to_string(), "nixos-install exited with exit status: 1");
+    assert!(
+        !swapping_on(&file) && !file.exists(),
+        "left after a failed install"
+    );
+
+    // Panics: the guard cleans up as the stack unwinds.
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        swap_file::while_installing(&plan, || {
+            assert!(swapping_on(&file));
+            panic!("a bug in the install step")
+        })
+    }));
+    assert!(unwound.is_err());
+    assert!(!swapping_on(&file) && !file.exists(), "left after a panic");
+
+    mounted.unmount().unwrap();
+    match kind {
+        FsKind::Ext4 => tool("e2fsck", &["-fn", &looped.device]),
+        _ => tool("btrfs", &["check", &looped.device]),
+    };
+}
+
+#[test]
+fn swap_file_on_ext4() {
+    swap_file_during_the_install(Layout::Ext4);
+}
+
+#[test]
+fn swap_file_on_btrfs_in_the_nix_subvolume() {
+    swap_file_during_the_install(Layout::Btrfs);
+}

@@ -172,6 +172,32 @@ fn bios_virtio_grub_boots() -> Result<()> {
         log.contains("sandbox-pivot-root-ok"),
         "pivot_root failed in the installer:\n{log}"
     );
+    // 1 GiB of RAM and no swap in the layout: nixos-install ran with a swap file on the target's
+    // root (the stand-in printed /proc/swaps), which is gone from the disk afterwards.
+    let swap_file = "/mnt/.nixos-kexec-swap";
+    ensure!(
+        out.lines_containing("swap file on: ")
+            .any(|l| l.contains(&format!(" MiB at {swap_file} (ext4) for the install"))),
+        "no swap file was announced:\n{}",
+        out.tail(60)
+    );
+    let swapping = out
+        .log
+        .lines()
+        .position(|l| l.contains(&format!("install: swaps: {swap_file} ")) && l.contains("file"))
+        .context("the stand-in nixos-install did not see the swap file in /proc/swaps")?;
+    let removed = out
+        .log
+        .lines()
+        .position(|l| l.contains(&format!("swap file off and removed: {swap_file}")))
+        .context("the swap file was not removed")?;
+    ensure!(swapping < removed, "the swap file went before nixos-install ran");
+    ensure!(
+        !ext4_ls(&root, "/")?
+            .iter()
+            .any(|name| name == ".nixos-kexec-swap"),
+        "the swap file is still on the disk"
+    );
     boot_installed_disk(&bundle, "bios_virtio", &out, Firmware::Bios, &[GRUB_MENU])?;
     Ok(())
 }
@@ -268,6 +294,13 @@ fn luks_btrfs_on_default_cpu_boots() -> Result<()> {
     ensure!(
         !out.log.contains("Error allocating crypto tfm"),
         "dm-crypt could not find its cipher"
+    );
+    // btrfs takes the install's swap file (1 GiB of RAM, no swap) only NOCOW, in `@nix`.
+    ensure!(
+        out.lines_containing("install: swaps: /mnt/nix/.nixos-kexec-swap ")
+            .any(|l| l.contains("file")),
+        "nixos-install ran without the swap file on btrfs:\n{}",
+        out.tail(60)
     );
     boot_installed_disk(&bundle, "luks_default_cpu", &out, Firmware::Bios, &[GRUB_MENU])?;
     Ok(())

@@ -112,6 +112,8 @@ pub struct Plan {
     /// In mount order: `/` first, parents before children.
     pub mounts: Vec<PlannedMount>,
     pub swaps: Vec<SwapArea>,
+    /// A swap file for the install step alone, when RAM is small and `swaps` is empty.
+    pub temporary_swap: crate::installer::steps::swap_file::TemporarySwap,
     /// Where state that must survive a reboot lives on the target: `/`, or the persist path
     /// when `/` is a tmpfs.
     pub state_dir: String,
@@ -232,6 +234,8 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
             host_key: format!("{}/{INITRD_HOST_KEY}", state_dir.trim_end_matches('/')),
             nic_modules,
         });
+    let temporary_swap =
+        crate::installer::steps::swap_file::decide(facts.ram_bytes, &steps, &placed, &mount_root);
     let virtualisation = facts.machine.virtualisation;
     let plan = Plan {
         hostname: config.hostname().to_string(),
@@ -262,6 +266,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         filesystems: placed.filesystems,
         mounts: placed.mounts,
         swaps: placed.swaps,
+        temporary_swap,
         machine_id: root_tmpfs.then(|| ids.machine_id.clone()),
         state_dir,
         initrd_ssh,

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod mount;
 pub mod partition;
 pub mod swap;
+pub mod swap_file;
 pub mod verify;
 pub mod wipe;
 
@@ -119,7 +120,7 @@ fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
         Step::Mount => mount::run(plan, execution),
         Step::Keys => keys::run(plan, execution),
         Step::Flake => flake::run(plan, execution),
-        Step::Install => install::run(plan, execution),
+        Step::Install => swap_file::while_installing(plan, || install::run(plan, execution)),
         Step::Verify => verify::run(plan, execution),
         Step::Finish => finish::run(plan, execution),
     }

@@ -1,9 +1,12 @@
 //! Swap: the signature written natively (the layout of util-linux's mkswap, version 1), and
 //! swapon/swapoff with the system calls, so a small machine has swap while nixos-install runs.
+//! The same code serves a swap partition or mapping and the temporary swap file
+//! ([`super::swap_file`]).
 
 use crate::installer::layout::SwapArea;
 use anyhow::{bail, Context, Result};
 use std::ffi::CString;
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 
 /// The kernel reads the header from the first page; x86-64 pages are 4 KiB.
@@ -33,18 +36,24 @@ pub fn header(size_bytes: u64, uuid: &str, label: Option<&str>) -> Result<Vec<u8
     Ok(page)
 }
 
+/// Writes the header of a swap area of `size_bytes` over the first page of `target` (a device
+/// or a preallocated file), to the disk.
+pub fn write_header(target: &mut File, size_bytes: u64, uuid: &str, label: Option<&str>) -> Result<()> {
+    let page = header(size_bytes, uuid, label)?;
+    target.seek(SeekFrom::Start(0))?;
+    target.write_all(&page)?;
+    target.sync_all()?;
+    Ok(())
+}
+
 /// Writes the swap signature onto `swap.device`.
 pub fn make(swap: &SwapArea) -> Result<()> {
     let size = crate::machine::blockdev::size_bytes(&swap.device)?;
-    let page = header(size, &swap.uuid, swap.label.as_deref())?;
     let mut device = std::fs::OpenOptions::new()
         .write(true)
         .open(&swap.device)
         .with_context(|| format!("opening {} for writing", swap.device))?;
-    device
-        .seek(SeekFrom::Start(0))
-        .and_then(|_| device.write_all(&page))
-        .and_then(|_| device.sync_all())
+    write_header(&mut device, size, &swap.uuid, swap.label.as_deref())
         .with_context(|| format!("writing the swap signature to {}", swap.device))?;
     log::info!(
         "{} is swap ({} MiB) with UUID {}",
@@ -58,11 +67,14 @@ pub fn make(swap: &SwapArea) -> Result<()> {
 /// Swap in use; switched off when dropped (also after a failure), before its device goes.
 #[derive(Debug)]
 pub struct SwapOn {
+    /// A block device, or a swap file's path.
     device: String,
     active: bool,
 }
 
 impl SwapOn {
+    /// Switches on the swap area on `device`: a block device, or a file whose blocks are all
+    /// allocated and which starts with a swap header.
     pub fn on(device: &str) -> Result<SwapOn> {
         let path = CString::new(device).context("swap device path with a NUL byte")?;
         // SAFETY: swapon reads the NUL-terminated path, which lives through the call.
