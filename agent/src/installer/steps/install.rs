@@ -162,6 +162,18 @@ fn read_cache_file(file: &CacheFile) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
+/// Refuses a bundle without the install program, with what to do instead.
+pub fn check_program(plan: &Plan) -> Result<()> {
+    let program = plan.install_command.first().context("the plan has no install command")?;
+    if find_in_path(program).is_none() {
+        return Err(user_error(
+            format!("{program} is not in this installer bundle, so NixOS cannot be installed from it (a dev bundle carries Nix only when build-dev ran with --with-nix, and never nixos-install)."),
+            "boot the Nix-built bundle (nix build .#kexec-bundle), or pass nixos_kexec.stop_before=install to stop once the disk and host flake are ready.",
+        ));
+    }
+    Ok(())
+}
+
 pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
     let root = execution
         .target_root()
@@ -170,12 +182,6 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
     let Some((program, args)) = plan.install_command.split_first() else {
         anyhow::bail!("the plan has no install command");
     };
-    if find_in_path(program).is_none() {
-        return Err(user_error(
-            format!("{program} is not in this installer bundle, so NixOS cannot be installed from it (a dev bundle carries Nix only when build-dev ran with --with-nix, and never nixos-install)."),
-            "boot the Nix-built bundle (nix build .#kexec-bundle), or pass nixos_kexec.stop_before=install to stop once the disk and host flake are ready.",
-        ));
-    }
     // The store and temporary files go to the target disk, not to RAM: a 1 GB machine has no room
     // (with a tmpfs `/` the plan puts them on /nix).
     let tmp = PathBuf::from(&plan.install_tmpdir);

@@ -120,7 +120,11 @@ fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
         Step::Mount => mount::run(plan, execution),
         Step::Keys => keys::run(plan, execution),
         Step::Flake => flake::run(plan, execution),
-        Step::Install => swap_file::while_installing(plan, || install::run(plan, execution)),
+        Step::Install => {
+            // No swap file for a bundle that cannot install.
+            install::check_program(plan)?;
+            swap_file::while_installing(plan, || install::run(plan, execution))
+        }
         Step::Verify => verify::run(plan, execution),
         Step::Finish => finish::run(plan, execution),
     }
