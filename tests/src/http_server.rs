@@ -178,6 +178,15 @@ fn accept_loop(listener: TcpListener, shared: Shared, connections: &Connections)
 
 /// Answers the requests of one connection until either side closes it.
 fn serve_connection(stream: TcpStream, shared: &Shared) -> Result<()> {
+    let closer = stream.try_clone().context("cloning the connection")?;
+    let result = answer_requests(stream, shared);
+    // The handle the server keeps for its drop holds the socket open: the client sees the end
+    // of an answer without Content-Length (or a cut one) only by this.
+    let _ = closer.shutdown(Shutdown::Write);
+    result
+}
+
+fn answer_requests(stream: TcpStream, shared: &Shared) -> Result<()> {
     stream
         .set_nonblocking(false)
         .context("making a connection blocking")?;

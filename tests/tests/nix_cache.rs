@@ -294,3 +294,25 @@ fn file_server_answers_get_head_404_on_one_connection() -> Result<()> {
     );
     Ok(())
 }
+
+/// The core the config server shares: an answer without Content-Length (a raw or cut one) ends
+/// when the server closes the connection, which curl must see at once, not at a timeout.
+#[test]
+fn config_server_raw_answer_ends_with_the_connection() -> Result<()> {
+    let server = ConfigServer::start_raw(vec![b"HTTP/1.0 200 OK\r\n\r\nno length".to_vec()], 5)?;
+    let url = server.guest_url().replace("10.0.2.2", "127.0.0.1");
+    let start = std::time::Instant::now();
+    let out = run_tool(
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "5"])
+            .arg(format!("{url}/x")),
+    )?;
+    ensure!(out.stdout_str() == "no length", "{}", out.describe());
+    ensure!(
+        start.elapsed() < std::time::Duration::from_secs(3),
+        "curl waited {:?} for the end of the answer",
+        start.elapsed()
+    );
+    ensure!(server.requests() == ["/x"], "{:?}", server.requests());
+    Ok(())
+}
