@@ -35,16 +35,22 @@ use anyhow::{bail, Context, Result};
 
 pub mod config_server;
 pub mod cpio;
+pub mod http_server;
 pub mod images;
 pub mod inspect;
+pub mod loop_mount;
+pub mod nix_cache;
 pub mod rescue;
 pub mod tool;
 pub mod vm;
 
 pub use config_server::{ConfigServer, Routes};
 pub use cpio::{cpio_from_dir, Cpio};
+pub use http_server::{FileServer, HttpRequest};
 pub use images::{blank_disk, used_disk};
 pub use inspect::*;
+pub use loop_mount::LoopMount;
+pub use nix_cache::{stand_in_cache, StandInCache, StorePath};
 pub use tool::{run_tool, run_tool_unchecked, run_tool_with_input, tool, ToolOutput};
 pub use vm::{
     AttachedDisk, Console, DiskBus, DiskSpec, Firmware, RunOutcome, Vm, BASE_CMDLINE, RESULT_PREFIX,
