@@ -50,7 +50,7 @@ pub use http_server::{FileServer, HttpRequest};
 pub use images::{blank_disk, used_disk};
 pub use inspect::*;
 pub use loop_mount::LoopMount;
-pub use nix_cache::{stand_in_cache, StandInCache, StorePath};
+pub use nix_cache::{narinfo_url_path, stand_in_cache, StandInCache, StorePath};
 pub use tool::{run_tool, run_tool_unchecked, run_tool_with_input, tool, ToolOutput};
 pub use vm::{
     AttachedDisk, Console, DiskBus, DiskSpec, Firmware, RunOutcome, Vm, BASE_CMDLINE, RESULT_PREFIX,

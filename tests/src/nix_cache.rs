@@ -11,7 +11,6 @@
 //! the target directory, and every command gets its settings from `NIX_CONFIG` (see
 //! [`nix_command`]), not from the host's nix.conf.
 
-use std::fmt;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,51 +39,11 @@ pub const COMPRESSION: &str = "zstd";
 const KEY_NAME: &str = "stand-in-cache-1";
 const WRONG_KEY_NAME: &str = "stand-in-wrong-key-1";
 
-/// A store path, `/nix/store/<hash>-<name>`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StorePath(String);
+pub use nixos_kexec::input::binary_cache::StorePath;
 
-impl StorePath {
-    pub fn parse(text: &str) -> Result<StorePath> {
-        let rest = text
-            .strip_prefix("/nix/store/")
-            .with_context(|| format!("{text:?} is not in /nix/store"))?;
-        let (hash, name) = rest
-            .split_once('-')
-            .with_context(|| format!("{text:?} has no name after its hash"))?;
-        ensure!(
-            hash.len() == 32
-                && hash
-                    .chars()
-                    .all(|c| "0123456789abcdfghijklmnpqrsvwxyz".contains(c)),
-            "{text:?} does not start with a store path hash (32 characters of Nix's base 32)"
-        );
-        ensure!(
-            !name.is_empty() && !name.contains('/'),
-            "{text:?} is not a store path itself"
-        );
-        Ok(StorePath(text.to_string()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The 32-character hash that names the path in a binary cache.
-    pub fn hash_part(&self) -> &str {
-        &self.0["/nix/store/".len().."/nix/store/".len() + 32]
-    }
-
-    /// Where a binary cache serves the path's metadata: `/<hash>.narinfo`.
-    pub fn narinfo_url_path(&self) -> String {
-        format!("/{}.narinfo", self.hash_part())
-    }
-}
-
-impl fmt::Display for StorePath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Where a binary cache serves the path's metadata: `/<hash>.narinfo`.
+pub fn narinfo_url_path(path: &StorePath) -> String {
+    format!("/{}.narinfo", path.hash_part())
 }
 
 /// A signing key pair from `nix key generate-secret`.

@@ -46,7 +46,7 @@ fn stand_in_closure_is_big_many_files_signed_and_in_the_cache() -> Result<()> {
     let ratio = stats.cache_size as f64 / stats.nar_size as f64;
     ensure!((0.5..0.9).contains(&ratio), "cache/NAR size ratio {ratio:.2}");
 
-    let narinfo = std::fs::read_to_string(cache.dir.join(&cache.toplevel.narinfo_url_path()[1..]))
+    let narinfo = std::fs::read_to_string(cache.dir.join(&narinfo_url_path(&cache.toplevel)[1..]))
         .context("reading the toplevel's narinfo")?;
     ensure!(
         narinfo.contains(&format!("Compression: {COMPRESSION}")),
@@ -56,7 +56,7 @@ fn stand_in_closure_is_big_many_files_signed_and_in_the_cache() -> Result<()> {
     ensure!(
         !cache
             .dir
-            .join(&cache.unpublished.narinfo_url_path()[1..])
+            .join(&narinfo_url_path(&cache.unpublished)[1..])
             .exists(),
         "the unpublished path is in the cache"
     );
@@ -125,9 +125,9 @@ fn installs_over_http_into_mounted_ext4_verifies_and_detects_corruption() -> Res
         eprintln!("Nix's requests: {} ({methods:?})", requests.len());
         for path in &cache.closure {
             ensure!(
-                requests.iter().any(|r| r.path == path.narinfo_url_path()),
+                requests.iter().any(|r| r.path == narinfo_url_path(path)),
                 "Nix never asked for {}",
-                path.narinfo_url_path()
+                narinfo_url_path(path)
             );
         }
         let nars = requests
@@ -225,9 +225,9 @@ fn missing_path_fails_and_sets_no_profile() -> Result<()> {
     ensure!(
         requests
             .iter()
-            .any(|r| r.path == cache.unpublished.narinfo_url_path()),
+            .any(|r| r.path == narinfo_url_path(&cache.unpublished)),
         "Nix did not ask the cache for {}",
-        cache.unpublished.narinfo_url_path()
+        narinfo_url_path(&cache.unpublished)
     );
     Ok(())
 }
@@ -314,5 +314,41 @@ fn config_server_raw_answer_ends_with_the_connection() -> Result<()> {
         start.elapsed()
     );
     ensure!(server.requests() == ["/x"], "{:?}", server.requests());
+    Ok(())
+}
+
+/// The installer's check before the wipe (`check_caches`, the agent's own code) against the
+/// cache Debian's Nix signed, over HTTP and as a directory: it must agree with Nix on the
+/// signature, on the wrong key and on the missing path (the two failures above).
+#[test]
+fn the_installers_check_agrees_with_nix_on_the_real_cache() -> Result<()> {
+    use nixos_kexec::input::binary_cache::{PublicKey, Substituter};
+    use nixos_kexec::installer::plan::BinaryCaches;
+    use nixos_kexec::installer::steps::install::check_caches;
+    let cache = stand_in_cache()?;
+    let server = cache.serve()?;
+    let caches = |url: &str, key: &str| -> Result<BinaryCaches> {
+        Ok(BinaryCaches {
+            substituters: vec![Substituter::parse(url)?],
+            trusted_public_keys: vec![PublicKey::parse(key)?],
+        })
+    };
+    for url in [server.host_url(), cache.file_url()] {
+        check_caches(&cache.toplevel, &caches(&url, &cache.key.public)?)
+            .with_context(|| format!("the signed toplevel at {url}"))?;
+        let wrong = check_caches(&cache.toplevel, &caches(&url, &cache.wrong_key.public)?)
+            .err()
+            .with_context(|| format!("{url}: the wrong key was accepted"))?;
+        let text = nixos_kexec::error::one_line(&wrong);
+        ensure!(
+            text.contains("signed only by stand-in-cache-1, which is not a trusted public key"),
+            "{text}"
+        );
+        let missing = check_caches(&cache.unpublished, &caches(&url, &cache.key.public)?)
+            .err()
+            .with_context(|| format!("{url}: the unpublished path was accepted"))?;
+        let text = nixos_kexec::error::one_line(&missing);
+        ensure!(text.contains("it does not have the path"), "{text}");
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@ use crate::input::binary_cache::{
 };
 use crate::input::config::Step;
 use crate::input::http;
-use crate::installer::plan::Plan;
+use crate::installer::plan::{BinaryCaches, Plan};
 use crate::machine::runner;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -67,17 +67,22 @@ pub fn check_network_before_wiping(plan: &Plan) -> Result<()> {
 /// system's own path is looked up; a path it references that is missing from every cache
 /// still fails in the install step.
 pub fn check_caches_before_wiping(plan: &Plan) -> Result<()> {
-    let Some(system) = plan
+    match plan
         .prebuilt_system
         .as_ref()
         .filter(|_| plan.steps.contains(&Step::Install))
-    else {
-        return Ok(());
-    };
-    let mut trusted = plan.caches.trusted_public_keys.clone();
+    {
+        Some(system) => check_caches(system, &plan.caches),
+        None => Ok(()),
+    }
+}
+
+/// Ok when one of `caches` has `system`, signed by a trusted key; else why none has.
+pub fn check_caches(system: &StorePath, caches: &BinaryCaches) -> Result<()> {
+    let mut trusted = caches.trusted_public_keys.clone();
     trusted.push(PublicKey::parse(NIXOS_CACHE_KEY)?);
     let mut findings = Vec::new();
-    for cache in &plan.caches.substituters {
+    for cache in &caches.substituters {
         match look_up(cache, system, &trusted) {
             Ok(()) => {
                 console::line(&format!(
@@ -164,7 +169,10 @@ fn read_cache_file(file: &CacheFile) -> Result<Option<Vec<u8>>, String> {
 
 /// Refuses a bundle without the install program, with what to do instead.
 pub fn check_program(plan: &Plan) -> Result<()> {
-    let program = plan.install_command.first().context("the plan has no install command")?;
+    let program = plan
+        .install_command
+        .first()
+        .context("the plan has no install command")?;
     if find_in_path(program).is_none() {
         return Err(user_error(
             format!("{program} is not in this installer bundle, so NixOS cannot be installed from it (a dev bundle carries Nix only when build-dev ran with --with-nix, and never nixos-install)."),
