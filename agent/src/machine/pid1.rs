@@ -28,12 +28,15 @@ pub fn move_root_to_tmpfs() -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(NEW_ROOT).with_context(|| format!("creating {NEW_ROOT}"))?;
+    // It takes all the initramfs holds (freed as it is copied), which may be more than tmpfs's
+    // default of half the RAM: the dev bundle with Nix unpacks to ~100 MB, and boots in
+    // 256 MiB with rootfstype=ramfs (the kernel's own tmpfs rootfs has that half-RAM limit).
     mount(
         Some("tmpfs"),
         NEW_ROOT,
         Some("tmpfs"),
         MsFlags::empty(),
-        Some("mode=0755"),
+        Some("mode=0755,size=100%"),
     )
     .with_context(|| format!("mounting a tmpfs on {NEW_ROOT}"))?;
     move_tree(Path::new("/"), Path::new(NEW_ROOT), Path::new(NEW_ROOT))?;
