@@ -111,16 +111,6 @@ let
     '';
   };
 
-  passwd = writeText "passwd" ''
-    root:x:0:0:System administrator:/root:/bin/sh
-    nobody:x:65534:65534:Unprivileged account:/var/empty:/bin/false
-  '';
-
-  group = writeText "group" ''
-    root:x:0:
-    nogroup:x:65534:
-  '';
-
   etc =
     [
       {
@@ -128,11 +118,12 @@ let
         target = "/etc/ssl/certs/ca-certificates.crt";
       }
       {
-        source = "${passwd}";
+        # root, nobody and the nixbld build users that nix.conf names; shared with build-dev.
+        source = "${./passwd}";
         target = "/etc/passwd";
       }
       {
-        source = "${group}";
+        source = "${./group}";
         target = "/etc/group";
       }
     ]

@@ -118,18 +118,8 @@ let
 
   allKernelParams = cfg.kernelParams ++ cfg.extraKernelParams;
 
-  nixConf = ''
-    # /etc/nix/nix.conf of the nixos-kexec installer initrd (nix/installer-module.nix).
-    experimental-features = nix-command flakes
-    # The initrd has no nixbld users or group; Nix runs its builds as root.
-    build-users-group =
-    # The store of the install is the target disk mounted at /mnt (as nixos-install --root /mnt
-    # uses it), also for commands without --store such as nixos-install's `nix flake metadata`:
-    # nothing big lands in the RAM of the installer.
-    store = /mnt
-    ssl-cert-file = /etc/ssl/certs/ca-certificates.crt
-    ${cfg.extraNixConfig}
-  '';
+  # nix.conf is shared with kexec-bundle/build-dev; the module only appends the user's lines.
+  nixConf = builtins.readFile ./nix.conf + cfg.extraNixConfig;
 
   # The agent reads this file as the lowest layer of its runtime info, so the keys are the
   # runtime-info names (state_version, not stateVersion).

@@ -1,6 +1,8 @@
 //! Every `.nix` file of the repository must parse (`nix-instantiate --parse`), `flake.nix`
-//! must be an attribute set with `description`, `inputs` and `outputs`, and the host flake the
-//! agent writes from `nix/templates/host` must parse with every generated block filled in.
+//! must be an attribute set with `description`, `inputs` and `outputs`, the host flake the
+//! agent writes from `nix/templates/host` must parse with every generated block filled in, and
+//! the installer's `nix/nix.conf` must say to this machine's Nix what the installer relies on,
+//! with the build users it names in `nix/passwd` and `nix/group`.
 //!
 //! Nothing here builds or needs nixpkgs: this machine has neither nixpkgs nor a binary cache.
 //! `--parse` also resolves variables, so a misspelt name outside a `with` scope fails here.
@@ -353,6 +355,126 @@ fn rendered_host_flakes_parse() -> Result<()> {
         bail!("{}", failures.join("\n\n"));
     }
     Ok(())
+}
+
+/// `nix/nix.conf` as this machine's Nix (Debian's nix-bin 2.8, the dev bundle's) reads it
+/// with nothing else configured: flakes on, build users, the sandbox without a fallback, the
+/// target's store, no reserved space; and no setting it does not know but `ssl-cert-file`,
+/// newer than 2.8, whose exact line `kexec-bundle/build-dev` leaves out for it.
+#[test]
+fn installer_nix_conf_is_what_nix_reads() -> Result<()> {
+    const SSL_CERT_FILE: &str = "ssl-cert-file = /etc/ssl/certs/ca-certificates.crt";
+    let conf = repo_root().join("nix/nix.conf");
+    let text = std::fs::read_to_string(&conf).with_context(|| format!("reading {}", conf.display()))?;
+    if !text.lines().any(|l| l == SSL_CERT_FILE) {
+        bail!("nix/nix.conf lacks the line `{SSL_CERT_FILE}` that build-dev leaves out for Debian's Nix");
+    }
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("nix.conf"), &text)?;
+    let output = Command::new("nix")
+        .arg("show-config")
+        .env("NIX_CONF_DIR", dir.path())
+        .env("HOME", dir.path())
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
+        .env("XDG_CONFIG_DIRS", dir.path().join("config-dirs"))
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .env_remove("NIX_CONFIG")
+        .output()
+        .context("running nix show-config (apt-get install nix-bin)")?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!(
+            "nix show-config with nix/nix.conf failed ({}):\n{stderr}",
+            output.status
+        );
+    }
+    let unknown: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("unknown setting") && !l.contains("'ssl-cert-file'"))
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "Nix does not know these settings of nix/nix.conf:\n{}",
+            unknown.join("\n")
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let setting = |name: &str| -> Option<&str> {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(" = "))
+    };
+    let mut failures = Vec::new();
+    let features: Vec<&str> = setting("experimental-features")
+        .unwrap_or("")
+        .split(' ')
+        .collect();
+    for feature in ["nix-command", "flakes"] {
+        if !features.contains(&feature) {
+            failures.push(format!("experimental-features lacks {feature}: {features:?}"));
+        }
+    }
+    for (name, wanted) in [
+        ("build-users-group", "nixbld"),
+        ("sandbox", "true"),
+        ("sandbox-fallback", "false"),
+        ("store", "/mnt"),
+        ("gc-reserved-space", "0"),
+    ] {
+        if setting(name) != Some(wanted) {
+            failures.push(format!("{name} is {:?}, not {wanted:?}", setting(name)));
+        }
+    }
+    failures.extend(build_users_problems("nixbld")?);
+    if !failures.is_empty() {
+        bail!("nix/nix.conf, nix/passwd, nix/group:\n{}", failures.join("\n"));
+    }
+    Ok(())
+}
+
+/// What is wrong with the build users of group `group` in nix/passwd and nix/group (Nix needs
+/// the group to have members, each a user of its own).
+fn build_users_problems(group: &str) -> Result<Vec<String>> {
+    let read = |name: &str| -> Result<String> {
+        let path = repo_root().join("nix").join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let (passwd, groups) = (read("passwd")?, read("group")?);
+    let fields = |line: &str| line.split(':').map(str::to_string).collect::<Vec<_>>();
+    let Some(entry) = groups.lines().map(fields).find(|f| f[0] == group) else {
+        return Ok(vec![format!("nix/group has no {group}")]);
+    };
+    let gid = entry.get(2).cloned().unwrap_or_default();
+    let members: Vec<&str> = entry
+        .get(3)
+        .map(|m| m.split(',').filter(|m| !m.is_empty()).collect())
+        .unwrap_or_default();
+    let mut problems = Vec::new();
+    if members.is_empty() {
+        problems.push(format!("the group {group} has no members"));
+    }
+    let users: Vec<Vec<String>> = passwd.lines().map(fields).collect();
+    let mut uids = std::collections::BTreeSet::new();
+    for member in &members {
+        match users.iter().find(|u| u[0] == *member) {
+            None => problems.push(format!("{member} of {group} is not in nix/passwd")),
+            Some(user) => {
+                let uid = user.get(2).cloned().unwrap_or_default();
+                if uid == "0" || !uids.insert(uid.clone()) {
+                    problems.push(format!("{member} has uid {uid}, root's or another build user's"));
+                }
+                if user.get(3) != Some(&gid) {
+                    problems.push(format!("{member}'s group is not {group} ({gid})"));
+                }
+            }
+        }
+    }
+    for (file, text) in [("passwd", &passwd), ("group", &groups)] {
+        if !text.lines().any(|l| l.starts_with("root:x:0:")) {
+            problems.push(format!("nix/{file} has no root"));
+        }
+    }
+    Ok(problems)
 }
 
 #[test]
