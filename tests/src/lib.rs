@@ -22,6 +22,7 @@
 //!
 //! Environment:
 //! - `NIXOS_KEXEC_BUNDLE=DIR`: use the bzImage/initrd in DIR as they are (no build).
+//! - `NIXOS_KEXEC_BUNDLE_NIX=DIR`: the same for the bundle with Nix ([`dev_bundle_with_nix`]).
 //! - `NIXOS_KEXEC_KEEP_VM=1`: keep each VM's temp dir (disk images, `serial.log`,
 //!   `qemu-command`) instead of deleting it.
 //! - `NIXOS_KEXEC_ECHO_INSPECT=1`: echo the console of the helper VM used to inspect
@@ -41,6 +42,7 @@ pub mod inspect;
 pub mod loop_mount;
 pub mod nix_cache;
 pub mod rescue;
+pub mod target_store;
 pub mod tool;
 pub mod vm;
 
@@ -51,6 +53,7 @@ pub use images::{blank_disk, used_disk};
 pub use inspect::*;
 pub use loop_mount::LoopMount;
 pub use nix_cache::{narinfo_url_path, stand_in_cache, StandInCache, StorePath};
+pub use target_store::TargetStore;
 pub use tool::{run_tool, run_tool_unchecked, run_tool_with_input, tool, ToolOutput};
 pub use vm::{
     AttachedDisk, Console, DiskBus, DiskSpec, Firmware, RunOutcome, Vm, BASE_CMDLINE, RESULT_PREFIX,
@@ -82,12 +85,16 @@ impl Bundle {
     }
 
     /// The test double for nixos-install (`tests/stand-in/nixos-install` with Debian's
-    /// boot-loader tools) as an initrd to append, which `kexec-bundle/build-dev` makes beside
-    /// the bundle.
+    /// boot-loader tools) as an initrd to append, which `kexec-bundle/build-dev --with-nix`
+    /// makes beside the bundle: it runs the real Nix, so only the bundle of
+    /// [`dev_bundle_with_nix`] has it.
     pub fn stand_in(&self) -> Result<PathBuf> {
         let path = self.dir.join("boot-stand-in.cpio.gz");
         if !path.is_file() {
-            bail!("{} is missing (kexec-bundle/build-dev makes it)", path.display());
+            bail!(
+                "{} is missing: the nixos-install stand-in runs the real Nix, so only the bundle with Nix has it (dev_bundle_with_nix(), kexec-bundle/build-dev --with-nix)",
+                path.display()
+            );
         }
         Ok(path)
     }
@@ -120,41 +127,89 @@ pub fn target_dir() -> PathBuf {
 /// it one after the other (a re-run with nothing changed takes a few seconds).
 pub fn dev_bundle() -> Result<Bundle> {
     static BUNDLE: OnceLock<std::result::Result<Bundle, String>> = OnceLock::new();
-    BUNDLE
-        .get_or_init(|| build_dev_bundle().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    DevBundle::Plain.get(&BUNDLE)
 }
 
-fn build_dev_bundle() -> Result<Bundle> {
-    if let Some(dir) = std::env::var_os("NIXOS_KEXEC_BUNDLE").filter(|d| !d.is_empty()) {
-        let dir = PathBuf::from(dir);
-        return Bundle::from_dir(&dir).with_context(|| format!("NIXOS_KEXEC_BUNDLE={}", dir.display()));
+/// The development bundle with Debian's Nix (`build-dev --with-nix`) and the nixos-install
+/// test double ([`Bundle::stand_in`]), which runs that Nix: with `NIXOS_KEXEC_BUNDLE_NIX=DIR`
+/// that directory as is; otherwise built into `<target>/dev-bundle-nix` as [`dev_bundle`]
+/// builds its own, under the same lock.
+pub fn dev_bundle_with_nix() -> Result<Bundle> {
+    static BUNDLE: OnceLock<std::result::Result<Bundle, String>> = OnceLock::new();
+    DevBundle::WithNix.get(&BUNDLE)
+}
+
+/// The two flavours of `kexec-bundle/build-dev`'s bundle.
+#[derive(Debug, Clone, Copy)]
+enum DevBundle {
+    Plain,
+    WithNix,
+}
+
+impl DevBundle {
+    /// The environment variable naming a prebuilt bundle of this flavour.
+    fn override_var(self) -> &'static str {
+        match self {
+            DevBundle::Plain => "NIXOS_KEXEC_BUNDLE",
+            DevBundle::WithNix => "NIXOS_KEXEC_BUNDLE_NIX",
+        }
     }
-    let root = workspace_root();
-    let script = root.join("kexec-bundle/build-dev");
-    let target = target_dir();
-    let out = target.join("dev-bundle");
-    let lock = target.join("dev-bundle.lock");
-    std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
-    eprintln!(
-        "dev_bundle: running {} {} (under flock {})",
-        script.display(),
-        out.display(),
-        lock.display()
-    );
-    let start = std::time::Instant::now();
-    let result = run_tool(
-        Command::new("flock")
+
+    /// Where under the target directory it is built.
+    fn dir_name(self) -> &'static str {
+        match self {
+            DevBundle::Plain => "dev-bundle",
+            DevBundle::WithNix => "dev-bundle-nix",
+        }
+    }
+
+    fn build_dev_args(self) -> &'static [&'static str] {
+        match self {
+            DevBundle::Plain => &[],
+            DevBundle::WithNix => &["--with-nix"],
+        }
+    }
+
+    /// The bundle, built at most once per process (a failure too is remembered).
+    fn get(self, cell: &OnceLock<std::result::Result<Bundle, String>>) -> Result<Bundle> {
+        cell.get_or_init(|| self.build().map_err(|e| format!("{e:#}")))
+            .clone()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn build(self) -> Result<Bundle> {
+        let var = self.override_var();
+        if let Some(dir) = std::env::var_os(var).filter(|d| !d.is_empty()) {
+            let dir = PathBuf::from(dir);
+            return Bundle::from_dir(&dir).with_context(|| format!("{var}={}", dir.display()));
+        }
+        let root = workspace_root();
+        let script = root.join("kexec-bundle/build-dev");
+        let target = target_dir();
+        let out = target.join(self.dir_name());
+        // One lock for both flavours: they share build-dev's cache and the agent's build.
+        let lock = target.join("dev-bundle.lock");
+        std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+        let mut command = Command::new("flock");
+        command
             .arg(&lock)
             .arg(&script)
             .arg(&out)
-            .current_dir(&root),
-    )
-    .context("building the development bundle")?;
-    eprintln!("dev_bundle: done in {:.1}s", start.elapsed().as_secs_f64());
-    for line in result.stdout_str().lines() {
-        eprintln!("dev_bundle: {line}");
+            .args(self.build_dev_args())
+            .current_dir(&root);
+        let name = self.dir_name();
+        eprintln!(
+            "{name}: running {} (under flock {})",
+            tool::command_line(&command),
+            lock.display()
+        );
+        let start = std::time::Instant::now();
+        let result =
+            run_tool(&mut command).with_context(|| format!("building the development bundle {name}"))?;
+        eprintln!("{name}: done in {:.1}s", start.elapsed().as_secs_f64());
+        for line in result.stdout_str().lines() {
+            eprintln!("{name}: {line}");
+        }
+        Bundle::from_dir(&out)
     }
-    Bundle::from_dir(&out)
 }

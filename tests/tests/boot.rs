@@ -3,11 +3,13 @@
 //! loader's menu is on the serial console.
 //!
 //! TEST DOUBLE: `nixos-install` is `tests/stand-in/nixos-install` (appended by the harness as
-//! `boot-stand-in.cpio.gz`, which `kexec-bundle/build-dev` makes). It stands for the one boundary
-//! this machine cannot cross, a NixOS closure from nixpkgs: its system is a store path holding
-//! Debian's boot-loader tools. Everything around it is real: the profile links nixos-install
-//! sets, the nixos-enter-style chroot with the installer's /dev and /sys, Debian's grub-install
-//! onto exactly the `bootDisk` the generated configuration.nix names, Debian's bootctl writing
+//! `boot-stand-in.cpio.gz`, which `kexec-bundle/build-dev --with-nix` makes). It stands for the
+//! one boundary this machine cannot cross, a NixOS closure from nixpkgs: the real Nix of the
+//! bundle (Debian's nix-bin) builds a stand-in system (a busybox derivation) in its sandbox into
+//! the target's store and sets the system profile to it, and that system's
+//! switch-to-configuration runs Debian's boot-loader tools. Everything around it is real: the
+//! nixos-enter-style chroot with the installer's /dev and /sys, Debian's grub-install onto
+//! exactly the `bootDisk` the generated configuration.nix names, Debian's bootctl writing
 //! systemd-boot and a Boot#### entry through the installer's efivarfs, the agent's post-install
 //! verification, and SeaBIOS/OVMF booting the disk afterwards.
 
@@ -54,6 +56,60 @@ fn installed(out: &RunOutcome, checks: &[&str]) -> Result<()> {
         out.contains("stand-in: configuration says firmware="),
         "the stand-in did not read the generated configuration"
     );
+    Ok(())
+}
+
+/// What the installer's real Nix did, checked on the target's root filesystem `root` with the
+/// host's Nix: it built the stand-in system in its sandbox (PID 1 in its own PID namespace, a
+/// nixbld build user mapped to uid 1000 in its own user namespace, a root of its own with the
+/// /bin/sh of extra-sandbox-paths), registered it in the target's store with contents that
+/// match, and nix-env set the system profile to it. Nothing of it stayed in the installer's RAM.
+fn installed_by_real_nix(out: &RunOutcome, root: &Path) -> Result<()> {
+    const SANDBOX: &str = "stand-in build in Nix's sandbox: pid 1, uid 1000 (nixbld), uid_map 1000 30001 1, / holds bin build dev etc nix proc tmp";
+    ensure!(
+        out.contains(&format!("install: build log: {SANDBOX}")),
+        "the stand-in system was not built in Nix's sandbox by a build user:\n{}",
+        out.tail(40)
+    );
+    let store = TargetStore::from_ext4(root)?;
+    let system = store.profile_target("/nix/var/nix/profiles/system")?;
+    ensure!(
+        system.ends_with("-nixos-system-web1-stand-in"),
+        "the system profile leads to {system}"
+    );
+    ensure!(
+        out.contains(&format!("install: stand-in: system profile set to {system}")),
+        "nix-env did not set the profile to {system}"
+    );
+    store.registered_hash(&system)?;
+    store.verify_contents()?;
+    let log = store.nix_store(&["--read-log", &system])?;
+    ensure!(
+        log.contains(SANDBOX),
+        "the build log in the target's store: {log}"
+    );
+    let closure = store.nix_store(&["-qR", &system])?;
+    ensure!(
+        closure.lines().count() == 2 && closure.contains("-stand-in-builder"),
+        "the system's closure should be itself and its builder:\n{closure}"
+    );
+    let ram = out
+        .lines_containing("install: stand-in: in the installer's RAM after the install: ")
+        .next()
+        .context("the stand-in did not report the installer's RAM")?;
+    for dir in ["/nix", "/root"] {
+        // Nix's store database alone, or its evaluation and fetcher caches, take more.
+        let kib: u64 = ram
+            .split(&format!(" {dir} "))
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("cannot read {dir} in {ram:?}"))?;
+        ensure!(
+            kib < 64,
+            "Nix left {kib} KiB under the installer's {dir} (RAM): {ram}"
+        );
+    }
     Ok(())
 }
 
@@ -140,7 +196,7 @@ const BIOS_GPT_CHECKS: [&str; 5] = [
 
 #[test]
 fn bios_virtio_grub_boots() -> Result<()> {
-    let bundle = dev_bundle()?;
+    let bundle = dev_bundle_with_nix()?;
     let out = installer(&bundle, "bios_virtio")?
         .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("BOOTVIRT1"))
         .param("nixos_kexec.disk=/dev/vda")
@@ -164,14 +220,10 @@ fn bios_virtio_grub_boots() -> Result<()> {
     let root = extract_partition(&out.disks[0], 3)?;
     let log = String::from_utf8(ext4_read_file(&root, "/var/log/nixos-kexec/install.log")?)?;
     ensure!(
-        log.contains("building the system configuration..."),
+        log.contains("building the flake in"),
         "install.log lacks the install's streamed output:\n{log}"
     );
-    // Nix's build sandbox calls pivot_root first; the kernel refuses it on the initramfs.
-    ensure!(
-        log.contains("sandbox-pivot-root-ok"),
-        "pivot_root failed in the installer:\n{log}"
-    );
+    installed_by_real_nix(&out, &root)?;
     // 1 GiB of RAM and no swap in the layout: nixos-install ran with a swap file on the target's
     // root (the stand-in printed /proc/swaps), which is gone from the disk afterwards.
     let swap_file = "/mnt/.nixos-kexec-swap";
@@ -204,7 +256,7 @@ fn bios_virtio_grub_boots() -> Result<()> {
 
 #[test]
 fn bios_mbr_table_grub_boots() -> Result<()> {
-    let bundle = dev_bundle()?;
+    let bundle = dev_bundle_with_nix()?;
     let out = installer(&bundle, "bios_mbr")?
         .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("BOOTMBR1"))
         .param("nixos_kexec.disk=/dev/vda")
@@ -220,7 +272,7 @@ fn bios_mbr_table_grub_boots() -> Result<()> {
 
 #[test]
 fn bios_sata_chosen_by_id_grub_boots() -> Result<()> {
-    let bundle = dev_bundle()?;
+    let bundle = dev_bundle_with_nix()?;
     let out = installer(&bundle, "bios_sata")?
         .disk(DiskSpec::new(3 * GIB, DiskBus::Sata).serial("SATABOOT01"))
         .param("nixos_kexec.disk=/dev/disk/by-id/ata-QEMU_HARDDISK_SATABOOT01")
@@ -236,7 +288,7 @@ fn bios_sata_chosen_by_id_grub_boots() -> Result<()> {
 
 #[test]
 fn uefi_nvme_4096_systemd_boot_boots() -> Result<()> {
-    let bundle = dev_bundle()?;
+    let bundle = dev_bundle_with_nix()?;
     let out = installer(&bundle, "uefi_nvme")?
         .firmware(Firmware::Uefi)
         .disk(
@@ -277,7 +329,7 @@ fn uefi_nvme_4096_systemd_boot_boots() -> Result<()> {
 /// generic ecb and xts modules, which only on-demand module loading brings in.
 #[test]
 fn luks_btrfs_on_default_cpu_boots() -> Result<()> {
-    let bundle = dev_bundle()?;
+    let bundle = dev_bundle_with_nix()?;
     let scratch = tempfile::tempdir()?;
     let secrets = scratch.path().join("secrets.cpio");
     Cpio::new()
@@ -310,7 +362,7 @@ fn luks_btrfs_on_default_cpu_boots() -> Result<()> {
 /// reports the failed verification and does not power off.
 #[test]
 fn missing_boot_loader_fails_verification() -> Result<()> {
-    let bundle = dev_bundle()?;
+    let bundle = dev_bundle_with_nix()?;
     let scratch = tempfile::tempdir()?;
     let skip = scratch.path().join("skip.cpio");
     Cpio::new()

@@ -128,7 +128,7 @@ fn installer(bundle: &Bundle, name: &str, disk: &Path, serial: &str, params: &[&
 /// install over it, naming it, and changes nothing.
 #[test]
 fn power_cuts_while_partitioning_encrypting_and_finishing() -> Result<()> {
-    let bundle = dev_bundle()?;
+    let bundle = dev_bundle_with_nix()?;
     let scratch = tempfile::tempdir()?;
     let disk = blank_disk(scratch.path(), "disk.img", 3 * GIB)?;
     let secrets = scratch.path().join("secrets.cpio");
@@ -194,7 +194,7 @@ fn power_cuts_while_partitioning_encrypting_and_finishing() -> Result<()> {
 ///   install again, and it does.
 #[test]
 fn a_failed_install_and_power_cuts_then_a_boot_finishes() -> Result<()> {
-    let bundle = dev_bundle()?;
+    let bundle = dev_bundle_with_nix()?;
     let scratch = tempfile::tempdir()?;
     let disk = blank_disk(scratch.path(), "disk.img", 3 * GIB)?;
     let fail = scratch.path().join("fail.cpio");

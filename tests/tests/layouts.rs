@@ -712,17 +712,20 @@ fn mbr_bios_512_with_swap() -> Result<()> {
 /// verification included, fits.
 #[test]
 fn ext4_swap_used_during_install_in_256_mib() -> Result<()> {
-    let bundle = dev_bundle()?;
-    // TEST DOUBLE for nixos-install (tests/stand-in/nixos-install, from build-dev): it stands
-    // for the NixOS closure and installs the boot loader with Debian's grub-install; it prints
-    // its TMPDIR and /proc/swaps.
-    let stand_in = bundle.dir.join("boot-stand-in.cpio.gz");
+    let bundle = dev_bundle_with_nix()?;
+    // TEST DOUBLE for nixos-install (tests/stand-in/nixos-install, from build-dev --with-nix):
+    // the real Nix builds a stand-in system in its sandbox and sets the profile, Debian's
+    // grub-install installs the boot loader; it prints its TMPDIR and /proc/swaps.
+    let stand_in = bundle.stand_in()?;
     let out = Vm::new(&bundle)
         .memory_mib(256)
         // A planned install step needs a network (QEMU's user-mode DHCP gives one).
         .nic("52:54:00:12:34:91")
         .extra_initrd(&stand_in)
         .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("SWAPRAM1"))
+        // The kernel unpacks the initrd into a tmpfs limited to half the RAM unless told
+        // otherwise; with Debian's Nix and the stand-in it is ~125 MB.
+        .param("rootfstype=ramfs")
         .param("nixos_kexec.disk=/dev/vda")
         .param("nixos_kexec.swap=256M")
         .param(key_param())
