@@ -343,32 +343,6 @@ pub fn ext4_read_file(part: &Path, path: &str) -> Result<Vec<u8>> {
     Ok(debugfs(part, &format!("cat {}", debugfs_quote(path)?))?.stdout)
 }
 
-/// Fails unless `dir` in the ext2/3/4 image `part` is a directory.
-fn ensure_ext4_dir(part: &Path, dir: &str) -> Result<()> {
-    let st = ext4_stat(part, dir)?;
-    ensure!(
-        st.file_type == "directory",
-        "{dir} in {} is a {}, not a directory",
-        part.display(),
-        st.file_type
-    );
-    Ok(())
-}
-
-/// Copies directory `dir` (absolute, inside the filesystem) of an ext2/3/4 image, with its
-/// modes, owners and symlinks, to `dest/<name of dir>` (`debugfs rdump`: nothing is mounted).
-pub fn ext4_copy_dir(part: &Path, dir: &str, dest: &Path) -> Result<()> {
-    ensure_ext4_dir(part, dir)?;
-    let dest = dest
-        .to_str()
-        .with_context(|| format!("{} is not UTF-8", dest.display()))?;
-    debugfs(
-        part,
-        &format!("rdump {} {}", debugfs_quote(dir)?, debugfs_quote(dest)?),
-    )?;
-    Ok(())
-}
-
 /// What `debugfs stat` says about an inode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ext4Stat {
@@ -422,7 +396,13 @@ pub struct Ext4DirEntry {
 
 /// Entries of directory `dir` in an ext2/3/4 image (without `.` and `..`).
 pub fn ext4_ls_long(part: &Path, dir: &str) -> Result<Vec<Ext4DirEntry>> {
-    ensure_ext4_dir(part, dir)?;
+    let st = ext4_stat(part, dir)?;
+    ensure!(
+        st.file_type == "directory",
+        "{dir} in {} is a {}, not a directory",
+        part.display(),
+        st.file_type
+    );
     let out = debugfs(part, &format!("ls -p {}", debugfs_quote(dir)?))?;
     let mut entries = Vec::new();
     for line in out.stdout_str().lines().filter(|l| !l.trim().is_empty()) {

@@ -42,7 +42,6 @@ pub mod inspect;
 pub mod loop_mount;
 pub mod nix_cache;
 pub mod rescue;
-pub mod target_store;
 pub mod tool;
 pub mod vm;
 
@@ -53,7 +52,6 @@ pub use images::{blank_disk, used_disk};
 pub use inspect::*;
 pub use loop_mount::LoopMount;
 pub use nix_cache::{narinfo_url_path, stand_in_cache, StandInCache, StorePath};
-pub use target_store::TargetStore;
 pub use tool::{run_tool, run_tool_unchecked, run_tool_with_input, tool, ToolOutput};
 pub use vm::{
     AttachedDisk, Console, DiskBus, DiskSpec, Firmware, RunOutcome, Vm, BASE_CMDLINE, RESULT_PREFIX,

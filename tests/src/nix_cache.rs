@@ -358,7 +358,7 @@ pub fn nix_command(program: &str) -> Command {
 }
 
 /// The store URL of the Nix store under `root` (a mounted target or a directory).
-fn root_store(root: &Path) -> String {
+pub fn root_store(root: &Path) -> String {
     format!("local?root={}", root.display())
 }
 

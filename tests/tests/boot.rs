@@ -14,6 +14,7 @@
 //! verification, and SeaBIOS/OVMF booting the disk afterwards.
 
 use anyhow::{ensure, Context, Result};
+use nixos_kexec_tests::nix_cache::{nix_command, root_store, system_profile, verify_store};
 use nixos_kexec_tests::*;
 use serde_json::Value;
 use std::path::Path;
@@ -59,36 +60,46 @@ fn installed(out: &RunOutcome, checks: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// What the installer's real Nix did, checked on the target's root filesystem `root` with the
-/// host's Nix: it built the stand-in system in its sandbox (PID 1 in its own PID namespace, a
-/// nixbld build user mapped to uid 1000 in its own user namespace, a root of its own with the
-/// /bin/sh of extra-sandbox-paths), registered it in the target's store with contents that
-/// match, and nix-env set the system profile to it. Nothing of it stayed in the installer's RAM.
-fn installed_by_real_nix(out: &RunOutcome, root: &Path) -> Result<()> {
+/// What the installer's real Nix did, checked with the host's Nix on partition `part` of `disk`
+/// (the target's root, a copy mounted): it built the stand-in system in its sandbox (PID 1 in its
+/// own PID namespace, a nixbld build user mapped to uid 1000 in its own user namespace, a root
+/// of its own with the /bin/sh of extra-sandbox-paths), registered it in the target's store with
+/// contents that match, and nix-env set the system profile to it. Nothing of it stayed in the
+/// installer's RAM.
+fn installed_by_real_nix(out: &RunOutcome, disk: &Path, part: u32) -> Result<()> {
     const SANDBOX: &str = "stand-in build in Nix's sandbox: pid 1, uid 1000 (nixbld), uid_map 1000 30001 1, / holds bin build dev etc nix proc tmp";
     ensure!(
         out.contains(&format!("install: build log: {SANDBOX}")),
         "the stand-in system was not built in Nix's sandbox by a build user:\n{}",
         out.tail(40)
     );
-    let store = TargetStore::from_ext4(root)?;
-    let system = store.profile_target("/nix/var/nix/profiles/system")?;
+    let mounted = LoopMount::new(&extract_partition(disk, part)?)?;
+    let root = mounted.path();
+    let system = system_profile(root)?;
     ensure!(
-        system.ends_with("-nixos-system-web1-stand-in"),
+        system.as_str().ends_with("-nixos-system-web1-stand-in"),
         "the system profile leads to {system}"
     );
     ensure!(
         out.contains(&format!("install: stand-in: system profile set to {system}")),
         "nix-env did not set the profile to {system}"
     );
-    store.registered_hash(&system)?;
-    store.verify_contents()?;
-    let log = store.nix_store(&["--read-log", &system])?;
+    verify_store(root)?;
+    let query = |args: &[&str]| -> Result<String> {
+        let store = root_store(root);
+        Ok(run_tool(nix_command("nix-store").args(["--store", &store]).args(args))?.stdout_str())
+    };
+    let hash = query(&["-q", "--hash", system.as_str()])?;
+    ensure!(
+        hash.starts_with("sha256:"),
+        "{system} is not registered: {hash:?}"
+    );
+    let log = query(&["--read-log", system.as_str()])?;
     ensure!(
         log.contains(SANDBOX),
         "the build log in the target's store: {log}"
     );
-    let closure = store.nix_store(&["-qR", &system])?;
+    let closure = query(&["-qR", system.as_str()])?;
     ensure!(
         closure.lines().count() == 2 && closure.contains("-stand-in-builder"),
         "the system's closure should be itself and its builder:\n{closure}"
@@ -223,7 +234,7 @@ fn bios_virtio_grub_boots() -> Result<()> {
         log.contains("building the flake in"),
         "install.log lacks the install's streamed output:\n{log}"
     );
-    installed_by_real_nix(&out, &root)?;
+    installed_by_real_nix(&out, &out.disks[0], 3)?;
     // 1 GiB of RAM and no swap in the layout: nixos-install ran with a swap file on the target's
     // root (the stand-in printed /proc/swaps), which is gone from the disk afterwards.
     let swap_file = "/mnt/.nixos-kexec-swap";
