@@ -116,7 +116,10 @@ let
   # modules of that time).
   kernelImage = "${kernel}/${kernel.target or platform.linux-kernel.target}";
 
-  allKernelParams = cfg.kernelParams ++ cfg.extraKernelParams;
+  # rootfstype=ramfs: the kernel's default rootfs is a tmpfs capped at half the RAM, which a big
+  # initrd overflows on a small machine; ramfs has no cap, and the agent moves the root onto a
+  # tmpfs of its own anyway. Also in build-dev's recipes and in what `nixos-kexec run` passes.
+  allKernelParams = [ "rootfstype=ramfs" ] ++ cfg.kernelParams ++ cfg.extraKernelParams;
 
   # nix.conf is shared with kexec-bundle/build-dev; the module only appends the user's lines.
   nixConf = builtins.readFile ./nix.conf + cfg.extraNixConfig;

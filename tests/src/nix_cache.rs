@@ -26,6 +26,9 @@ use crate::tool::{run_tool, run_tool_unchecked, run_tool_with_input, ToolOutput}
 /// The stand-in closure's expression; the builder's busybox goes beside it.
 const CLOSURE_NIX: &str = include_str!("../stand-in/system-closure.nix");
 
+/// The toplevel's `bin/switch-to-configuration`: the boot-loader stand-in the boot tests use.
+const SWITCH_TO_CONFIGURATION: &str = include_str!("../stand-in/switch-to-configuration");
+
 /// Debian's busybox-static: the builder of every stand-in derivation.
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -152,6 +155,8 @@ fn open_or_build_stand_in_cache() -> Result<StandInCache> {
 
 fn write_expression(dir: &Path) -> Result<()> {
     fs::write(dir.join("system-closure.nix"), CLOSURE_NIX).context("writing system-closure.nix")?;
+    fs::write(dir.join("switch-to-configuration"), SWITCH_TO_CONFIGURATION)
+        .context("writing switch-to-configuration")?;
     let bin = dir.join("busybox/bin");
     fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
     fs::copy(BUSYBOX, bin.join("busybox"))

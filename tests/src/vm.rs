@@ -19,7 +19,7 @@ pub const RESULT_PREFIX: &str = "nixos-kexec: result:";
 
 /// Base kernel command line; `Vm::param` appends to it (the kernel takes the last
 /// `loglevel=`, so `.param("loglevel=7")` brings back all kernel messages).
-pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4";
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4 rootfstype=ramfs";
 
 /// x86 COMMAND_LINE_SIZE including the trailing NUL.
 pub const COMMAND_LINE_SIZE: usize = 2048;

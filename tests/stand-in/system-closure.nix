@@ -195,6 +195,11 @@ let
     printf '#!%s/bin/sh\nexec %s/lib/systemd/f0\n' ${busybox} ${systemd} > $out/init
     chmod +x $out/init
     echo stand-in > $out/nixos-version
+    # What the installer runs in the target (nixos-enter), with an interpreter of the closure:
+    # tests/stand-in/switch-to-configuration, the boot-loader stand-in.
+    mkdir -p $out/bin
+    { echo "#!${busybox}/bin/busybox sh"; cat ${./switch-to-configuration}; } > $out/bin/switch-to-configuration
+    chmod 0555 $out/bin/switch-to-configuration
   '';
 
   # Built but never published: the store path a cache does not have.

@@ -725,7 +725,6 @@ fn ext4_swap_used_during_install_in_256_mib() -> Result<()> {
         .disk(DiskSpec::new(3 * GIB, DiskBus::Virtio).serial("SWAPRAM1"))
         // The kernel unpacks the initrd into a tmpfs limited to half the RAM unless told
         // otherwise; with Debian's Nix and the stand-in it is ~125 MB.
-        .param("rootfstype=ramfs")
         .param("nixos_kexec.disk=/dev/vda")
         .param("nixos_kexec.swap=256M")
         .param(key_param())

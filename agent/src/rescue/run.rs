@@ -85,6 +85,9 @@ pub struct Handover {
     pub archive: Archive,
 }
 
+/// Every boot recipe of the installer carries it: see where it is pushed.
+pub const ROOTFS_PARAM: &str = "rootfstype=ramfs";
+
 /// Console parameters carried over from the running kernel, so the installer talks where the
 /// operator is looking (and as verbosely); a serial and a screen console when there were none.
 fn console_params(running_cmdline: &str) -> Vec<String> {
@@ -348,6 +351,9 @@ pub fn prepare(
 
     let mut params = Params::default();
     let mut base = console_params(running_cmdline);
+    // The kernel's own rootfs is a tmpfs capped at half the RAM, too small for a bundle with
+    // Nix on a small machine; ramfs has no cap (the agent moves the root onto a tmpfs anyway).
+    base.push(ROOTFS_PARAM.to_string());
     // The bundle's own parameters (the Nix bundle ships `kernel-params`), except consoles: the
     // operator is watching the rescue system's.
     let bundle_params = std::fs::read_to_string(options.bundle.join("kernel-params")).unwrap_or_default();
@@ -682,7 +688,7 @@ mod tests {
         assert!(!h.cmdline.contains("correct horse"));
         assert!(
             h.cmdline
-                .starts_with("console=ttyS0,115200 quiet nixos_kexec.info="),
+                .starts_with("console=ttyS0,115200 quiet rootfstype=ramfs nixos_kexec.info="),
             "{}",
             h.cmdline
         );

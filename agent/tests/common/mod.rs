@@ -13,7 +13,7 @@ use nixos_kexec::installer::plan::{self, Plan};
 use nixos_kexec::machine::facts::{Disk, Facts, Firmware};
 
 /// What the QEMU harness puts before every scenario's parameters (`BASE_CMDLINE` there).
-pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4";
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4 rootfstype=ramfs";
 
 /// What the installer makes of `params` alone, as `app::prepare` does with local input: no
 /// runtime-info file and no secrets in the initrd.
