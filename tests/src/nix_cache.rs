@@ -495,3 +495,26 @@ fn remove_tree(dir: &Path) -> Result<()> {
     run_tool(Command::new("chmod").arg("-R").arg("u+w").arg(dir))?;
     fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }
+
+/// The stand-in `nixos-install` reports what its Nix left under the installer's `/nix` and
+/// `/root` (RAM: the installer's root is a tmpfs); Nix's store database alone, or its
+/// evaluation and fetcher caches, take more than 64 KiB, and they belong on the target.
+pub fn nix_left_nothing_in_ram(out: &crate::RunOutcome) -> Result<()> {
+    let ram = out
+        .lines_containing("install: stand-in: in the installer's RAM after the install: ")
+        .next()
+        .context("the stand-in did not report the installer's RAM")?;
+    for dir in ["/nix", "/root"] {
+        let kib: u64 = ram
+            .split(&format!(" {dir} "))
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("cannot read {dir} in {ram:?}"))?;
+        ensure!(
+            kib < 64,
+            "Nix left {kib} KiB under the installer's {dir} (RAM): {ram}"
+        );
+    }
+    Ok(())
+}

@@ -14,7 +14,9 @@
 //! verification, and SeaBIOS/OVMF booting the disk afterwards.
 
 use anyhow::{ensure, Context, Result};
-use nixos_kexec_tests::nix_cache::{nix_command, root_store, system_profile, verify_store};
+use nixos_kexec_tests::nix_cache::{
+    nix_command, nix_left_nothing_in_ram, root_store, system_profile, verify_store,
+};
 use nixos_kexec_tests::*;
 use serde_json::Value;
 use std::path::Path;
@@ -104,23 +106,7 @@ fn installed_by_real_nix(out: &RunOutcome, disk: &Path, part: u32) -> Result<()>
         closure.lines().count() == 2 && closure.contains("-stand-in-builder"),
         "the system's closure should be itself and its builder:\n{closure}"
     );
-    let ram = out
-        .lines_containing("install: stand-in: in the installer's RAM after the install: ")
-        .next()
-        .context("the stand-in did not report the installer's RAM")?;
-    for dir in ["/nix", "/root"] {
-        // Nix's store database alone, or its evaluation and fetcher caches, take more.
-        let kib: u64 = ram
-            .split(&format!(" {dir} "))
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("cannot read {dir} in {ram:?}"))?;
-        ensure!(
-            kib < 64,
-            "Nix left {kib} KiB under the installer's {dir} (RAM): {ram}"
-        );
-    }
+    nix_left_nothing_in_ram(out)?;
     Ok(())
 }
 

@@ -13,7 +13,7 @@
 //! switch-to-configuration (Debian's grub-install in the target).
 
 use anyhow::{ensure, Context, Result};
-use nixos_kexec_tests::nix_cache::{system_profile, verify_store};
+use nixos_kexec_tests::nix_cache::{nix_left_nothing_in_ram, system_profile, verify_store};
 use nixos_kexec_tests::*;
 use std::time::Duration;
 
@@ -60,6 +60,7 @@ fn a_prebuilt_system_installs_from_a_signed_http_cache_in_256_mib() -> Result<()
             out.tail(60)
         );
     }
+    nix_left_nothing_in_ram(&out)?;
     // Every path of the closure was asked for and downloaded from the host.
     let requests = server.requests();
     for path in &cache.closure {

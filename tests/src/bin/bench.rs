@@ -146,6 +146,7 @@ fn main() -> Result<()> {
         "<= 256 MiB".into(),
     ));
 
+    rows.extend(prebuilt_system_rows()?);
     rows.push(fuzz_round()?);
 
     println!("| measurement | value | budget |");
@@ -154,6 +155,120 @@ fn main() -> Result<()> {
         println!("| {what} | {value} | {budget} |");
     }
     Ok(())
+}
+
+/// One install of the stand-in closure from its cache over HTTP, with the dev bundle with Nix
+/// (`tests/tests/prebuilt_system.rs` does the same and checks the result), in `memory` MiB.
+/// With `measure_disk` the stand-in also writes 256 MiB of zeros to the same filesystem.
+fn prebuilt_run(bundle: &Bundle, server: &FileServer, memory: u32, measure_disk: bool) -> Result<RunOutcome> {
+    let cache = stand_in_cache()?;
+    let scratch = tempfile::tempdir()?;
+    let mut vm = Vm::new(bundle)
+        .name(&format!("bench-prebuilt-{memory}mib"))
+        .echo(false)
+        .memory_mib(memory)
+        .extra_initrd(bundle.stand_in()?)
+        .nic("52:54:00:12:34:99")
+        .timeout(Duration::from_secs(900))
+        .grace(Duration::from_secs(5))
+        .disk(DiskSpec::new(3 << 30, DiskBus::Virtio).serial("BENCH002"))
+        .param("nixos_kexec.disk=/dev/vda")
+        .param(format!("nixos_kexec.ssh_key={}", KEY.replace(' ', "+")))
+        .param(format!("nixos_kexec.system={}", cache.toplevel))
+        .param(format!("nixos_kexec.substituters={}", server.guest_url()))
+        .param(format!("nixos_kexec.trusted_public_keys={}", cache.key.public))
+        .param("nixos_kexec.after=poweroff");
+    if measure_disk {
+        let marker = scratch.path().join("measure-disk.cpio");
+        Cpio::new()
+            .file("etc/nixos-kexec-stand-in.measure-disk", 0o644, "")
+            .write_to(&marker)?;
+        vm = vm.extra_initrd(&marker);
+    }
+    vm.run()
+}
+
+/// The first number after `prefix` on a console line.
+fn number_after(out: &RunOutcome, prefix: &str) -> Option<f64> {
+    let line = out.lines_containing(prefix).next()?;
+    let rest = line.split(prefix).nth(1)?;
+    let number: String = rest
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    number.parse().ok()
+}
+
+/// A prebuilt system from a binary cache with real Nix: the bundle's size, the install's time,
+/// peak RSS and throughput against the raw write speed of the same VM, and the RAM floor.
+fn prebuilt_system_rows() -> Result<Vec<(String, String, String)>> {
+    let bundle = dev_bundle_with_nix()?;
+    let cache = stand_in_cache()?;
+    let server = cache.serve()?;
+    let nar_mib = cache.stats.nar_size as f64 / (1 << 20) as f64;
+    let mut rows = vec![(
+        "dev bundle initrd with Debian's Nix (`build-dev --with-nix`, zstd)".to_string(),
+        mib(size(&bundle.initrd)?),
+        String::new(),
+    )];
+    let out = prebuilt_run(&bundle, &server, 256, true)?;
+    out.expect_success()?;
+    let install = number_after(&out, "] install done in ").context("no install step time")?;
+    let nix_env = number_after(&out, "nix-env took ").context("no nix-env time")?;
+    let rss = number_after(&out, "installer has run peaked at ").context("no peak RSS line")?;
+    // busybox dd: "268435456 bytes (256.0MB) copied, 2.345 s, 109.2MB/s"
+    let raw = out
+        .lines_containing("raw write: ")
+        .next()
+        .and_then(|l| l.rsplit(", ").next())
+        .and_then(|v| v.trim().strip_suffix("MB/s"))
+        .and_then(|v| v.parse::<f64>().ok())
+        .context("no raw write line")?;
+    let raw_mib = raw * 1e6 / (1 << 20) as f64;
+    let throughput = nar_mib / nix_env;
+    rows.push((
+        format!(
+            "prebuilt system ({} paths, {nar_mib:.0} MiB unpacked, {:.0} MiB zstd) from a cache over HTTP, 256 MiB RAM, TCG: install step / nix-env",
+            cache.stats.paths,
+            cache.stats.cache_size as f64 / (1 << 20) as f64
+        ),
+        format!("{install:.1} s / {nix_env:.1} s"),
+        String::new(),
+    ));
+    rows.push((
+        "peak RSS of the largest process during that install (nix-env)".into(),
+        format!("{rss:.0} MiB"),
+        String::new(),
+    ));
+    rows.push((
+        "substitution throughput (unpacked MiB / nix-env time) vs the same VM's raw write (dd 256 MiB, fsync)".into(),
+        format!(
+            "{throughput:.1} MiB/s vs {raw_mib:.1} MiB/s ({:.0} %)",
+            100.0 * throughput / raw_mib
+        ),
+        ">= 80 %".into(),
+    ));
+    let mut floor = None;
+    for memory in [224u32, 192, 160, 128] {
+        let ok = prebuilt_run(&bundle, &server, memory, false).is_ok_and(|o| o.succeeded());
+        eprintln!(
+            "bench: prebuilt system in {memory} MiB: {}",
+            if ok { "passes" } else { "fails" }
+        );
+        if !ok {
+            break;
+        }
+        floor = Some(memory);
+    }
+    rows.push((
+        "smallest QEMU memory a whole closure install passes with".into(),
+        floor
+            .map(|m| format!("{m} MiB"))
+            .unwrap_or_else(|| "256 MiB (224 fails)".into()),
+        "<= 256 MiB".into(),
+    ));
+    Ok(rows)
 }
 
 /// A longer round of the agent's fuzz targets (`agent/tests/fuzz.rs`) than CI runs, in a debug

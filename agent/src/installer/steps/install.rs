@@ -212,6 +212,13 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
             ))
         },
     )?;
+    // Waited-for descendants count, so this covers Nix's processes under nixos-install too.
+    if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
+        console::line(&format!(
+            "install: the largest process the installer has run peaked at {} MiB (RSS)",
+            usage.max_rss() / 1024
+        ));
+    }
     if tmp != root.join("tmp") {
         // Not the system's /tmp, so nothing else would ever clean it.
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
