@@ -263,7 +263,7 @@ fn guarded_plan(layout: Layout, mount_root: &std::path::Path) -> (plan::Plan, De
             ..Default::default()
         },
         layout,
-        disk_passphrase_given: matches!(layout, Layout::LuksBtrfs | Layout::LuksExt4),
+        disk_passphrase_given: layout.encrypts(),
         ..Config::default()
     };
     let mut plan = plan::make(&config, &facts(8 * GIB, 512), &PlanIds::random()).unwrap();
@@ -452,6 +452,13 @@ fn guard_sees_a_finished_luks_btrfs_install_by_its_header() {
 #[test]
 fn guard_sees_a_finished_luks_ext4_install_by_its_header() {
     guard_sees_the_finished_run(Layout::LuksExt4, today());
+}
+
+/// The report is under `@persist` as with `btrfs-impermanence`, but inside the container: the
+/// header is what the guard can read.
+#[test]
+fn guard_sees_a_finished_luks_impermanence_install_by_its_header() {
+    guard_sees_the_finished_run(Layout::LuksBtrfsImpermanence, today());
 }
 
 // ------------------------------------------------------------------------- temporary swap file

@@ -157,3 +157,50 @@ fn plan_json_matches_the_fixtures() {
         "the plan JSON differs from tests/fixtures/plan for {differ:?}"
     );
 }
+
+/// `luks-btrfs-impermanence` said in the declarative form, as the README's storage table
+/// allows, plans the same machine as the preset: every partition, LUKS container, filesystem,
+/// mount, the persist path and the initrd SSH key under it. Only the layout's name and the
+/// runtime info it came from differ.
+#[test]
+fn the_declarative_form_says_luks_btrfs_impermanence() {
+    let subvolume = |name: &str, mountpoint: &str, needed_for_boot: bool| {
+        serde_json::json!({"name": name, "mountpoint": mountpoint,
+                           "mount_options": ["compress=zstd", "noatime"],
+                           "needed_for_boot": needed_for_boot})
+    };
+    let declarative = base(serde_json::json!({"storage": {
+        "table": "gpt",
+        "partitions": [
+            {"name": "bios-boot", "size": "1M", "type": "bios-boot"},
+            {"name": "ESP", "size": "512M", "type": "esp",
+             "filesystem": {"type": "vfat", "label": "ESP", "mountpoint": "/boot",
+                            "mount_options": ["fmask=0077", "dmask=0077"]}},
+            {"name": "swap", "size": "2G", "type": "swap",
+             "filesystem": {"type": "swap", "random_encryption": true}},
+            {"name": "nixos", "size": "rest",
+             "filesystem": {"type": "luks", "name": "cryptroot",
+                            "filesystem": {"type": "btrfs", "label": "nixos", "subvolumes": [
+                                subvolume("@nix", "/nix", false),
+                                subvolume("@persist", "/persist", true)]}}}
+        ],
+        "tmpfs": [{"mountpoint": "/", "mount_options": ["defaults", "size=25%", "mode=755"]}],
+        "persist": "/persist"
+    }}));
+    let preset = base(serde_json::json!({"layout": "luks-btrfs-impermanence", "swap": "2G"}));
+    let facts = common::facts_with(Firmware::Uefi, 20 * GIB, 512);
+    let without_origin = |json: String| {
+        let mut plan: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let object = plan.as_object_mut().unwrap();
+        assert!(object.remove("layout").is_some() && object.remove("runtime_info").is_some());
+        plan
+    };
+    let from_storage = without_origin(plan_json(declarative, &facts));
+    let from_preset = without_origin(plan_json(preset, &facts));
+    assert_eq!(from_storage, from_preset);
+    assert_eq!(
+        from_preset["initrd_ssh"]["host_key"],
+        "/persist/etc/secrets/initrd/ssh_host_ed25519_key"
+    );
+    assert_eq!(from_preset["state_dir"], "/persist");
+}

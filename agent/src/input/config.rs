@@ -111,16 +111,18 @@ pub enum Layout {
     BtrfsImpermanence,
     LuksBtrfs,
     LuksExt4,
+    LuksBtrfsImpermanence,
     Custom,
 }
 
 impl Layout {
-    pub const PRESETS: [Layout; 5] = [
+    pub const PRESETS: [Layout; 6] = [
         Layout::Ext4,
         Layout::Btrfs,
         Layout::BtrfsImpermanence,
         Layout::LuksBtrfs,
         Layout::LuksExt4,
+        Layout::LuksBtrfsImpermanence,
     ];
 
     pub fn name(self) -> &'static str {
@@ -130,6 +132,7 @@ impl Layout {
             Layout::BtrfsImpermanence => "btrfs-impermanence",
             Layout::LuksBtrfs => "luks-btrfs",
             Layout::LuksExt4 => "luks-ext4",
+            Layout::LuksBtrfsImpermanence => "luks-btrfs-impermanence",
             Layout::Custom => "custom",
         }
     }
@@ -162,7 +165,10 @@ impl Layout {
 
     /// Whether the layout asks for a LUKS container (and so for a disk passphrase).
     pub fn encrypts(self) -> bool {
-        matches!(self, Layout::LuksBtrfs | Layout::LuksExt4)
+        matches!(
+            self,
+            Layout::LuksBtrfs | Layout::LuksExt4 | Layout::LuksBtrfsImpermanence
+        )
     }
 }
 
@@ -732,7 +738,7 @@ mod tests {
         "luks-ext4",
         "luks-btrfs",
         "btrfs-impermanence",
-        "BTRFS",
+        "Luks_Btrfs_Impermanence",
     ];
     const TABLES: [&str; 6] = ["gpt", "mbr", "dos", "msdos", "gpt", "mbr"];
 

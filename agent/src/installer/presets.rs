@@ -70,16 +70,21 @@ fn root_content(layout: Layout) -> Result<(FsSpec, bool)> {
             subvolume("@log", "/var/log"),
         ])
     };
+    // Only the store and /persist survive a reboot. NixOS mounts /nix in the initrd by itself
+    // (pathsNeededForBoot in nixos/lib/utils.nix); /persist must be asked for, as the host keys
+    // and machine-id it holds are needed before stage 2.
+    let impermanent = || {
+        let mut persist = subvolume("@persist", PERSIST);
+        persist.mount.needed_for_boot = true;
+        btrfs(vec![subvolume("@nix", "/nix"), persist])
+    };
     Ok(match layout {
         Layout::Ext4 => (ext4("nixos", "/"), false),
         Layout::Btrfs => (standard(), false),
-        Layout::BtrfsImpermanence => {
-            let mut persist = subvolume("@persist", PERSIST);
-            persist.mount.needed_for_boot = true;
-            (btrfs(vec![subvolume("@nix", "/nix"), persist]), true)
-        }
+        Layout::BtrfsImpermanence => (impermanent(), true),
         Layout::LuksBtrfs => (luks(standard()), false),
         Layout::LuksExt4 => (luks(ext4("nixos", "/")), false),
+        Layout::LuksBtrfsImpermanence => (luks(impermanent()), true),
         Layout::Custom => bail!("the custom layout has no preset (a bug in nixos-kexec)"),
     })
 }

@@ -300,7 +300,7 @@ mod tests {
         let mut config = Config {
             disk_auto: true,
             layout,
-            disk_passphrase_given: matches!(layout, Layout::LuksBtrfs | Layout::LuksExt4),
+            disk_passphrase_given: layout.encrypts(),
             ..Config::default()
         };
         config.runtime_info.hostname = Some("web1".into());

@@ -189,30 +189,39 @@ mod tests {
     use crate::installer::layout::tests::{assert_refusals, custom, esp, mounts, owned, preset, text};
     use crate::installer::storage::GIB;
 
+    /// With or without LUKS: the same mounts, /persist needed for boot, and the subvolumes on
+    /// the opened container when encrypted (the ESP stays outside it).
     #[test]
     fn impermanence_has_tmpfs_root_and_persist_needed_for_boot() {
-        let placed = preset(
-            Layout::BtrfsImpermanence,
-            Table::Gpt,
-            0,
-            8 * GIB,
-            512,
-            Firmware::Bios,
-        )
-        .unwrap();
-        assert_eq!(
-            mounts(&placed),
-            owned(&[
-                ("/", "tmpfs", "defaults,size=25%,mode=755"),
-                ("/boot", "vfat", "fmask=0077,dmask=0077"),
-                ("/nix", "btrfs", "subvol=@nix,compress=zstd,noatime"),
-                ("/persist", "btrfs", "subvol=@persist,compress=zstd,noatime"),
-            ])
-        );
-        assert_eq!(placed.persist.as_deref(), Some("/persist"));
-        let persist = placed.mounts.iter().find(|m| m.mountpoint == "/persist").unwrap();
-        assert!(persist.needed_for_boot);
-        assert_eq!(placed.mounts[0].nix_device, "none");
+        for layout in [Layout::BtrfsImpermanence, Layout::LuksBtrfsImpermanence] {
+            let placed = preset(layout, Table::Gpt, 0, 8 * GIB, 512, Firmware::Bios).unwrap();
+            assert_eq!(
+                mounts(&placed),
+                owned(&[
+                    ("/", "tmpfs", "defaults,size=25%,mode=755"),
+                    ("/boot", "vfat", "fmask=0077,dmask=0077"),
+                    ("/nix", "btrfs", "subvol=@nix,compress=zstd,noatime"),
+                    ("/persist", "btrfs", "subvol=@persist,compress=zstd,noatime"),
+                ]),
+                "{layout:?}"
+            );
+            assert_eq!(placed.persist.as_deref(), Some("/persist"));
+            let persist = placed.mounts.iter().find(|m| m.mountpoint == "/persist").unwrap();
+            assert!(persist.needed_for_boot);
+            assert_eq!(placed.mounts[0].nix_device, "none");
+            let sources: Vec<&str> = placed.mounts[1..].iter().map(|m| m.source.as_str()).collect();
+            if layout.encrypts() {
+                assert_eq!(placed.luks.len(), 1);
+                let luks = &placed.luks[0];
+                assert_eq!(luks.device, placed.partitions.last().unwrap().device);
+                assert_eq!(
+                    sources,
+                    [placed.partitions[1].device.as_str(), &luks.open_device, &luks.open_device]
+                );
+            } else {
+                assert!(placed.luks.is_empty());
+            }
+        }
     }
 
     #[test]

@@ -119,7 +119,12 @@ mod tests {
                 8 * GIB
             );
             // Encrypted or in RAM: /boot on its own flagged ext4 partition.
-            for layout in [Layout::LuksExt4, Layout::LuksBtrfs, Layout::BtrfsImpermanence] {
+            for layout in [
+                Layout::LuksExt4,
+                Layout::LuksBtrfs,
+                Layout::BtrfsImpermanence,
+                Layout::LuksBtrfsImpermanence,
+            ] {
                 let placed = preset(layout, Table::Mbr, 0, 8 * GIB, sector, Firmware::Bios).unwrap();
                 assert!(placed.partitions[0].bootable);
                 assert_eq!(placed.partitions[0].mbr_type, 0x83);

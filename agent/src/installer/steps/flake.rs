@@ -544,7 +544,7 @@ mod tests {
                             assert!(hardware.contains(needle), "{what}: {needle}\n{hardware}");
                         }
                     }
-                    Layout::BtrfsImpermanence => {
+                    Layout::BtrfsImpermanence | Layout::LuksBtrfsImpermanence => {
                         for needle in [
                             "fsType = \"tmpfs\"",
                             "device = \"none\"",
@@ -580,9 +580,20 @@ mod tests {
                     assert!(hardware.contains("/dev/disk/by-partuuid/"), "{hardware}");
                     let initrd = parse(dir.path(), "initrd-ssh.nix");
                     assert!(configuration.contains("./initrd-ssh.nix"), "{configuration}");
+                    // Under /persist when `/` is a tmpfs: the file must outlive the reboot
+                    // for the next generation's initrd to carry the same key.
+                    let host_key = format!(
+                        "hostKeys = [ \"{}\" ];",
+                        plan.state_path("etc/secrets/initrd/ssh_host_ed25519_key")
+                    );
+                    assert_eq!(
+                        host_key.starts_with("hostKeys = [ \"/persist/"),
+                        plan.root_is_tmpfs(),
+                        "{host_key}"
+                    );
                     for needle in [
                         "port = lib.toInt \"2222\";",
-                        "hostKeys = [ \"/etc/secrets/initrd/ssh_host_ed25519_key\" ];",
+                        &host_key,
                         "boot.initrd.systemd.enable = true;",
                     ] {
                         assert!(initrd.contains(needle), "{needle}\n{initrd}");
