@@ -12,7 +12,7 @@
 mod common;
 
 use nixos_kexec::input::cmdline::{Params, COMMAND_LINE_SIZE};
-use nixos_kexec::input::config::{parameter_keys, Config, HOST_KEY_TYPES, SECRETS_DIR};
+use nixos_kexec::input::config::{parameter_keys, Config, Layout, HOST_KEY_TYPES, SECRETS_DIR};
 use nixos_kexec::input::http::parse_response;
 use nixos_kexec::input::runtime_info::{self, Source};
 use nixos_kexec::installer::layout::{place, FsKind, PlanIds};
@@ -286,7 +286,13 @@ fn install_input() -> impl Strategy<Value = Value> {
         1 => storage().prop_map(|storage| json!({"storage": storage})),
         2 => plausible_storage().prop_map(|storage| json!({"storage": storage})),
         2 => (
-            prop::sample::select(vec!["ext4", "btrfs", "btrfs-impermanence", "luks-btrfs", "luks-ext4", "zfs"]),
+            prop::sample::select(
+                Layout::PRESETS
+                    .iter()
+                    .map(|layout| layout.name())
+                    .chain(["zfs"])
+                    .collect::<Vec<_>>()
+            ),
             prop::sample::select(vec!["0", "512M", "2G", "64G"]),
             prop::sample::select(vec!["gpt", "mbr"]),
         )

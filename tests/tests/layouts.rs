@@ -24,6 +24,16 @@ const TYPE_LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 const TYPE_SWAP: &str = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F";
 const NIC_MAC: &str = "52:54:00:4c:55:01";
 
+/// `persist.nix` of a tmpfs-root preset: the host flake, machine-id and host keys under /persist.
+const PERSIST_NIX: [&str; 4] = [
+    "persist = \"/persist\";",
+    "environment.etc.\"machine-id\".source = \"${persist}/etc/machine-id\";",
+    "environment.etc.\"nixos\".source = \"${persist}/etc/nixos\";",
+    "{ path = \"/persist/etc/ssh/ssh_host_ed25519_key\"; type = \"ed25519\"; }",
+];
+/// The tmpfs `/` of the impermanence presets in `hardware-configuration.nix`.
+const TMPFS_ROOT: &str = "fileSystems.\"/\" = {\n    device = \"none\";\n    fsType = \"tmpfs\";\n    options = [ \"defaults\" \"size=25%\" \"mode=755\" ];";
+
 fn key_param() -> String {
     format!("nixos_kexec.ssh_key={}", KEY.replace(' ', "+"))
 }
@@ -299,21 +309,12 @@ fn btrfs_impermanence_bios_512() -> Result<()> {
         "hardware-configuration.nix",
         hardware,
         &[
-            "fileSystems.\"/\" = {\n    device = \"none\";\n    fsType = \"tmpfs\";\n    options = [ \"defaults\" \"size=25%\" \"mode=755\" ];",
+            TMPFS_ROOT,
             "options = [ \"subvol=@persist\" \"compress=zstd\" \"noatime\" ];\n    neededForBoot = true;",
             "options = [ \"subvol=@nix\" \"compress=zstd\" \"noatime\" ];",
         ],
     )?;
-    contains_all(
-        "persist.nix",
-        &texts[3].1,
-        &[
-            "persist = \"/persist\";",
-            "environment.etc.\"machine-id\".source = \"${persist}/etc/machine-id\";",
-            "environment.etc.\"nixos\".source = \"${persist}/etc/nixos\";",
-            "{ path = \"/persist/etc/ssh/ssh_host_ed25519_key\"; type = \"ed25519\"; }",
-        ],
-    )?;
+    contains_all("persist.nix", &texts[3].1, &PERSIST_NIX)?;
     contains_all(
         "configuration.nix",
         &texts[1].1,
@@ -334,21 +335,41 @@ fn btrfs_impermanence_bios_512() -> Result<()> {
     Ok(())
 }
 
+/// What the guest mounts on /m from inside a LUKS container: the tree the installer's state
+/// lives in, so the same paths (/m/etc/nixos, /m/etc/ssh, /m/var/log) serve every layout.
+#[derive(Clone, Copy)]
+enum Inside {
+    Ext4,
+    /// `@` on /m and `@log` on /m/var/log.
+    Btrfs,
+    /// `@persist` on /m: with a tmpfs `/` it holds what the others keep under `/`.
+    BtrfsPersist,
+}
+
 /// Opens the LUKS container on `part` of `disk` in a guest, checks the filesystem inside and
 /// prints the generated files; returns the guest's output.
-fn inside_luks(disk: &Path, sector: u32, part: u32, fs: &str) -> Result<String> {
+fn inside_luks(disk: &Path, sector: u32, part: u32, inside: Inside) -> Result<String> {
     let dev = format!("/dev/vda{part}");
-    let (check, uuid, mount) = match fs {
-        "btrfs" => (
-            "btrfs check --readonly /dev/mapper/t",
-            "btrfs filesystem show /dev/mapper/t | sed -n 's/.*uuid: //p'",
-            "mount -o subvol=@ /dev/mapper/t /m && mount -o subvol=@log /dev/mapper/t /m/var/log\n\
-             echo '=== subvolumes ==='; btrfs subvolume list /m; echo '=== end subvolumes ==='",
+    let btrfs_check = "btrfs check --readonly /dev/mapper/t";
+    let btrfs_uuid = "btrfs filesystem show /dev/mapper/t | sed -n 's/.*uuid: //p'";
+    let list_subvolumes = "echo '=== subvolumes ==='; btrfs subvolume list /m; echo '=== end subvolumes ==='";
+    let (check, uuid, mount) = match inside {
+        Inside::Btrfs => (
+            btrfs_check,
+            btrfs_uuid,
+            format!(
+                "mount -o subvol=@ /dev/mapper/t /m && mount -o subvol=@log /dev/mapper/t /m/var/log\n{list_subvolumes}"
+            ),
         ),
-        _ => (
+        Inside::BtrfsPersist => (
+            btrfs_check,
+            btrfs_uuid,
+            format!("mount -o subvol=@persist /dev/mapper/t /m\n{list_subvolumes}"),
+        ),
+        Inside::Ext4 => (
             "e2fsck -fn /dev/mapper/t",
             "tune2fs -l /dev/mapper/t | sed -n 's/^Filesystem UUID: *//p'",
-            "mount /dev/mapper/t /m",
+            "mount /dev/mapper/t /m".to_string(),
         ),
     };
     let script = format!(
@@ -357,10 +378,12 @@ echo '=== check ==='; {check}; echo '=== end check ==='
 echo '=== uuid ==='; {uuid}; echo '=== end uuid ==='
 mkdir -p /m
 {mount}
-for f in flake.nix configuration.nix hardware-configuration.nix network.nix initrd-ssh.nix; do
+for f in flake.nix configuration.nix hardware-configuration.nix network.nix persist.nix initrd-ssh.nix; do
     if [ -f /m/etc/nixos/$f ]; then echo "=== $f ==="; cat /m/etc/nixos/$f; echo "=== end $f ==="; fi
 done
+if [ -f /m/etc/machine-id ]; then echo '=== machine-id ==='; cat /m/etc/machine-id; echo '=== end machine-id ==='; fi
 echo '=== report ==='; cat /m/var/log/nixos-kexec/report.json; echo '=== end report ==='
+echo '=== host-key ==='; cat /m/etc/ssh/ssh_host_ed25519_key.pub; echo '=== end host-key ==='
 echo '=== initrd-key ==='; cat /m/etc/secrets/initrd/ssh_host_ed25519_key.pub; echo '=== end initrd-key ==='
 echo '=== modes ==='; stat -c '%a %n' /m/etc/secrets/initrd /m/etc/secrets/initrd/ssh_host_ed25519_key /m/etc/ssh/ssh_host_ed25519_key; echo '=== end modes ==='
 echo "=== passphrase-hits ==="; (grep -r -a -l -F -f /pass /m || true) | wc -l; echo "=== end passphrase-hits ==="
@@ -376,38 +399,41 @@ cryptsetup close t
     )
 }
 
-#[test]
-fn luks_btrfs_uefi_512_with_passphrase_and_network() -> Result<()> {
-    let bundle = dev_bundle()?;
-    let scratch = tempfile::tempdir()?;
-    let info = serde_json::json!({
-        "version": 1,
-        "hostname": "vault",
-        "disk": {"serial": "LUKSBTR1"},
-        "layout": "luks-btrfs",
-        "ssh_authorized_keys": [KEY],
-        "network": {
-            "interfaces": [{
-                "mac": NIC_MAC,
-                "addresses": ["10.0.2.15/24"],
-                "routes": [{"to": "default", "via": "10.0.2.2"}]
-            }],
-            "nameservers": ["10.0.2.3"]
-        }
-    });
-    let out = Vm::new(&bundle)
-        .firmware(Firmware::Uefi)
-        .memory_mib(1024)
-        .nic(NIC_MAC)
-        .extra_initrd(secrets_cpio(scratch.path())?)
-        .disk(DiskSpec::new(4 * GIB, DiskBus::Virtio).serial("LUKSBTR1"))
-        .param(info_param(&info))
-        .param("nixos_kexec.stop_before=install")
-        .param("nixos_kexec.after=poweroff")
-        .timeout(std::time::Duration::from_secs(420))
-        .run()?;
-    succeeded(&out)?;
-    passphrase_nowhere(&out)?;
+/// The subvolume names the guest listed (`btrfs subvolume list`, which may prefix those
+/// outside the mounted one with `<FS_TREE>/`).
+fn listed_subvolumes(guest: &str) -> Result<BTreeSet<String>> {
+    Ok(section(guest, "subvolumes")?
+        .lines()
+        .filter_map(|l| l.split(" path ").nth(1))
+        .map(|path| path.trim_start_matches("<FS_TREE>/").to_string())
+        .collect())
+}
+
+/// The fingerprint of the public key the guest printed as `section_name`.
+fn guest_key_fingerprint(guest: &str, section_name: &str) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("key.pub");
+    std::fs::write(&file, section(guest, section_name)?)?;
+    ssh_keygen_fingerprint(&file)
+}
+
+/// What a guest read inside a LUKS container holding btrfs.
+struct LuksBtrfs {
+    guest: String,
+    /// The btrfs filesystem's.
+    inner_uuid: String,
+}
+
+/// What the btrfs-in-LUKS presets share on a 4 GiB disk in a 1 GiB VM: the ESP and BIOS boot
+/// partition outside the container (3); LUKS2 with argon2id near a quarter of the RAM; the
+/// passphrase opens it and its trailing newline was dropped; a second guest opens it, checks
+/// the btrfs and reads `inside`; the generated `files` parse and name the container and the
+/// btrfs by UUID; the host key and the initrd host key are 0600 (the initrd's in a 0700
+/// directory) and their fingerprints were printed; neither the passphrase nor the generated
+/// Nix is anywhere in plain bytes; the report says argon2id.
+fn luks_btrfs_checks(out: &RunOutcome, inside: Inside, files: &[&str]) -> Result<LuksBtrfs> {
+    succeeded(out)?;
+    passphrase_nowhere(out)?;
     let disk = &out.disks[0];
     sgdisk_verify(disk)?;
     expect_table(
@@ -450,78 +476,48 @@ fn luks_btrfs_uefi_512_with_passphrase_and_network() -> Result<()> {
     );
     let luks_uuid = blkid_of(&luks, "UUID")?;
 
-    let guest = inside_luks(disk, 512, 3, "btrfs")?;
-    for name in ["@", "@nix", "@home", "@log"] {
-        ensure!(
-            section(&guest, "subvolumes")?
-                .lines()
-                .any(|l| l.ends_with(&format!(" path {name}"))),
-            "subvolume {name} missing:\n{guest}"
-        );
+    let guest = inside_luks(disk, 512, 3, inside)?;
+    let mut texts = Vec::new();
+    for name in files {
+        texts.push((*name, section(&guest, name)?));
     }
-    let hardware = section(&guest, "hardware-configuration.nix")?;
-    let configuration = section(&guest, "configuration.nix")?;
-    let initrd = section(&guest, "initrd-ssh.nix")?;
-    let network = section(&guest, "network.nix")?;
-    parse_all(&[
-        ("flake.nix", section(&guest, "flake.nix")?),
-        ("configuration.nix", configuration),
-        ("hardware-configuration.nix", hardware),
-        ("network.nix", network),
-        ("initrd-ssh.nix", initrd),
-    ])?;
+    parse_all(&texts)?;
     let inner_uuid = section(&guest, "uuid")?.trim().to_string();
     ensure!(
         inner_uuid.len() == 36,
         "no UUID of the btrfs inside LUKS: {inner_uuid:?}"
     );
+    let luks_device =
+        format!("boot.initrd.luks.devices.\"cryptroot\".device = \"/dev/disk/by-uuid/{luks_uuid}\";");
     contains_all(
         "hardware-configuration.nix",
-        hardware,
+        section(&guest, "hardware-configuration.nix")?,
         &[
-            &format!("boot.initrd.luks.devices.\"cryptroot\".device = \"/dev/disk/by-uuid/{luks_uuid}\";"),
+            &luks_device,
             &format!("device = \"/dev/disk/by-uuid/{inner_uuid}\""),
-            "options = [ \"subvol=@\" \"compress=zstd\" \"noatime\" ];",
-            "\"virtio_net\"",
         ],
     )?;
-    contains_all(
-        "configuration.nix",
-        configuration,
-        &["./network.nix", "./initrd-ssh.nix", "firmware = \"uefi\""],
-    )?;
-    contains_all(
-        "initrd-ssh.nix",
-        initrd,
-        &[
-            "boot.initrd.systemd.enable = true;",
-            "boot.initrd.availableKernelModules = [ \"virtio_net\" \"virtio_pci\" ];",
-            "port = lib.toInt \"2222\";",
-            "hostKeys = [ \"/etc/secrets/initrd/ssh_host_ed25519_key\" ];",
-            "boot.initrd.systemd.network.networks = config.systemd.network.networks;",
-            "ssh -p 2222 root@",
-        ],
-    )?;
-    contains_all(
-        "network.nix",
-        network,
-        &[&format!("MACAddress = \"{NIC_MAC}\""), "\"10.0.2.15/24\""],
-    )?;
-    let modes = section(&guest, "modes")?;
+    // What the guest read inside is not readable outside it.
+    ensure!(
+        count_in_image(disk, luks_device.as_bytes())? == 0,
+        "the generated hardware-configuration.nix is in plain bytes on the disk"
+    );
     contains_all(
         "modes",
-        modes,
+        section(&guest, "modes")?,
         &[
             "700 /m/etc/secrets/initrd\n",
             "600 /m/etc/secrets/initrd/ssh_host_ed25519_key\n",
             "600 /m/etc/ssh/ssh_host_ed25519_key",
         ],
     )?;
-    // The initrd host key the operator pins for port 2222 was printed.
-    let pub_key = section(&guest, "initrd-key")?;
-    let key_file = scratch.path().join("initrd.pub");
-    std::fs::write(&key_file, pub_key)?;
-    let fingerprint = ssh_keygen_fingerprint(&key_file)?;
+    // The keys the operator pins, for port 22 and for unlocking on port 2222, were printed.
+    let fingerprint = guest_key_fingerprint(&guest, "host-key")?;
+    ensure!(
+        out.contains(&format!("host key: {fingerprint}")),
+        "host key fingerprint `{fingerprint}` not printed"
+    );
+    let fingerprint = guest_key_fingerprint(&guest, "initrd-key")?;
     ensure!(
         out.contains(&format!(
             "initrd host key (port 2222, for unlocking the disk): {fingerprint}"
@@ -536,6 +532,161 @@ fn luks_btrfs_uefi_512_with_passphrase_and_network() -> Result<()> {
     ensure!(
         report["luks"][0]["pbkdf"]["algorithm"] == "argon2id",
         "report: {report}"
+    );
+    Ok(LuksBtrfs { guest, inner_uuid })
+}
+
+#[test]
+fn luks_btrfs_uefi_512_with_passphrase_and_network() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let info = serde_json::json!({
+        "version": 1,
+        "hostname": "vault",
+        "disk": {"serial": "LUKSBTR1"},
+        "layout": "luks-btrfs",
+        "ssh_authorized_keys": [KEY],
+        "network": {
+            "interfaces": [{
+                "mac": NIC_MAC,
+                "addresses": ["10.0.2.15/24"],
+                "routes": [{"to": "default", "via": "10.0.2.2"}]
+            }],
+            "nameservers": ["10.0.2.3"]
+        }
+    });
+    let out = Vm::new(&bundle)
+        .firmware(Firmware::Uefi)
+        .memory_mib(1024)
+        .nic(NIC_MAC)
+        .extra_initrd(secrets_cpio(scratch.path())?)
+        .disk(DiskSpec::new(4 * GIB, DiskBus::Virtio).serial("LUKSBTR1"))
+        .param(info_param(&info))
+        .param("nixos_kexec.stop_before=install")
+        .param("nixos_kexec.after=poweroff")
+        .timeout(std::time::Duration::from_secs(420))
+        .run()?;
+    let checked = luks_btrfs_checks(
+        &out,
+        Inside::Btrfs,
+        &[
+            "flake.nix",
+            "configuration.nix",
+            "hardware-configuration.nix",
+            "network.nix",
+            "initrd-ssh.nix",
+        ],
+    )?;
+    let guest = &checked.guest;
+    let names = listed_subvolumes(guest)?;
+    for name in ["@", "@nix", "@home", "@log"] {
+        ensure!(names.contains(name), "subvolume {name} missing:\n{guest}");
+    }
+    contains_all(
+        "hardware-configuration.nix",
+        section(guest, "hardware-configuration.nix")?,
+        &[
+            "options = [ \"subvol=@\" \"compress=zstd\" \"noatime\" ];",
+            "\"virtio_net\"",
+        ],
+    )?;
+    contains_all(
+        "configuration.nix",
+        section(guest, "configuration.nix")?,
+        &["./network.nix", "./initrd-ssh.nix", "firmware = \"uefi\""],
+    )?;
+    contains_all(
+        "initrd-ssh.nix",
+        section(guest, "initrd-ssh.nix")?,
+        &[
+            "boot.initrd.systemd.enable = true;",
+            "boot.initrd.availableKernelModules = [ \"virtio_net\" \"virtio_pci\" ];",
+            "port = lib.toInt \"2222\";",
+            "hostKeys = [ \"/etc/secrets/initrd/ssh_host_ed25519_key\" ];",
+            "boot.initrd.systemd.network.networks = config.systemd.network.networks;",
+            "ssh -p 2222 root@",
+        ],
+    )?;
+    contains_all(
+        "network.nix",
+        section(guest, "network.nix")?,
+        &[&format!("MACAddress = \"{NIC_MAC}\""), "\"10.0.2.15/24\""],
+    )?;
+    Ok(())
+}
+
+/// `luks-btrfs-impermanence` on a BIOS machine: what `luks-btrfs` is checked for, with only
+/// `@nix` and `@persist` inside the container, and the host flake, host keys, machine-id,
+/// report and initrd host key under `@persist` (a tmpfs `/` keeps nothing).
+#[test]
+fn luks_btrfs_impermanence_bios_512() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let out = prepared(Vm::new(&bundle))
+        .memory_mib(1024)
+        .extra_initrd(secrets_cpio(scratch.path())?)
+        .disk(DiskSpec::new(4 * GIB, DiskBus::Virtio).serial("LUKSIMP1"))
+        .param("nixos_kexec.disk=/dev/vda")
+        .param("nixos_kexec.hostname=vault")
+        .param("nixos_kexec.layout=luks-btrfs-impermanence")
+        .timeout(std::time::Duration::from_secs(420))
+        .run()?;
+    let checked = luks_btrfs_checks(
+        &out,
+        Inside::BtrfsPersist,
+        &[
+            "flake.nix",
+            "configuration.nix",
+            "hardware-configuration.nix",
+            "persist.nix",
+            "initrd-ssh.nix",
+        ],
+    )?;
+    let guest = &checked.guest;
+    let names = listed_subvolumes(guest)?;
+    let expected: BTreeSet<String> = ["@nix", "@persist"].iter().map(|s| s.to_string()).collect();
+    ensure!(names == expected, "subvolumes {names:?}:\n{guest}");
+    let inner = &checked.inner_uuid;
+    contains_all(
+        "hardware-configuration.nix",
+        section(guest, "hardware-configuration.nix")?,
+        &[
+            TMPFS_ROOT,
+            &format!("fileSystems.\"/nix\" = {{\n    device = \"/dev/disk/by-uuid/{inner}\";\n    fsType = \"btrfs\";\n    options = [ \"subvol=@nix\" \"compress=zstd\" \"noatime\" ];\n  }};"),
+            &format!("fileSystems.\"/persist\" = {{\n    device = \"/dev/disk/by-uuid/{inner}\";\n    fsType = \"btrfs\";\n    options = [ \"subvol=@persist\" \"compress=zstd\" \"noatime\" ];\n    neededForBoot = true;"),
+        ],
+    )?;
+    contains_all("persist.nix", section(guest, "persist.nix")?, &PERSIST_NIX)?;
+    contains_all(
+        "configuration.nix",
+        section(guest, "configuration.nix")?,
+        &["./persist.nix", "./initrd-ssh.nix", "firmware = \"bios\""],
+    )?;
+    // The initrd host key outlives the reboot under /persist, so every generation's initrd
+    // carries the key the operator pinned; no network described: DHCP on every Ethernet NIC.
+    contains_all(
+        "initrd-ssh.nix",
+        section(guest, "initrd-ssh.nix")?,
+        &[
+            "boot.initrd.systemd.enable = true;",
+            "port = lib.toInt \"2222\";",
+            "hostKeys = [ \"/persist/etc/secrets/initrd/ssh_host_ed25519_key\" ];",
+            "matchConfig.Name = \"en* eth*\";",
+        ],
+    )?;
+    let machine_id = section(guest, "machine-id")?;
+    ensure!(
+        machine_id.len() == 32 && machine_id.chars().all(|c| c.is_ascii_hexdigit()),
+        "machine-id {machine_id:?}"
+    );
+    ensure!(
+        count_in_image(&out.disks[0], machine_id.as_bytes())? == 0,
+        "the machine-id is in plain bytes on the disk"
+    );
+    ensure!(
+        out.contains("--flake /mnt/persist/etc/nixos#vault")
+            || out.contains("\"/mnt/persist/etc/nixos#vault\""),
+        "the install would not use the flake under /persist"
     );
     Ok(())
 }
@@ -595,7 +746,7 @@ fn luks_ext4_bios_4096_with_swap_in_384_mib() -> Result<()> {
     let luks_uuid = blkid_of(&luks, "UUID")?;
 
     // e2fsck -fn failing would have failed the guest script.
-    let guest = inside_luks(disk, 4096, 4, "ext4")?;
+    let guest = inside_luks(disk, 4096, 4, Inside::Ext4)?;
     let hardware = section(&guest, "hardware-configuration.nix")?;
     parse_all(&[
         ("flake.nix", section(&guest, "flake.nix")?),

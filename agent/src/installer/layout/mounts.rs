@@ -216,7 +216,11 @@ mod tests {
                 assert_eq!(luks.device, placed.partitions.last().unwrap().device);
                 assert_eq!(
                     sources,
-                    [placed.partitions[1].device.as_str(), &luks.open_device, &luks.open_device]
+                    [
+                        placed.partitions[1].device.as_str(),
+                        &luks.open_device,
+                        &luks.open_device
+                    ]
                 );
             } else {
                 assert!(placed.luks.is_empty());
