@@ -17,8 +17,9 @@ use crate::machine::platform::{CpuVendor, Virtualisation};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-/// The initrd's sshd for unlocking LUKS listens here, so its host key (a different one, kept
-/// on the unencrypted /boot) does not clash with the system's in the client's known_hosts.
+/// The initrd's sshd for unlocking LUKS listens here, so its host key (a different one: NixOS
+/// copies it into the initrd on the unencrypted /boot) does not clash with the system's in the
+/// client's known_hosts.
 pub const INITRD_SSH_PORT: u16 = 2222;
 /// Where the initrd SSH host key lives on the installed system (under the persist path when
 /// `/` is a tmpfs); NixOS copies it into the initrd (boot.initrd.secrets).
