@@ -930,7 +930,7 @@ fn bundle_has_netboot_script_and_grub_lines() -> Result<()> {
     let ipxe = std::fs::read_to_string(bundle.dir.join("netboot.ipxe"))?;
     ensure!(ipxe.starts_with("#!ipxe\n"), "{ipxe}");
     for line in [
-        "kernel bzImage initrd=initrd console=tty0 console=ttyS0,115200 ${cmdline}",
+        "kernel bzImage initrd=initrd rootfstype=ramfs console=tty0 console=ttyS0,115200 ${cmdline}",
         "initrd initrd",
         "boot",
     ] {
@@ -944,7 +944,7 @@ fn bundle_has_netboot_script_and_grub_lines() -> Result<()> {
     ensure!(
         commands
             == [
-                "linux (hd0,gpt2)/nixos-kexec/bzImage console=tty0 console=ttyS0,115200 nixos_kexec.disk=/dev/sda",
+                "linux (hd0,gpt2)/nixos-kexec/bzImage rootfstype=ramfs console=tty0 console=ttyS0,115200 nixos_kexec.disk=/dev/sda",
                 "initrd (hd0,gpt2)/nixos-kexec/initrd",
                 "boot"
             ],
