@@ -115,13 +115,36 @@ fn main() -> Result<()> {
     rows.push(("boot to result line, whole run (TCG)".into(), boot, String::new()));
 
     // RAM floor: the smallest memory the install scenario still passes with.
+    rows.push(ram_floor(
+        "smallest QEMU memory the install scenario passes with",
+        &[256, 192, 160, 128, 112, 96, 80],
+        |memory| install_run(&bundle, memory),
+    ));
+
+    rows.extend(prebuilt_system_rows()?);
+    rows.push(fuzz_round()?);
+
+    println!("| measurement | value | budget |");
+    println!("|---|---|---|");
+    for (what, value, budget) in rows {
+        println!("| {what} | {value} | {budget} |");
+    }
+    Ok(())
+}
+
+/// The row for the smallest of `sizes` (MiB, largest first) that `run` passes with: it stops
+/// at the first failure and prints what ran out (the kernel unpacking the initrd, or the
+/// installer).
+fn ram_floor(what: &str, sizes: &[u32], run: impl Fn(u32) -> Result<RunOutcome>) -> (String, String, String) {
     let mut floor = None;
-    for memory in [256u32, 192, 160, 128, 112, 96, 80] {
-        let outcome = install_run(&bundle, memory);
+    for &memory in sizes {
+        let outcome = run(memory);
         let ok = outcome.as_ref().is_ok_and(|o| o.succeeded());
-        eprintln!("bench: {memory} MiB: {}", if ok { "passes" } else { "fails" });
+        eprintln!(
+            "bench: {what}: {memory} MiB {}",
+            if ok { "passes" } else { "fails" }
+        );
         if !ok {
-            // What ran out: the kernel (unpacking the initrd) or the installer.
             match outcome {
                 Ok(o) => {
                     let panic: Vec<&str> = o.lines_containing("Kernel panic").collect();
@@ -138,23 +161,12 @@ fn main() -> Result<()> {
         }
         floor = Some(memory);
     }
-    rows.push((
-        "smallest QEMU memory the install scenario passes with".into(),
-        floor
-            .map(|m| format!("{m} MiB"))
-            .unwrap_or_else(|| "above 256 MiB".into()),
-        "<= 256 MiB".into(),
-    ));
-
-    rows.extend(prebuilt_system_rows()?);
-    rows.push(fuzz_round()?);
-
-    println!("| measurement | value | budget |");
-    println!("|---|---|---|");
-    for (what, value, budget) in rows {
-        println!("| {what} | {value} | {budget} |");
-    }
-    Ok(())
+    let value = match (floor, sizes.first()) {
+        (Some(m), _) => format!("{m} MiB"),
+        (None, Some(first)) => format!("above {first} MiB"),
+        (None, None) => "not measured".into(),
+    };
+    (what.to_string(), value, "<= 256 MiB".into())
 }
 
 /// One install of the stand-in closure from its cache over HTTP, with the dev bundle with Nix
@@ -249,24 +261,10 @@ fn prebuilt_system_rows() -> Result<Vec<(String, String, String)>> {
         ),
         ">= 80 %".into(),
     ));
-    let mut floor = None;
-    for memory in [224u32, 192, 160, 128] {
-        let ok = prebuilt_run(&bundle, &server, memory, false).is_ok_and(|o| o.succeeded());
-        eprintln!(
-            "bench: prebuilt system in {memory} MiB: {}",
-            if ok { "passes" } else { "fails" }
-        );
-        if !ok {
-            break;
-        }
-        floor = Some(memory);
-    }
-    rows.push((
-        "smallest QEMU memory a whole closure install passes with".into(),
-        floor
-            .map(|m| format!("{m} MiB"))
-            .unwrap_or_else(|| "256 MiB (224 fails)".into()),
-        "<= 256 MiB".into(),
+    rows.push(ram_floor(
+        "smallest QEMU memory a whole closure install passes with",
+        &[256, 224, 192, 160, 128],
+        |memory| prebuilt_run(&bundle, &server, memory, false),
     ));
     Ok(rows)
 }
