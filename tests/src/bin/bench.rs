@@ -171,8 +171,15 @@ fn ram_floor(what: &str, sizes: &[u32], run: impl Fn(u32) -> Result<RunOutcome>)
 
 /// One install of the stand-in closure from its cache over HTTP, with the dev bundle with Nix
 /// (`tests/tests/prebuilt_system.rs` does the same and checks the result), in `memory` MiB.
-/// With `measure_disk` the stand-in also writes 256 MiB of zeros to the same filesystem.
-fn prebuilt_run(bundle: &Bundle, server: &FileServer, memory: u32, measure_disk: bool) -> Result<RunOutcome> {
+/// With `measure_disk` the stand-in also writes 256 MiB of zeros to the same filesystem; with
+/// `kvm` the VM runs under KVM instead of TCG.
+fn prebuilt_run(
+    bundle: &Bundle,
+    server: &FileServer,
+    memory: u32,
+    measure_disk: bool,
+    kvm: bool,
+) -> Result<RunOutcome> {
     let cache = stand_in_cache()?;
     let scratch = tempfile::tempdir()?;
     let mut vm = Vm::new(bundle)
@@ -190,6 +197,9 @@ fn prebuilt_run(bundle: &Bundle, server: &FileServer, memory: u32, measure_disk:
         .param(format!("nixos_kexec.substituters={}", server.guest_url()))
         .param(format!("nixos_kexec.trusted_public_keys={}", cache.key.public))
         .param("nixos_kexec.after=poweroff");
+    if kvm {
+        vm = vm.kvm();
+    }
     if measure_disk {
         let marker = scratch.path().join("measure-disk.cpio");
         Cpio::new()
@@ -224,47 +234,47 @@ fn prebuilt_system_rows() -> Result<Vec<(String, String, String)>> {
         mib(size(&bundle.initrd)?),
         String::new(),
     )];
-    let out = prebuilt_run(&bundle, &server, 256, true)?;
-    out.expect_success()?;
-    let install = number_after(&out, "] install done in ").context("no install step time")?;
-    let nix_env = number_after(&out, "nix-env took ").context("no nix-env time")?;
-    let rss = number_after(&out, "installer has run peaked at ").context("no peak RSS line")?;
-    // busybox dd: "268435456 bytes (256.0MB) copied, 2.345 s, 109.2MB/s"
-    let raw = out
-        .lines_containing("raw write: ")
-        .next()
-        .and_then(|l| l.rsplit(", ").next())
-        .and_then(|v| v.trim().strip_suffix("MB/s"))
-        .and_then(|v| v.parse::<f64>().ok())
-        .context("no raw write line")?;
-    let raw_mib = raw * 1e6 / (1 << 20) as f64;
-    let throughput = nar_mib / nix_env;
-    rows.push((
-        format!(
-            "prebuilt system ({} paths, {nar_mib:.0} MiB unpacked, {:.0} MiB zstd) from a cache over HTTP, 256 MiB RAM, TCG: install step / nix-env",
-            cache.stats.paths,
-            cache.stats.cache_size as f64 / (1 << 20) as f64
-        ),
-        format!("{install:.1} s / {nix_env:.1} s"),
-        String::new(),
-    ));
-    rows.push((
-        "peak RSS of the largest process during that install (nix-env)".into(),
-        format!("{rss:.0} MiB"),
-        String::new(),
-    ));
-    rows.push((
-        "substitution throughput (unpacked MiB / nix-env time) vs the same VM's raw write (dd 256 MiB, fsync)".into(),
-        format!(
-            "{throughput:.1} MiB/s vs {raw_mib:.1} MiB/s ({:.0} %)",
-            100.0 * throughput / raw_mib
-        ),
-        ">= 80 %".into(),
-    ));
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    for accel in if kvm { vec!["TCG", "KVM"] } else { vec!["TCG"] } {
+        let out = prebuilt_run(&bundle, &server, 256, true, accel == "KVM")?;
+        out.expect_success()?;
+        let install = number_after(&out, "] install done in ").context("no install step time")?;
+        let nix_env = number_after(&out, "nix-env took ").context("no nix-env time")?;
+        let rss = number_after(&out, "installer has run peaked at ").context("no peak RSS line")?;
+        let raw = number_after(&out, "raw write: 256 MiB in ").context("no raw write line")?;
+        let raw_mib_s = 256.0 / raw;
+        let throughput = nar_mib / nix_env;
+        rows.push((
+            format!(
+                "prebuilt system ({} paths, {nar_mib:.0} MiB unpacked, {:.0} MiB zstd) from a cache over HTTP, 256 MiB RAM, {accel}: install step / nix-env",
+                cache.stats.paths,
+                cache.stats.cache_size as f64 / (1 << 20) as f64
+            ),
+            format!("{install:.1} s / {nix_env:.1} s"),
+            String::new(),
+        ));
+        rows.push((
+            format!("peak RSS of the largest process during that install (nix-env), {accel}"),
+            format!("{rss:.0} MiB"),
+            String::new(),
+        ));
+        rows.push((
+            format!("substitution throughput (unpacked MiB / nix-env time) vs the same VM's raw write (dd 256 MiB, fsync), {accel}"),
+            format!(
+                "{throughput:.1} MiB/s vs {raw_mib_s:.1} MiB/s ({:.0} %)",
+                100.0 * throughput / raw_mib_s
+            ),
+            ">= 80 %".into(),
+        ));
+    }
     rows.push(ram_floor(
         "smallest QEMU memory a whole closure install passes with",
         &[256, 224, 192, 160, 128],
-        |memory| prebuilt_run(&bundle, &server, memory, false),
+        |memory| prebuilt_run(&bundle, &server, memory, false, false),
     ));
     Ok(rows)
 }
