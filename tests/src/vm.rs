@@ -148,7 +148,6 @@ pub struct Vm {
     timeout: Duration,
     grace: Duration,
     echo: bool,
-    accel: &'static str,
 }
 
 impl Vm {
@@ -179,7 +178,6 @@ impl Vm {
             qemu_args: Vec::new(),
             direct_boot: true,
             cpu: Some("max".to_string()),
-            accel: "tcg",
             stop_after_interaction: false,
             timeout: Duration::from_secs(300),
             grace: Duration::from_secs(20),
@@ -278,14 +276,6 @@ impl Vm {
         self.direct_boot = direct;
         self
     }
-    /// KVM with the host's CPU instead of TCG, for the benchmark on a machine that has
-    /// `/dev/kvm` (the tests stay on TCG: CI machines may have no KVM).
-    pub fn kvm(mut self) -> Self {
-        self.accel = "kvm";
-        self.cpu = Some("host".to_string());
-        self
-    }
-
     /// QEMU's default CPU model instead of `max`: no AES-NI, no modern instruction sets.
     pub fn default_cpu(mut self) -> Self {
         self.cpu = None;
@@ -443,7 +433,7 @@ impl Vm {
     ) -> Result<(Command, Option<PathBuf>)> {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-name", &sanitize(&self.name)])
-            .args(["-accel", self.accel, "-machine", &self.machine])
+            .args(["-accel", "tcg", "-machine", &self.machine])
             .args(["-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()])
             .args(["-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot"]);
         let uefi_vars = match self.firmware {

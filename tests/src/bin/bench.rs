@@ -171,15 +171,8 @@ fn ram_floor(what: &str, sizes: &[u32], run: impl Fn(u32) -> Result<RunOutcome>)
 
 /// One install of the stand-in closure from its cache over HTTP, with the dev bundle with Nix
 /// (`tests/tests/prebuilt_system.rs` does the same and checks the result), in `memory` MiB.
-/// With `measure_disk` the stand-in also writes 256 MiB of zeros to the same filesystem; with
-/// `kvm` the VM runs under KVM instead of TCG.
-fn prebuilt_run(
-    bundle: &Bundle,
-    server: &FileServer,
-    memory: u32,
-    measure_disk: bool,
-    kvm: bool,
-) -> Result<RunOutcome> {
+/// With `measure_disk` the stand-in also writes 256 MiB of zeros to the same filesystem.
+fn prebuilt_run(bundle: &Bundle, server: &FileServer, memory: u32, measure_disk: bool) -> Result<RunOutcome> {
     let cache = stand_in_cache()?;
     let scratch = tempfile::tempdir()?;
     let mut vm = Vm::new(bundle)
@@ -197,9 +190,6 @@ fn prebuilt_run(
         .param(format!("nixos_kexec.substituters={}", server.guest_url()))
         .param(format!("nixos_kexec.trusted_public_keys={}", cache.key.public))
         .param("nixos_kexec.after=poweroff");
-    if kvm {
-        vm = vm.kvm();
-    }
     if measure_disk {
         let marker = scratch.path().join("measure-disk.cpio");
         Cpio::new()
@@ -234,13 +224,11 @@ fn prebuilt_system_rows() -> Result<Vec<(String, String, String)>> {
         mib(size(&bundle.initrd)?),
         String::new(),
     )];
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    for accel in if kvm { vec!["TCG", "KVM"] } else { vec!["TCG"] } {
-        let out = prebuilt_run(&bundle, &server, 256, true, accel == "KVM")?;
+    // TCG only, as everywhere here: this machine's /dev/kvm fails QEMU ("failed to set MSR",
+    // nested virtualisation).
+    {
+        let accel = "TCG";
+        let out = prebuilt_run(&bundle, &server, 256, true)?;
         out.expect_success()?;
         let install = number_after(&out, "] install done in ").context("no install step time")?;
         let nix_env = number_after(&out, "nix-env took ").context("no nix-env time")?;
@@ -274,7 +262,7 @@ fn prebuilt_system_rows() -> Result<Vec<(String, String, String)>> {
     rows.push(ram_floor(
         "smallest QEMU memory a whole closure install passes with",
         &[256, 224, 192, 160, 128],
-        |memory| prebuilt_run(&bundle, &server, memory, false, false),
+        |memory| prebuilt_run(&bundle, &server, memory, false),
     ));
     Ok(rows)
 }
