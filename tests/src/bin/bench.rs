@@ -1,6 +1,7 @@
 //! The benchmark: sizes, the agent's peak RSS, time per step, the time from `nixos-kexec run`
-//! to the installer's first line, and the smallest QEMU memory the install scenario passes with.
-//! Prints a Markdown table (pasted into the README). Times are under QEMU TCG on this machine.
+//! to the installer's first line, and the smallest QEMU memory the install scenario passes with;
+//! with the dev bundle with Nix, a whole closure install from a binary cache (time, peak RSS,
+//! throughput against the raw write speed, RAM floor). Prints a Markdown table (pasted into the README). Times are under QEMU TCG on this machine.
 
 use anyhow::{Context, Result};
 use nixos_kexec_tests::rescue::{rescue_cpio, rescue_vm, TARGET_SERIAL};
