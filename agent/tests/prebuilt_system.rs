@@ -8,7 +8,7 @@ mod common;
 
 use base64::Engine;
 use common::{config_for, plan_for, reason_of};
-use nixos_kexec::input::binary_cache::Narinfo;
+use nixos_kexec::input::binary_cache::{Narinfo, StorePath};
 use nixos_kexec::input::runtime_info::{self, Source};
 use nixos_kexec::installer::plan::Plan;
 use nixos_kexec::installer::steps::install::check_caches_before_wiping;
@@ -60,9 +60,9 @@ fn cache_with(dir: &Path, path: &str, key: &SigningKey) {
         .fingerprint()
         .expect("fingerprint");
     let signature = base64::engine::general_purpose::STANDARD.encode(key.pair.sign(fingerprint.as_bytes()));
-    let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
+    let narinfo_file = StorePath::parse(path).expect("a store path").narinfo_file();
     std::fs::write(
-        dir.join(format!("{hash}.narinfo")),
+        dir.join(narinfo_file),
         format!("{unsigned}Sig: {}:{signature}\n", key.name),
     )
     .expect("narinfo file");

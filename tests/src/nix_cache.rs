@@ -46,7 +46,7 @@ pub use nixos_kexec::input::binary_cache::StorePath;
 
 /// Where a binary cache serves the path's metadata: `/<hash>.narinfo`.
 pub fn narinfo_url_path(path: &StorePath) -> String {
-    format!("/{}.narinfo", path.hash_part())
+    format!("/{}", path.narinfo_file())
 }
 
 /// A signing key pair from `nix key generate-secret`.

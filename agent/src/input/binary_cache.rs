@@ -60,6 +60,11 @@ impl StorePath {
     pub fn hash_part(&self) -> &str {
         &self.0[STORE_DIR.len() + 1..STORE_DIR.len() + 1 + HASH_CHARS]
     }
+
+    /// The file a binary cache describes the path in: `HASH.narinfo`.
+    pub fn narinfo_file(&self) -> String {
+        format!("{}.narinfo", self.hash_part())
+    }
 }
 
 impl fmt::Display for StorePath {
@@ -224,11 +229,14 @@ impl fmt::Display for PublicKey {
     }
 }
 
+/// Serde as the text the type parses from; `$text` names the method that gives it back. The
+/// substituter is written as given, with its query unredacted: the plan and the runtime info
+/// carry what Nix gets.
 macro_rules! serde_as_text {
-    ($type:ty) => {
+    ($type:ty, $text:ident) => {
         impl Serialize for $type {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.collect_str(&self.to_text())
+                serializer.collect_str(&self.$text())
             }
         }
         impl<'de> Deserialize<'de> for $type {
@@ -240,26 +248,9 @@ macro_rules! serde_as_text {
     };
 }
 
-// Serialised as given: the substituter with its query, unredacted (the plan and the runtime
-// info carry what Nix gets).
-impl StorePath {
-    fn to_text(&self) -> String {
-        self.0.clone()
-    }
-}
-impl Substituter {
-    fn to_text(&self) -> String {
-        self.url.clone()
-    }
-}
-impl PublicKey {
-    fn to_text(&self) -> String {
-        self.to_string()
-    }
-}
-serde_as_text!(StorePath);
-serde_as_text!(Substituter);
-serde_as_text!(PublicKey);
+serde_as_text!(StorePath, as_str);
+serde_as_text!(Substituter, as_str);
+serde_as_text!(PublicKey, to_string);
 
 /// What a binary cache says about one store path (`HASH.narinfo`): the fields a signature
 /// covers, and the signatures.

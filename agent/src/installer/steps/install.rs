@@ -117,7 +117,7 @@ fn look_up(cache: &Substituter, system: &StorePath, trusted: &[PublicKey]) -> Re
     if let Some(dir) = store_dir.filter(|dir| dir != STORE_DIR) {
         return Err(format!("its store is {dir}, not {STORE_DIR}"));
     }
-    let file = cache.file(&format!("{}.narinfo", system.hash_part()));
+    let file = cache.file(&system.narinfo_file());
     let narinfo =
         read_cache_file(&file)?.ok_or_else(|| format!("it does not have the path ({file} is not there)"))?;
     let narinfo = Narinfo::parse(&String::from_utf8_lossy(&narinfo)).map_err(|e| format!("{file}: {e:#}"))?;
