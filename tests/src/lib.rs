@@ -43,6 +43,7 @@ pub mod loop_mount;
 pub mod nix_cache;
 pub mod rescue;
 pub mod tool;
+pub mod user_flake;
 pub mod vm;
 
 pub use config_server::{ConfigServer, Routes};

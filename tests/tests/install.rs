@@ -87,8 +87,8 @@ fn check_prepared(out: &RunOutcome, disk: &Path, firmware: &str, hostname: &str)
         "flake.nix:\n{flake}"
     );
     ensure!(
-        configuration.contains(&format!("firmware = \"{firmware}\"")),
-        "configuration.nix:\n{configuration}"
+        hardware.contains(&format!("firmware = \"{firmware}\"")),
+        "hardware-configuration.nix:\n{hardware}"
     );
     ensure!(
         configuration.contains(KEY),
@@ -124,7 +124,7 @@ fn check_prepared(out: &RunOutcome, disk: &Path, firmware: &str, hostname: &str)
         "boot.kernelParams = [ \"console=tty0\" \"console=ttyS0,115200\" ];",
         "serial --unit=0 --speed=115200",
     ] {
-        ensure!(configuration.contains(needle), "no {needle} in:\n{configuration}");
+        ensure!(hardware.contains(needle), "no {needle} in:\n{hardware}");
     }
     let info: Value = serde_json::from_str(&read("/etc/nixos/runtime-info.json")?)?;
     ensure!(info["version"] == 1, "runtime-info.json: {info}");

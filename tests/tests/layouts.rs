@@ -248,7 +248,8 @@ fn btrfs_uefi_nvme_4096() -> Result<()> {
             "\"nvme\"",
         ],
     )?;
-    contains_all("configuration.nix", &configuration, &["firmware = \"uefi\"", KEY])?;
+    contains_all("configuration.nix", &configuration, &[KEY])?;
+    contains_all("hardware-configuration.nix", &hardware, &["firmware = \"uefi\""])?;
     host_key_checks(&out, &top.join("etc/ssh"))?;
     // /var/log is the @log subvolume, mounted over @: the report went there.
     let logs = scratch.path().join("log");
@@ -315,11 +316,8 @@ fn btrfs_impermanence_bios_512() -> Result<()> {
         ],
     )?;
     contains_all("persist.nix", &texts[3].1, &PERSIST_NIX)?;
-    contains_all(
-        "configuration.nix",
-        &texts[1].1,
-        &["./persist.nix", "firmware = \"bios\""],
-    )?;
+    contains_all("configuration.nix", &texts[1].1, &["./persist.nix"])?;
+    contains_all("hardware-configuration.nix", hardware, &["firmware = \"bios\""])?;
     host_key_checks(&out, &persist.join("etc/ssh"))?;
     let machine_id = read(&persist, "etc/machine-id")?;
     ensure!(
@@ -593,7 +591,12 @@ fn luks_btrfs_uefi_512_with_passphrase_and_network() -> Result<()> {
     contains_all(
         "configuration.nix",
         section(guest, "configuration.nix")?,
-        &["./network.nix", "./initrd-ssh.nix", "firmware = \"uefi\""],
+        &["./network.nix", "./initrd-ssh.nix"],
+    )?;
+    contains_all(
+        "hardware-configuration.nix",
+        section(guest, "hardware-configuration.nix")?,
+        &["firmware = \"uefi\""],
     )?;
     contains_all(
         "initrd-ssh.nix",
@@ -660,7 +663,12 @@ fn luks_btrfs_impermanence_bios_512() -> Result<()> {
     contains_all(
         "configuration.nix",
         section(guest, "configuration.nix")?,
-        &["./persist.nix", "./initrd-ssh.nix", "firmware = \"bios\""],
+        &["./persist.nix", "./initrd-ssh.nix"],
+    )?;
+    contains_all(
+        "hardware-configuration.nix",
+        section(guest, "hardware-configuration.nix")?,
+        &["firmware = \"bios\""],
     )?;
     // The initrd host key outlives the reboot under /persist, so every generation's initrd
     // carries the key the operator pinned; no network described: DHCP on every Ethernet NIC.
@@ -846,8 +854,8 @@ fn mbr_bios_512_with_swap() -> Result<()> {
     )?;
     ensure!(!hardware.contains("vfat"), "no ESP on an MBR disk:\n{hardware}");
     contains_all(
-        "configuration.nix",
-        &configuration,
+        "hardware-configuration.nix",
+        &hardware,
         &[
             "firmware = \"bios\"",
             "bootDisk = \"/dev/disk/by-id/virtio-MBRDISK1\"",

@@ -17,7 +17,7 @@ fn install_system(dir: &Path, cache: &StandInCache, key: &str) -> Result<(PathBu
     // The host flake the agent writes; the stand-in reads the boot-loader settings there.
     std::fs::create_dir_all(root.join("etc/nixos"))?;
     std::fs::write(
-        root.join("etc/nixos/configuration.nix"),
+        root.join("etc/nixos/hardware-configuration.nix"),
         "{ ... }:\nlet\n  firmware = \"bios\";\n  bootDisk = \"/dev/vda\";\nin\n{ }\n",
     )?;
     let out = run_tool_unchecked(

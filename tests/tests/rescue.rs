@@ -312,10 +312,10 @@ fn kexec_from_a_uefi_rescue_system_stays_uefi() -> Result<()> {
         report["firmware"] == "uefi",
         "the installer lost UEFI across the kexec: {report}"
     );
-    let configuration = read_root_file(&out.disks[1], "/etc/nixos/configuration.nix")?;
+    let hardware = read_root_file(&out.disks[1], "/etc/nixos/hardware-configuration.nix")?;
     ensure!(
-        configuration.contains("systemd-boot") || configuration.contains("efiSupport = true"),
-        "no UEFI boot loader in the configuration:\n{configuration}"
+        hardware.contains("firmware = \"uefi\"") && hardware.contains("systemd-boot"),
+        "no UEFI boot loader in the hardware configuration:\n{hardware}"
     );
     Ok(())
 }

@@ -248,6 +248,8 @@ macro_rules! serde_as_text {
     };
 }
 
+pub(crate) use serde_as_text;
+
 serde_as_text!(StorePath, as_str);
 serde_as_text!(Substituter, as_str);
 serde_as_text!(PublicKey, to_string);

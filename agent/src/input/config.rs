@@ -6,6 +6,7 @@
 use crate::error::user_error;
 use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::cmdline::{percent_decode, Params, SerialConsole};
+use crate::input::flake::{GeneratedPart, UserFlake};
 use crate::input::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
 use crate::installer::storage::{self, Storage, Table};
 use anyhow::{Context, Result};
@@ -335,6 +336,23 @@ pub const PARAMETERS: &[Parameter] = &[
             Ok(())
         }),
     ),
+    Parameter::new(
+        "flake",
+        Effect::Set(|layer, value| {
+            layer.info.flake = Some(UserFlake::parse(value)?);
+            Ok(())
+        }),
+    ),
+    Parameter::new(
+        "generated",
+        Effect::Set(|layer, value| {
+            layer.info.generated = Some(match value {
+                "none" => Vec::new(),
+                _ => comma_list(value, GeneratedPart::parse)?,
+            });
+            Ok(())
+        }),
+    ),
 ];
 
 /// A parameter's list: the kernel command line splits words at spaces, so items are
@@ -390,16 +408,21 @@ pub struct Layers {
     /// The single parameters, the top layer.
     params: Layer,
     serial_console: Option<SerialConsole>,
+    /// The bundle's defaults file's nixpkgs.
+    bundle_nixpkgs: Option<String>,
 }
 
 impl Layers {
     /// The files under `root` (the initrd's `/`) and the parameters.
     pub fn read(root: &Path, params: &Params) -> Result<Layers> {
-        let files = [read_defaults_file(root)?, read_info_file(root)?]
-            .into_iter()
-            .flatten()
-            .collect();
-        Layers::new(files, params)
+        let mut defaults = read_defaults_file(root)?;
+        // The bundle's nixpkgs is a default, not a choice: the user's own flake brings its own
+        // nixpkgs, which only a nixpkgs from the input overrides (`Config::nixpkgs_chosen`).
+        let bundle_nixpkgs = defaults.as_mut().and_then(|d| d.nixpkgs.take());
+        let files = [defaults, read_info_file(root)?].into_iter().flatten().collect();
+        let mut layers = Layers::new(files, params)?;
+        layers.bundle_nixpkgs = bundle_nixpkgs;
+        Ok(layers)
     }
 
     /// Runtime-info files, lowest first, and the parameters.
@@ -421,6 +444,7 @@ impl Layers {
             below_fetched,
             params: top,
             serial_console: params.serial_console.clone(),
+            bundle_nixpkgs: None,
         })
     }
 
@@ -438,7 +462,9 @@ impl Layers {
         {
             merged.overlay(layer);
         }
-        Config::build(merged, self.serial_console.clone())
+        let mut config = Config::build(merged, self.serial_console.clone())?;
+        config.bundle_nixpkgs = self.bundle_nixpkgs.clone();
+        Ok(config)
     }
 }
 
@@ -488,6 +514,10 @@ pub struct Config {
     /// The serial console the installer runs with (the kernel command line's last serial
     /// `console=`), for the installed system too.
     pub serial_console: Option<SerialConsole>,
+    /// The nixpkgs of the bundle's defaults file, for the generic host flake when the input
+    /// names none.
+    #[serde(default)]
+    pub bundle_nixpkgs: Option<String>,
 }
 
 impl Default for Config {
@@ -509,6 +539,7 @@ impl Default for Config {
             provided_host_keys: Vec::new(),
             disk_passphrase_given: false,
             serial_console: None,
+            bundle_nixpkgs: None,
         }
     }
 }
@@ -545,6 +576,7 @@ impl Config {
             provided_host_keys: Vec::new(),
             disk_passphrase_given: false,
             serial_console,
+            bundle_nixpkgs: None,
         })
     }
 
@@ -569,7 +601,14 @@ impl Config {
     }
 
     pub fn nixpkgs(&self) -> &str {
-        self.runtime_info.nixpkgs.as_deref().unwrap_or(DEFAULT_NIXPKGS)
+        self.nixpkgs_chosen()
+            .or(self.bundle_nixpkgs.as_deref())
+            .unwrap_or(DEFAULT_NIXPKGS)
+    }
+
+    /// The nixpkgs the input names (runtime info, config_url, parameters), not a default.
+    pub fn nixpkgs_chosen(&self) -> Option<&str> {
+        self.runtime_info.nixpkgs.as_deref()
     }
 
     pub fn state_version(&self) -> &str {

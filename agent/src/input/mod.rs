@@ -6,6 +6,7 @@ pub mod binary_cache;
 pub mod cmdline;
 pub mod config;
 pub mod fetch;
+pub mod flake;
 pub mod http;
 pub mod runtime_info;
 pub mod tls;

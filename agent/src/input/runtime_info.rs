@@ -5,6 +5,7 @@
 
 use crate::error::user_error;
 use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
+use crate::input::flake::{GeneratedPart, UserFlake};
 use crate::network::types::{self, Destination, MacAddr, Prefix};
 use anyhow::Result;
 use base64::Engine;
@@ -49,6 +50,14 @@ pub struct RuntimeInfo {
     /// Keys whose signatures make a cache's paths trusted, besides the bundle's own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_public_keys: Vec<PublicKey>,
+    /// The user's own configuration, `FLAKEREF#NAME`: the host flake builds it together with
+    /// the modules the installer generates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flake: Option<UserFlake>,
+    /// Which generated modules the host flake adds to `flake` (default: every one that
+    /// applies); the others are left to the user's configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated: Option<Vec<GeneratedPart>>,
 }
 
 impl RuntimeInfo {
@@ -71,6 +80,8 @@ impl RuntimeInfo {
             system,
             substituters,
             trusted_public_keys,
+            flake,
+            generated,
         } = upper;
         self.hostname = hostname.or(self.hostname.take());
         self.disk = disk.or(self.disk.take());
@@ -91,6 +102,8 @@ impl RuntimeInfo {
         if !trusted_public_keys.is_empty() {
             self.trusted_public_keys = trusted_public_keys;
         }
+        self.flake = flake.or(self.flake.take());
+        self.generated = generated.or(self.generated.take());
     }
 }
 

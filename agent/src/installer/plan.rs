@@ -9,6 +9,7 @@
 use crate::error::user_error;
 use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::config::{After, Config, DiskChoice, Layout, Step};
+use crate::input::flake::{GeneratedPart, UserFlake};
 use crate::input::runtime_info::RuntimeInfo;
 use crate::installer::layout::{Filesystem, LuksVolume, PlanIds, PlannedMount, PlannedPartition, SwapArea};
 use crate::installer::storage::{Storage, Table, MIB};
@@ -148,6 +149,22 @@ pub struct Plan {
     /// The earlier install on the disk that `nixos_kexec.reinstall` allowed to be replaced.
     #[serde(default)]
     pub replaces: Option<crate::machine::facts::PreviousInstall>,
+    /// The user's own configuration, which the host flake builds with the generated modules;
+    /// without it the host flake is the generic one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_configuration: Option<UserConfiguration>,
+}
+
+/// How the host flake composes the user's flake with what the installer generated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserConfiguration {
+    pub flake: UserFlake,
+    /// The nixpkgs the user's flake is made to follow, when the input names one; otherwise
+    /// the host flake's nixpkgs follows the user's.
+    pub nixpkgs: Option<String>,
+    /// The generated modules added to the user's configuration: those asked for (all by
+    /// default) that apply to this machine.
+    pub generated: Vec<GeneratedPart>,
 }
 
 impl Plan {
@@ -238,6 +255,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
     let temporary_swap =
         crate::installer::steps::swap_file::decide(facts.ram_bytes, &steps, &placed, &mount_root);
     let virtualisation = facts.machine.virtualisation;
+    let user_configuration = user_configuration(config, initrd_ssh.is_some(), root_tmpfs)?;
     let plan = Plan {
         hostname: config.hostname().to_string(),
         firmware: facts.firmware,
@@ -295,6 +313,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         provided_host_keys: config.provided_host_keys.clone(),
         network: config.network().cloned(),
         replaces,
+        user_configuration,
         steps,
         stop_before: config.stop_before,
         after: config.after,
@@ -302,6 +321,42 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
     };
     refuse_what_the_steps_would(&plan)?;
     Ok(plan)
+}
+
+/// The user's flake with the generated parts asked for that this machine has.
+fn user_configuration(
+    config: &Config,
+    initrd_ssh: bool,
+    root_tmpfs: bool,
+) -> Result<Option<UserConfiguration>> {
+    let info = &config.runtime_info;
+    let Some(flake) = &info.flake else {
+        if info.generated.is_some() {
+            return Err(user_error(
+                "generated names the parts to add to your own flake, but no flake is given.",
+                "give your configuration with flake=FLAKEREF#NAME (nixos-kexec run --flake), or drop generated: the generic host flake always has every part.",
+            ));
+        }
+        return Ok(None);
+    };
+    let asked = info
+        .generated
+        .clone()
+        .unwrap_or_else(|| GeneratedPart::ALL.to_vec());
+    let applies = |part: &GeneratedPart| match part {
+        GeneratedPart::Hardware => true,
+        GeneratedPart::Network => config.network().is_some(),
+        GeneratedPart::Persist => root_tmpfs,
+        GeneratedPart::InitrdSsh => initrd_ssh,
+    };
+    let mut generated: Vec<GeneratedPart> = asked.into_iter().filter(applies).collect();
+    generated.sort();
+    generated.dedup();
+    Ok(Some(UserConfiguration {
+        flake: flake.clone(),
+        nixpkgs: config.nixpkgs_chosen().map(str::to_string),
+        generated,
+    }))
 }
 
 fn binary_caches(config: &Config) -> Result<BinaryCaches> {
@@ -890,7 +945,8 @@ ZXkBAg==
         let f = facts(vec![disk("vda", 8 * GIB, 512, "A")]);
         let plan = make(&config, &f, &ids()).unwrap();
         let flake = crate::installer::steps::flake::render(&plan, None).unwrap();
-        assert!(flake.configuration.contains(key), "{}", flake.configuration);
+        let configuration = flake.configuration.unwrap();
+        assert!(configuration.contains(key), "{configuration}");
 
         let dir = tempfile::tempdir().unwrap();
         let ecdsa = dir.path().join("ssh_host_ecdsa_key");

@@ -6,6 +6,8 @@
 use anyhow::{bail, Result};
 
 pub const FLAKE: &str = include_str!("../../../nix/templates/host/flake.nix");
+pub const FLAKE_WITH_CONFIGURATION: &str =
+    include_str!("../../../nix/templates/host/flake-with-configuration.nix");
 pub const CONFIGURATION: &str = include_str!("../../../nix/templates/host/configuration.nix");
 pub const HARDWARE: &str = include_str!("../../../nix/templates/host/hardware-configuration.nix");
 pub const PERSIST: &str = include_str!("../../../nix/templates/host/persist.nix");

@@ -1,9 +1,10 @@
 //! Writes the host flake to /etc/nixos on the target, from the templates in nix/templates/host.
 
 use super::Execution;
+use crate::input::flake::{FlakeSource, GeneratedPart, UserFlake};
 use crate::input::runtime_info::RuntimeInfo;
 use crate::installer::layout::{LuksVolume, PlannedMount, SwapArea};
-use crate::installer::plan::Plan;
+use crate::installer::plan::{Plan, UserConfiguration};
 use crate::installer::templates::{self, Value};
 use crate::machine::facts::Firmware;
 use crate::machine::platform::{CpuVendor, Virtualisation};
@@ -11,9 +12,13 @@ use crate::network::{self, facts::NetworkFacts};
 use anyhow::{Context, Result};
 use std::path::Path;
 
+/// The directory of the host flake that holds the user's flake when it came as a directory.
+pub const CONFIGURATION_DIR: &str = "configuration";
+
 pub struct HostFlake {
     pub flake: String,
-    pub configuration: String,
+    /// `configuration.nix`, the generic configuration, when the user gave none of their own.
+    pub configuration: Option<String>,
     pub hardware: String,
     /// `network.nix`, when the runtime info described the network.
     pub network: Option<String>,
@@ -88,22 +93,34 @@ pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostF
     if initrd_ssh.is_some() {
         imports.push("./initrd-ssh.nix");
     }
+    let network = plan
+        .network
+        .as_ref()
+        .map(|n| network::nixos::render(n, network_facts))
+        .transpose()?;
+    let (flake, configuration) = match &plan.user_configuration {
+        Some(user) => (composed_flake(plan, user)?, None),
+        None => (
+            templates::render(templates::FLAKE, &common(vec![]))?,
+            Some(templates::render(
+                templates::CONFIGURATION,
+                &common(vec![
+                    (
+                        "authorized_keys",
+                        Value::Block(templates::list_lines(&plan.ssh_authorized_keys, 4)),
+                    ),
+                    ("imports", Value::Block(imports.join(" "))),
+                ]),
+            )?),
+        ),
+    };
     Ok(HostFlake {
-        flake: templates::render(templates::FLAKE, &common(vec![]))?,
-        configuration: templates::render(
-            templates::CONFIGURATION,
-            &common(vec![
-                (
-                    "authorized_keys",
-                    Value::Block(templates::list_lines(&plan.ssh_authorized_keys, 4)),
-                ),
-                ("imports", Value::Block(imports.join(" "))),
-                ("serial_console", Value::Block(serial_console(plan))),
-            ]),
-        )?,
+        flake,
+        configuration,
         hardware: templates::render(
             templates::HARDWARE,
             &common(vec![
+                ("serial_console", Value::Block(serial_console(plan))),
                 (
                     "initrd_modules",
                     Value::Block(templates::list_lines(&plan.initrd_modules, 0).replace('\n', " ")),
@@ -115,14 +132,69 @@ pub fn render(plan: &Plan, network_facts: Option<&NetworkFacts>) -> Result<HostF
                 ("hardware_settings", Value::Block(hardware_settings(plan))),
             ]),
         )?,
-        network: plan
-            .network
-            .as_ref()
-            .map(|n| network::nixos::render(n, network_facts))
-            .transpose()?,
+        network,
         persist,
         initrd_ssh,
     })
+}
+
+/// The host flake over the user's: their `nixosConfigurations.NAME`, extended with the
+/// generated modules (`extendModules`, which every NixOS system made by `lib.nixosSystem` has:
+/// nixos/lib/eval-config.nix), under this machine's hostname.
+fn composed_flake(plan: &Plan, user: &UserConfiguration) -> Result<String> {
+    let configuration_url = match &user.flake.source {
+        FlakeSource::Remote(reference) => reference.clone(),
+        // Copied next to flake.nix, so the host flake holds it wherever it is (/mnt/etc/nixos
+        // during the install, /etc/nixos or /persist/etc/nixos afterwards).
+        FlakeSource::Directory(_) => format!("path:./{CONFIGURATION_DIR}"),
+    };
+    let nixpkgs_input = match &user.nixpkgs {
+        None => "# nixpkgs is your configuration's.\n  \
+                 inputs.nixpkgs.follows = \"configuration/nixpkgs\";"
+            .to_string(),
+        Some(nixpkgs) => format!(
+            "# The installer was given a nixpkgs, which your configuration follows here.\n  \
+             inputs.nixpkgs.url = {};\n  \
+             inputs.configuration.inputs.nixpkgs.follows = \"nixpkgs\";",
+            templates::string(nixpkgs)
+        ),
+    };
+    let parts: Vec<GeneratedPart> = GeneratedPart::ALL
+        .into_iter()
+        .filter(|part| written(plan, *part))
+        .collect();
+    let modules = parts
+        .iter()
+        .map(|part| format!("{} = ./{};", templates::string(part.name()), part.file()))
+        .collect::<Vec<_>>()
+        .join("\n        ");
+    let generated: Vec<String> = user.generated.iter().map(|p| p.name().to_string()).collect();
+    templates::render(
+        templates::FLAKE_WITH_CONFIGURATION,
+        &[
+            ("hostname", Value::Text(plan.hostname.clone())),
+            ("user_flake", Value::Text(user.flake.to_string())),
+            ("configuration_url", Value::Text(configuration_url)),
+            ("nixpkgs_input", Value::Block(nixpkgs_input)),
+            ("name", Value::Text(user.flake.name.clone())),
+            (
+                "generated",
+                Value::Block(templates::list_lines(&generated, 0).replace('\n', " ")),
+            ),
+            ("modules", Value::Block(modules)),
+        ],
+    )
+}
+
+/// Whether the flake step writes the module of `part` for this plan (whether or not the host
+/// flake uses it).
+fn written(plan: &Plan, part: GeneratedPart) -> bool {
+    match part {
+        GeneratedPart::Hardware => true,
+        GeneratedPart::Network => plan.network.is_some(),
+        GeneratedPart::Persist => plan.root_is_tmpfs(),
+        GeneratedPart::InitrdSsh => plan.initrd_ssh.is_some(),
+    }
 }
 
 fn file_systems(mounts: &[PlannedMount]) -> String {
@@ -298,6 +370,56 @@ fn initrd_network(described: bool) -> String {
     }
 }
 
+/// The user's flake directory, as it came (modes and symlinks kept), into the host flake.
+fn copy_flake_directory(source: &Path, destination: &Path) -> Result<()> {
+    // Copies the directory's contents, not the directory into an existing one.
+    crate::machine::runner::run(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg("--")
+            .arg(source)
+            .arg(destination),
+    )
+    .with_context(|| format!("copying your flake {} into the host flake", source.display()))?;
+    Ok(())
+}
+
+/// A flake directory the installer was told of must be there and be a flake, or the install
+/// would fail after the wipe.
+pub fn check_before_wiping(plan: &Plan) -> Result<()> {
+    let Some(UserConfiguration {
+        flake: flake @ UserFlake {
+            source: FlakeSource::Directory(dir),
+            ..
+        },
+        ..
+    }) = &plan.user_configuration
+    else {
+        return Ok(());
+    };
+    check_flake_directory(flake, dir)
+}
+
+/// `dir` holds `flake.nix`: the rescue side checks the operator's directory with it, the
+/// installer the copy it was sent.
+pub fn check_flake_directory(flake: &UserFlake, dir: &Path) -> Result<()> {
+    if dir.join("flake.nix").is_file() {
+        return Ok(());
+    }
+    let problem = if dir.is_dir() {
+        format!(
+            "The flake directory {} (of {flake}) has no flake.nix.",
+            dir.display()
+        )
+    } else {
+        format!("The flake directory {} (of {flake}) is not there.", dir.display())
+    };
+    Err(crate::error::user_error(
+        problem,
+        "name the directory that holds your flake.nix (nixos-kexec run --flake ./DIR#NAME packs it and sends it to the installer), or a flake the installer fetches, e.g. github:me/dotfiles#NAME.",
+    ))
+}
+
 pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
     let dir = execution
         .target_path(&plan.state_path("etc/nixos"))
@@ -325,13 +447,25 @@ pub fn write_all(
     }
     let info = serde_json::to_string_pretty(runtime_info).context("serialising runtime info")? + "\n";
     for (name, text) in [
-        ("flake.nix", &rendered.flake),
         ("configuration.nix", &rendered.configuration),
-        ("hardware-configuration.nix", &rendered.hardware),
-        ("runtime-info.json", &info),
+        ("flake.nix", &Some(rendered.flake)),
+        ("hardware-configuration.nix", &Some(rendered.hardware)),
+        ("runtime-info.json", &Some(info)),
     ] {
-        let path = dir.join(name);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        if let Some(text) = text {
+            let path = dir.join(name);
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    if let Some(UserConfiguration {
+        flake: UserFlake {
+            source: FlakeSource::Directory(source),
+            ..
+        },
+        ..
+    }) = &plan.user_configuration
+    {
+        copy_flake_directory(source, &dir.join(CONFIGURATION_DIR))?;
     }
     log::info!("wrote the host flake to {}", dir.display());
     Ok(())
@@ -474,7 +608,7 @@ mod tests {
                 .unwrap();
         let dir = tempfile::tempdir().unwrap();
         write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
-        let configuration = parse(dir.path(), "configuration.nix");
+        let configuration = parse(dir.path(), "hardware-configuration.nix");
         for needle in [
             "boot.kernelParams = [ \"console=tty0\" \"console=ttyS1,57600\" ];",
             "    serial --unit=1 --speed=57600\n    terminal_input serial console\n    terminal_output serial console\n  '';",
@@ -489,7 +623,7 @@ mod tests {
             crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
                 .unwrap();
         write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
-        let configuration = parse(dir.path(), "configuration.nix");
+        let configuration = parse(dir.path(), "hardware-configuration.nix");
         assert!(
             configuration.contains("\"console=ttyAMA0,115200\" ];"),
             "{configuration}"

@@ -113,6 +113,7 @@ fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
             // The last moment before the disk changes: refuse now what would fail later.
             install::check_network_before_wiping(plan)?;
             install::check_caches_before_wiping(plan)?;
+            flake::check_before_wiping(plan)?;
             wipe::run(plan)
         }
         Step::Partition => partition::run(plan),

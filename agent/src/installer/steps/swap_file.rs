@@ -461,7 +461,7 @@ mod tests {
         let plan = plan_with(&layout(Layout::Ext4), 512 * MIB, 20 * GIB);
         file_of(&plan);
         let flake = crate::installer::steps::flake::render(&plan, None).unwrap();
-        for text in [&flake.configuration, &flake.hardware] {
+        for text in [flake.configuration.as_ref().unwrap(), &flake.hardware] {
             assert!(!text.contains(FILE_NAME), "{text}");
         }
         let devices = flake

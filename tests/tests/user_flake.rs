@@ -1,0 +1,232 @@
+//! The host flake over the user's own flake, evaluated by real Nix (Debian's nix-bin, flakes
+//! on) on the host, no VM: the agent plans as it would on a machine, writes /etc/nixos as its
+//! flake step does, and Nix evaluates `nixosConfigurations.HOST` from it. The QEMU test of the
+//! same path is in rescue.rs (`run --flake ./cfg#web1`).
+//!
+//! TEST DOUBLE: the nixpkgs is the stand-in of `tests/stand-in/nixpkgs` (see
+//! `nixos_kexec_tests::user_flake`): the real nixpkgs cannot be had here. The user's flake,
+//! the host flake, its inputs, the lock file and the evaluation are real.
+
+use anyhow::{ensure, Context, Result};
+use nixos_kexec::input::cmdline::Params;
+use nixos_kexec::input::config::Config;
+use nixos_kexec::installer::plan::Plan;
+use nixos_kexec::machine::facts::Facts;
+use nixos_kexec_tests::user_flake::{
+    evaluate_host, evaluated_config, stand_in_nixpkgs, write_user_flake, MARKER,
+};
+use nixos_kexec_tests::workspace_root;
+use serde_json::Value;
+use std::path::Path;
+
+const HOST: &str = "vultr-guest";
+const MAC: &str = "52:54:00:12:34:56";
+
+/// The agent's plan on the fixture machine (one virtio disk, a NIC with `MAC`) for the
+/// parameters `params`, with a network described by MAC and a disk passphrase given.
+fn plan(params: &str) -> Result<(Plan, Config)> {
+    let params = Params::parse(&format!(
+        "nixos_kexec.disk=auto nixos_kexec.hostname={HOST} {params}"
+    ))?;
+    let mut config = Config::assemble(None, &params)?;
+    config.disk_passphrase_given = true;
+    config.runtime_info.ssh_authorized_keys = vec![
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop"
+            .into(),
+    ];
+    config.runtime_info.network = Some(serde_json::from_value(serde_json::json!({
+        "interfaces": [{ "mac": MAC, "addresses": ["203.0.113.10/24"],
+                         "routes": [{ "to": "default", "via": "203.0.113.1" }] }],
+        "nameservers": ["203.0.113.53"]
+    }))?);
+    let path = workspace_root().join("agent/tests/fixtures/plan/input/facts.json");
+    let facts: Facts = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let plan = nixos_kexec::installer::plan::make(
+        &config,
+        &facts,
+        &nixos_kexec::installer::layout::PlanIds::random(),
+    )?;
+    Ok((plan, config))
+}
+
+/// The host flake the flake step writes for `plan`, in `dir`.
+fn write_host_flake(dir: &Path, plan: &Plan, config: &Config) -> Result<std::path::PathBuf> {
+    let flake_dir = dir.join("etc/nixos");
+    nixos_kexec::installer::steps::flake::write_all(&flake_dir, plan, &config.runtime_info, None)?;
+    Ok(flake_dir)
+}
+
+fn at<'a>(value: &'a Value, path: &[&str]) -> Result<&'a Value> {
+    path.iter().try_fold(value, |v, key| {
+        v.get(key)
+            .with_context(|| format!("no {} in the evaluated configuration:\n{value:#}", path.join(".")))
+    })
+}
+
+/// LUKS + btrfs + impermanence with a described network, the Vultr report's case: every
+/// generated part joins the user's configuration, and the user's own option is there too.
+#[test]
+fn the_users_flake_is_built_with_every_generated_part() -> Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let nixpkgs = stand_in_nixpkgs(scratch.path(), "A")?;
+    let user = scratch.path().join("cfg");
+    write_user_flake(&user, &format!("path:{}", nixpkgs.display()), "")?;
+    let (plan, config) = plan(&format!(
+        "nixos_kexec.layout=luks-btrfs-impermanence nixos_kexec.flake={}#web1",
+        user.display()
+    ))?;
+    let flake_dir = write_host_flake(scratch.path(), &plan, &config)?;
+    ensure!(
+        flake_dir.join("configuration/web1.nix").is_file() && !flake_dir.join("configuration.nix").exists(),
+        "the user's flake was not copied into the host flake, or the generic configuration was written"
+    );
+    let evaluated = evaluated_config(&flake_dir, HOST, &scratch.path().join("store"))?;
+
+    ensure!(at(&evaluated, &["environment", "etc", "marker", "text"])? == MARKER);
+    // hardware: the filesystems by UUID, LUKS, the platform, the boot loader, initrd modules
+    // (the guest profile's from the stand-in nixpkgs, the disk's from the plan).
+    let root = plan
+        .mounts
+        .iter()
+        .find(|m| m.mountpoint == "/nix")
+        .context("no /nix mount")?;
+    ensure!(at(&evaluated, &["fileSystems", "/nix", "device"])? == root.nix_device.as_str());
+    ensure!(at(&evaluated, &["fileSystems", "/", "fsType"])? == "tmpfs");
+    let luks = &plan.luks[0];
+    ensure!(
+        at(
+            &evaluated,
+            &["boot", "initrd", "luks", "devices", &luks.name, "device"]
+        )? == format!("/dev/disk/by-uuid/{}", luks.uuid).as_str()
+    );
+    ensure!(at(&evaluated, &["nixpkgs", "hostPlatform"])? == "x86_64-linux");
+    ensure!(at(&evaluated, &["boot", "loader", "systemd-boot", "enable"])? == true);
+    let modules = at(&evaluated, &["boot", "initrd", "availableKernelModules"])?.to_string();
+    for module in plan
+        .initrd_modules
+        .iter()
+        .map(String::as_str)
+        .chain(["virtio_scsi"])
+    {
+        ensure!(
+            modules.contains(&format!("\"{module}\"")),
+            "{module} not in {modules}"
+        );
+    }
+    // network: matched by MAC, with the address.
+    let networks = at(&evaluated, &["systemd", "network", "networks"])?.to_string();
+    ensure!(
+        networks.contains(MAC) && networks.contains("203.0.113.10/24"),
+        "the network by MAC is missing: {networks}"
+    );
+    // persist: the host key under /persist; initrd-ssh: sshd in the initrd.
+    let host_keys = at(&evaluated, &["services", "openssh", "hostKeys"])?.to_string();
+    ensure!(
+        host_keys.contains("/persist/etc/ssh/ssh_host_ed25519_key"),
+        "{host_keys}"
+    );
+    ensure!(at(&evaluated, &["boot", "initrd", "network", "ssh", "enable"])? == true);
+    // The lock file pins what was built.
+    let lock = std::fs::read_to_string(flake_dir.join("flake.lock")).context("no flake.lock")?;
+    ensure!(
+        lock.contains("\"configuration\"") && lock.contains("./configuration"),
+        "{lock}"
+    );
+    Ok(())
+}
+
+/// A part left out (`generated=network`) is the user's to declare: their own filesystems and
+/// boot loader are taken as they are, with no conflict.
+#[test]
+fn a_part_left_out_is_left_to_the_user() -> Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let nixpkgs = stand_in_nixpkgs(scratch.path(), "A")?;
+    let user = scratch.path().join("cfg");
+    write_user_flake(
+        &user,
+        &format!("path:{}", nixpkgs.display()),
+        r#"  fileSystems."/" = { device = "/dev/disk/by-label/disko-root"; fsType = "ext4"; };
+  boot.loader.grub.enable = true;
+  nixpkgs.hostPlatform = "x86_64-linux";"#,
+    )?;
+    let (plan, config) = plan(&format!(
+        "nixos_kexec.flake=path:{}#web1 nixos_kexec.generated=network",
+        user.display()
+    ))?;
+    let flake_dir = write_host_flake(scratch.path(), &plan, &config)?;
+    let flake = std::fs::read_to_string(flake_dir.join("flake.nix"))?;
+    ensure!(flake.contains("generated = [ \"network\" ];"), "{flake}");
+    let evaluated = evaluated_config(&flake_dir, HOST, &scratch.path().join("store"))?;
+    ensure!(at(&evaluated, &["fileSystems", "/", "device"])? == "/dev/disk/by-label/disko-root");
+    ensure!(
+        evaluated.pointer("/boot/loader/systemd-boot").is_none(),
+        "the generated boot loader is in:\n{evaluated:#}"
+    );
+    ensure!(at(&evaluated, &["systemd", "network", "networks"])?
+        .to_string()
+        .contains(MAC));
+    Ok(())
+}
+
+/// Both the user and the generated hardware module declaring `/` is a conflict, and Nix says
+/// so in NixOS's words, naming both files: what the README shows.
+#[test]
+fn a_conflict_names_both_files() -> Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let nixpkgs = stand_in_nixpkgs(scratch.path(), "A")?;
+    let user = scratch.path().join("cfg");
+    write_user_flake(
+        &user,
+        &format!("path:{}", nixpkgs.display()),
+        r#"  fileSystems."/".device = "/dev/disk/by-label/disko-root";"#,
+    )?;
+    let (plan, config) = plan(&format!("nixos_kexec.flake={}#web1", user.display()))?;
+    let flake_dir = write_host_flake(scratch.path(), &plan, &config)?;
+    let out = evaluate_host(&flake_dir, HOST, &scratch.path().join("store"))?;
+    ensure!(!out.status.success(), "the conflict was not found");
+    for needle in [
+        "The option `fileSystems./.device' has conflicting definition values:",
+        "hardware-configuration.nix",
+        "web1.nix",
+    ] {
+        ensure!(out.stderr.contains(needle), "no {needle:?} in:\n{}", out.stderr);
+    }
+    Ok(())
+}
+
+/// The host flake's nixpkgs is the user's unless the input names one; then the user's flake
+/// follows that one.
+#[test]
+fn nixpkgs_follows_the_users_unless_one_is_given() -> Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let users = stand_in_nixpkgs(scratch.path(), "users")?;
+    let given = stand_in_nixpkgs(scratch.path(), "given")?;
+    let user = scratch.path().join("cfg");
+    write_user_flake(&user, &format!("path:{}", users.display()), "")?;
+    for (extra, expected) in [
+        (String::new(), "users"),
+        (format!("nixos_kexec.nixpkgs=path:{}", given.display()), "given"),
+    ] {
+        let dir = scratch.path().join(expected);
+        let (plan, config) = plan(&format!("nixos_kexec.flake={}#web1 {extra}", user.display()))?;
+        let flake_dir = write_host_flake(&dir, &plan, &config)?;
+        let version = nixos_kexec_tests::run_tool(
+            nixos_kexec_tests::nix_cache::nix_command("nix")
+                .args(["--extra-experimental-features", "nix-command flakes"])
+                .args(["eval", "--raw", "--store"])
+                .arg(nixos_kexec_tests::nix_cache::root_store(
+                    &scratch.path().join("store"),
+                ))
+                .arg(format!(
+                    "{}#nixosConfigurations.{HOST}.lib.version",
+                    flake_dir.display()
+                )),
+        )?
+        .stdout_str();
+        ensure!(
+            version == expected,
+            "{extra:?}: nixpkgs {version}, not {expected}"
+        );
+    }
+    Ok(())
+}
