@@ -3,4 +3,5 @@
 pub mod cpio;
 pub mod gather;
 pub mod kexec;
+pub mod local_flake;
 pub mod run;

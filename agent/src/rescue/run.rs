@@ -9,6 +9,7 @@ use crate::error::user_error;
 use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::cmdline::{Params, COMMAND_LINE_SIZE};
 use crate::input::config::{Config, Effect};
+use crate::input::flake::{FlakeSource, UserFlake, PACKED_FLAKE_DIR};
 use crate::input::runtime_info::{self, DiskSelector, RuntimeInfo};
 use crate::installer::layout::PlanIds;
 use crate::installer::plan;
@@ -48,6 +49,10 @@ pub struct RunOptions {
     /// repeatable.
     #[arg(long = "trusted-public-key", value_parser = typed(PublicKey::parse))]
     pub trusted_public_keys: Vec<PublicKey>,
+    /// Your own configuration, FLAKEREF#NAME (github:me/dotfiles#web1, or a local directory
+    /// ./cfg#web1, which is packed and sent along), built with the generated modules.
+    #[arg(long, value_parser = typed(UserFlake::parse))]
+    pub flake: Option<UserFlake>,
     /// SSH public keys for root (default: root's authorized_keys here); repeatable.
     #[arg(long = "ssh-key-file")]
     pub ssh_key_files: Vec<PathBuf>,
@@ -370,6 +375,12 @@ pub fn prepare(
                 "drop it; run builds the runtime info itself.",
             ));
         }
+        if parameter.key == "flake" {
+            return Err(user_error(
+                "--param flake= would skip what run does for a flake (packing a local directory).",
+                "pass it as --flake FLAKEREF#NAME.",
+            ));
+        }
         base.push(if value.is_empty() {
             format!("nixos_kexec.{key}")
         } else {
@@ -412,6 +423,21 @@ pub fn prepare(
                 "pass the directory that holds ssh_host_ed25519_key (and .pub).",
             ));
         }
+    }
+    if let Some(flake) = &options.flake {
+        info.flake = Some(match &flake.source {
+            FlakeSource::Remote(_) => flake.clone(),
+            FlakeSource::Directory(dir) => {
+                let packed = super::local_flake::pack(flake, dir, &mut archive)?;
+                console::line(&format!(
+                    "flake: {} packed, {} files, {} KiB (.gitignore respected); the installer builds {flake}",
+                    dir.display(),
+                    packed.files,
+                    packed.bytes.div_ceil(1024)
+                ));
+                flake.moved_to(Path::new(PACKED_FLAKE_DIR))
+            }
+        });
     }
     if options.host_keys.is_none() {
         // Made here rather than in the installer, so the operator sees the fingerprint before
@@ -741,6 +767,53 @@ mod tests {
             panic!("--param info_deflate must be refused");
         };
         assert!(crate::error::one_line(&err).contains("would replace"), "{err}");
+    }
+
+    /// A local flake directory travels in the archive and the installer is told where it is;
+    /// a remote one travels as written; a directory without flake.nix, or `--param flake=`,
+    /// is refused before anything is loaded.
+    #[test]
+    fn flake_directory_is_packed_and_remote_flake_passed_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("cfg");
+        std::fs::create_dir_all(&cfg).unwrap();
+        let f = facts(vec![disk("vda", 4 << 30, 512, "A")]);
+        let mut options = RunOptions {
+            disk: Some("/dev/vda".into()),
+            flake: Some(UserFlake::parse(&format!("{}#web1", cfg.display())).unwrap()),
+            ..RunOptions::default()
+        };
+        let err = prepare(&options, &f, bios_machine_gathered(), "").err().unwrap();
+        assert!(crate::error::one_line(&err).contains("has no flake.nix"), "{err}");
+
+        std::fs::write(cfg.join("flake.nix"), "{ outputs = _: { }; }").unwrap();
+        let h = prepare(&options, &f, bios_machine_gathered(), "console=ttyS0").unwrap();
+        assert!(h
+            .archive
+            .listing()
+            .iter()
+            .any(|l| l.starts_with("file /etc/nixos-kexec/flake/flake.nix mode 644")));
+        let plan = plan_as_installer(&options, &f, &h).unwrap();
+        let user = plan.user_configuration.unwrap();
+        assert_eq!(user.flake.to_string(), "/etc/nixos-kexec/flake#web1");
+        assert_eq!(user.nixpkgs, None);
+
+        options.flake = Some(UserFlake::parse("github:me/dotfiles#web1").unwrap());
+        let h = prepare(&options, &f, bios_machine_gathered(), "console=ttyS0").unwrap();
+        assert!(h.archive.listing().iter().all(|l| !l.contains("/flake/")));
+        let plan = plan_as_installer(&options, &f, &h).unwrap();
+        assert_eq!(
+            plan.user_configuration.unwrap().flake.to_string(),
+            "github:me/dotfiles#web1"
+        );
+
+        options.flake = None;
+        options.params = vec![("flake".into(), "github:me/dotfiles#web1".into())];
+        let err = prepare(&options, &f, bios_machine_gathered(), "").err().unwrap();
+        assert!(
+            crate::error::one_line(&err).contains("--flake FLAKEREF#NAME"),
+            "{err}"
+        );
     }
 
     #[test]

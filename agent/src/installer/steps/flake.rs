@@ -631,6 +631,72 @@ mod tests {
         assert!(!configuration.contains("grub.extraConfig"), "{configuration}");
     }
 
+    /// With the user's flake: the composed flake.nix parses, names the user's flake and the
+    /// parts asked for, and no generic configuration.nix is written; a flake directory that is
+    /// not there is refused before the wipe.
+    #[test]
+    fn users_flake_is_composed() {
+        for (params, wanted) in [
+            (
+                "nixos_kexec.flake=github:me/dotfiles#web1",
+                vec![
+                    "inputs.configuration.url = \"github:me/dotfiles\";",
+                    "inputs.nixpkgs.follows = \"configuration/nixpkgs\";",
+                    "generated = [ \"hardware\" ];",
+                    "configuration.nixosConfigurations.\"web1\".extendModules",
+                    "nixosConfigurations.\"nixos\" =",
+                ],
+            ),
+            (
+                "nixos_kexec.flake=git+https://git.example.com/infra.git?ref=prod#db.example.com nixos_kexec.nixpkgs=github:NixOS/nixpkgs/nixos-26.05 nixos_kexec.generated=none",
+                vec![
+                    "inputs.configuration.url = \"git+https://git.example.com/infra.git?ref=prod\";",
+                    "inputs.nixpkgs.url = \"github:NixOS/nixpkgs/nixos-26.05\";",
+                    "inputs.configuration.inputs.nixpkgs.follows = \"nixpkgs\";",
+                    "generated = [  ];",
+                    "\"hardware\" = ./hardware-configuration.nix;",
+                ],
+            ),
+        ] {
+            let params = crate::input::cmdline::Params::parse(params).unwrap();
+            let mut config = Config::assemble(None, &params).unwrap();
+            config.disk_auto = true;
+            let plan =
+                crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
+                    .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
+            let flake = parse(dir.path(), "flake.nix");
+            for needle in wanted {
+                assert!(flake.contains(needle), "{needle}\n{flake}");
+            }
+            assert!(!dir.path().join("configuration.nix").exists());
+            parse(dir.path(), "hardware-configuration.nix");
+            check_before_wiping(&plan).unwrap();
+        }
+        let params = crate::input::cmdline::Params::parse("nixos_kexec.flake=/nowhere/cfg#web1").unwrap();
+        let mut config = Config::assemble(None, &params).unwrap();
+        config.disk_auto = true;
+        let plan =
+            crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
+                .unwrap();
+        let err = check_before_wiping(&plan).unwrap_err();
+        assert!(
+            crate::error::one_line(&err).contains("/nowhere/cfg (of /nowhere/cfg#web1) is not there"),
+            "{err}"
+        );
+
+        let params = crate::input::cmdline::Params::parse("nixos_kexec.generated=network").unwrap();
+        let mut config = Config::assemble(None, &params).unwrap();
+        config.disk_auto = true;
+        let err = crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
+            .unwrap_err();
+        assert!(
+            crate::error::one_line(&err).contains("no flake is given"),
+            "{err}"
+        );
+    }
+
     /// Every preset, with swap and an SSH key (and so initrd SSH when encrypted), writes Nix
     /// that parses and says what the README's layout table says.
     #[test]
