@@ -82,6 +82,7 @@ pub fn write_user_flake(dir: &Path, nixpkgs_url: &str, extra: &str) -> Result<()
             r#"{{ config, lib, ... }}:
 {{
   environment.etc."marker".text = "{MARKER}";
+  networking.hostName = "web1";
   services.openssh.enable = true;
   users.users.root.openssh.authorizedKeys.keys = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop" ];
   system.stateVersion = "26.05";

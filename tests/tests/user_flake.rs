@@ -230,3 +230,142 @@ fn nixpkgs_follows_the_users_unless_one_is_given() -> Result<()> {
     }
     Ok(())
 }
+
+/// The whole path in QEMU: a rescue VM runs `nixos-kexec run --flake ./cfg#web1` with a local
+/// flake directory (its .gitignore'd file must stay behind); the installer writes the host
+/// flake over it, and nixos-install (the test double, running the real Nix) fetches the user's
+/// nixpkgs (the stand-in, a tarball served by the host), locks, evaluates and builds the host
+/// flake in Nix's sandbox into the target's store. From the host: the built system's merged
+/// configuration holds the user's option and the generated filesystems and network, the lock
+/// file pins the inputs, the profile leads to the system and the store verifies.
+#[test]
+fn rescue_run_with_a_local_flake_installs_the_users_configuration() -> Result<()> {
+    use nixos_kexec_tests::nix_cache::{system_profile, verify_store};
+    use nixos_kexec_tests::rescue::{
+        rescue_cpio_with, rescue_init_with_network, QEMU_USER_NETWORK, TARGET_SERIAL,
+    };
+    use nixos_kexec_tests::user_flake::tarball;
+    use nixos_kexec_tests::*;
+    use std::time::Duration;
+
+    const WAN_MAC: &str = "52:54:00:aa:10:01";
+    let bundle = dev_bundle_with_nix()?;
+    let scratch = tempfile::tempdir()?;
+    let served = scratch.path().join("served");
+    std::fs::create_dir_all(&served)?;
+    let nixpkgs = stand_in_nixpkgs(scratch.path(), "served")?;
+    tarball(&nixpkgs, &served, "nixpkgs")?;
+    let server = FileServer::start(&served)?;
+
+    let user = scratch.path().join("cfg");
+    write_user_flake(&user, &format!("{}/nixpkgs.tar.gz", server.guest_url()), "")?;
+    let mut files: Vec<(String, u32, Vec<u8>)> = Vec::new();
+    for name in ["flake.nix", "web1.nix"] {
+        files.push((format!("root/cfg/{name}"), 0o644, std::fs::read(user.join(name))?));
+    }
+    files.push((
+        "root/cfg/.gitignore".into(),
+        0o644,
+        b"/notes-not-for-the-machine.txt\n".to_vec(),
+    ));
+    files.push((
+        "root/cfg/notes-not-for-the-machine.txt".into(),
+        0o644,
+        b"ignored".to_vec(),
+    ));
+    let files: Vec<(&str, u32, Vec<u8>)> = files
+        .iter()
+        .map(|(p, m, d)| (p.as_str(), *m, d.clone()))
+        .collect();
+    let init = rescue_init_with_network(
+        QEMU_USER_NETWORK,
+        &format!("--disk serial:{TARGET_SERIAL} --flake ./cfg#web1 --hostname {HOST} --param after=poweroff"),
+    );
+    let cpio = rescue_cpio_with(
+        &bundle,
+        &[bundle.stand_in()?],
+        scratch.path(),
+        &init,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop",
+        &files,
+    )?;
+    let out = Vm::new(&bundle)
+        .name("user-flake")
+        .memory_mib(1024)
+        .extra_initrd(&cpio)
+        .nic(WAN_MAC)
+        .disk(DiskSpec::new(3 << 30, DiskBus::Virtio).serial(TARGET_SERIAL))
+        .timeout(Duration::from_secs(900))
+        .run()?;
+    out.expect_success()?;
+    for line in [
+        "flake: ./cfg packed, 3 files",
+        "the installer builds ./cfg#web1",
+        "building the host flake /mnt/etc/nixos#vultr-guest",
+    ] {
+        ensure!(
+            out.contains(line),
+            "no `{line}` on the console:\n{}",
+            out.tail(60)
+        );
+    }
+    ensure!(
+        server.requests().iter().any(|r| r.path == "/nixpkgs.tar.gz"),
+        "the installer's Nix never fetched the user's nixpkgs"
+    );
+
+    let disk = &out.disks[0];
+    let mounted = nixos_kexec_tests::LoopMount::new(&extract_partition(disk, 3)?)?;
+    let root = mounted.path();
+    let flake_dir = root.join("etc/nixos");
+    ensure!(
+        flake_dir.join("configuration/web1.nix").is_file(),
+        "the user's flake is not in the host flake"
+    );
+    ensure!(
+        !flake_dir
+            .join("configuration/notes-not-for-the-machine.txt")
+            .exists(),
+        "a file .gitignore names travelled"
+    );
+    let lock =
+        std::fs::read_to_string(flake_dir.join("flake.lock")).context("no flake.lock on the target")?;
+    ensure!(
+        lock.contains("nixpkgs.tar.gz") && lock.contains("narHash"),
+        "{lock}"
+    );
+    let system = system_profile(root)?;
+    ensure!(
+        system.as_str().ends_with("-nixos-system-web1-stand-in"),
+        "the profile leads to {system}"
+    );
+    verify_store(root)?;
+    let built: Value = serde_json::from_slice(
+        &std::fs::read(
+            root.join(system.as_str().trim_start_matches('/'))
+                .join("configuration.json"),
+        )
+        .context("the built system has no configuration.json")?,
+    )?;
+    ensure!(at(&built, &["environment", "etc", "marker", "text"])? == MARKER);
+    let root_uuid = blkid_of_partition(disk, 3)?;
+    ensure!(
+        at(&built, &["fileSystems", "/", "device"])? == format!("/dev/disk/by-uuid/{root_uuid}").as_str(),
+        "the generated root filesystem is not in the built system"
+    );
+    let networks = at(&built, &["systemd", "network", "networks"])?.to_string();
+    ensure!(
+        networks.contains(WAN_MAC) && networks.contains("10.0.2.15/24"),
+        "{networks}"
+    );
+    Ok(())
+}
+
+/// The UUID blkid reads from partition `number` of `disk`.
+fn blkid_of_partition(disk: &Path, number: u32) -> Result<String> {
+    let part = nixos_kexec_tests::extract_partition(disk, number)?;
+    nixos_kexec_tests::blkid(&part)?
+        .get("UUID")
+        .cloned()
+        .context("no UUID")
+}

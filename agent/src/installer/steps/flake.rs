@@ -186,6 +186,27 @@ fn composed_flake(plan: &Plan, user: &UserConfiguration) -> Result<String> {
     )
 }
 
+/// The files of the host flake, relative to its directory: what the flake step writes and the
+/// verification looks for.
+pub fn files(plan: &Plan) -> Vec<String> {
+    let mut files = vec!["flake.nix".to_string()];
+    match &plan.user_configuration {
+        None => files.push("configuration.nix".into()),
+        Some(user) => {
+            if let FlakeSource::Directory(_) = user.flake.source {
+                files.push(format!("{CONFIGURATION_DIR}/flake.nix"));
+            }
+        }
+    }
+    files.extend(
+        GeneratedPart::ALL
+            .into_iter()
+            .filter(|part| written(plan, *part))
+            .map(|part| part.file().to_string()),
+    );
+    files
+}
+
 /// Whether the flake step writes the module of `part` for this plan (whether or not the host
 /// flake uses it).
 fn written(plan: &Plan, part: GeneratedPart) -> bool {
@@ -673,6 +694,9 @@ mod tests {
             assert!(!dir.path().join("configuration.nix").exists());
             parse(dir.path(), "hardware-configuration.nix");
             check_before_wiping(&plan).unwrap();
+            for file in files(&plan) {
+                assert!(dir.path().join(&file).is_file(), "{file}");
+            }
         }
         let params = crate::input::cmdline::Params::parse("nixos_kexec.flake=/nowhere/cfg#web1").unwrap();
         let mut config = Config::assemble(None, &params).unwrap();

@@ -169,8 +169,8 @@ fn host_keys(plan: &Plan, root: &Path) -> std::result::Result<String, String> {
 
 fn host_flake(plan: &Plan, root: &Path) -> std::result::Result<String, String> {
     let dir = plan.state_path("etc/nixos");
-    for file in ["flake.nix", "configuration.nix", "hardware-configuration.nix"] {
-        let path = root.join(dir.trim_start_matches('/')).join(file);
+    for file in crate::installer::steps::flake::files(plan) {
+        let path = root.join(dir.trim_start_matches('/')).join(&file);
         if !path.is_file() {
             return Err(format!("{dir}/{file} is missing"));
         }
