@@ -55,7 +55,10 @@ ip addr
 echo "rescue: running nixos-kexec run"
 cd /root
 /bin/nixos-kexec run --bundle /bundle {run_args}
-echo "rescue: nixos-kexec run returned $?"
+status=$?
+echo "rescue: nixos-kexec run returned $status"
+# Refused before the kexec: nothing more happens here.
+[ "$status" = 0 ] || poweroff -f
 sleep 3600
 "#
     )

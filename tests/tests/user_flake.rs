@@ -369,3 +369,63 @@ fn blkid_of_partition(disk: &Path, number: u32) -> Result<String> {
         .cloned()
         .context("no UUID")
 }
+
+/// Bad input on the rescue side: a flake reference that does not parse, and a local flake
+/// directory without flake.nix. Each is one error naming the problem and the fix, before the
+/// kexec, and the target disk stays untouched.
+#[test]
+fn bad_flakes_are_refused_before_the_kexec() -> Result<()> {
+    use nixos_kexec_tests::rescue::{rescue_cpio, rescue_vm};
+    use nixos_kexec_tests::*;
+
+    let bundle = dev_bundle()?;
+    for (flake, files, expected) in [
+        (
+            "'nixpkgs#web1'",
+            vec![],
+            "flake \"nixpkgs#web1\" is not a flake reference the installer can fetch",
+        ),
+        (
+            "./cfg#web1",
+            vec![("root/cfg/configuration.nix", 0o644, b"{ }".to_vec())],
+            "The flake directory ./cfg (of ./cfg#web1) has no flake.nix.",
+        ),
+    ] {
+        let scratch = tempfile::tempdir()?;
+        let cpio = rescue_cpio(
+            &bundle,
+            scratch.path(),
+            &format!("--disk serial:TARGET-DISK --flake {flake} --param after=poweroff"),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop",
+            &files,
+        )?;
+        let out = rescue_vm(&bundle, &cpio)
+            .grace(std::time::Duration::from_secs(2))
+            .run()?;
+        // `run` printed the error and returned, and the rescue system powered off.
+        ensure!(
+            out.exited_by_itself,
+            "{flake}: the rescue VM did not power off:\n{}",
+            out.tail(20)
+        );
+        // clap prints a bad value with our fix in one line; `run` prints `error:` and `fix:`.
+        ensure!(
+            out.contains(expected)
+                && (out.contains("Fix: name it") || out.contains("nixos-kexec: fix: name the directory")),
+            "{flake}: no `{expected}` with its fix on the console:\n{}",
+            out.tail(20)
+        );
+        ensure!(
+            !out.contains("starting as init"),
+            "{flake}: the installer was started"
+        );
+        for disk in &out.disks {
+            ensure!(
+                nonzero_blocks(disk)?.is_empty(),
+                "{flake}: {} was written to",
+                disk.display()
+            );
+        }
+    }
+    Ok(())
+}
