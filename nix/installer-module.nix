@@ -143,6 +143,7 @@ let
 
   withNix = cfg.nix != null;
   withInstall = cfg.nixosInstall != null;
+  withGit = cfg.git != null;
 
   initrd = pkgs.callPackage ./initrd.nix {
     agent = cfg.agent;
@@ -158,8 +159,10 @@ let
       ]
       ++ lib.optional withNix cfg.nix
       ++ lib.optional withInstall cfg.nixosInstall
+      ++ lib.optional withGit cfg.git
       ++ cfg.extraPackages;
-    closurePackages = lib.optional withInstall cfg.nixosInstall ++ cfg.extraStorePaths;
+    closurePackages =
+      lib.optional withInstall cfg.nixosInstall ++ lib.optional withGit cfg.git ++ cfg.extraStorePaths;
     nixConf = if withNix then nixConf else null;
     inherit defaults;
     inherit (cfg) compressor compressorArgs caCertificates;
@@ -294,6 +297,17 @@ in
         The package with bin/nixos-install (nixpkgs' pkgs/by-name/ni/nixos-install; it brings
         nixos-enter, jq and util-linux along). It is a bash script, so it comes with its whole
         closure. null leaves it out.
+      '';
+    };
+
+    git = mkOption {
+      type = types.nullOr types.package;
+      default = pkgs.gitMinimal;
+      defaultText = lib.literalExpression "pkgs.gitMinimal";
+      description = ''
+        The git Nix runs to fetch a user's flake given as git+https:// (nixos_kexec.flake=,
+        `run --flake`); github:, gitlab: and tarball flakes need none. It comes with its whole
+        closure (git-remote-https is in its libexec). null leaves it out.
       '';
     };
 
