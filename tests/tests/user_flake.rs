@@ -1,6 +1,6 @@
 //! The host flake over the user's own flake, evaluated by real Nix (Debian's nix-bin, flakes
 //! on) on the host, no VM: the agent plans as it would on a machine, writes /etc/nixos as its
-//! flake step does, and Nix evaluates `nixosConfigurations.HOST` from it. The QEMU test of the
+//! flake step does, and Nix evaluates `nixosConfigurations.web1` from it. The QEMU test of the
 //! same path is in rescue.rs (`run --flake ./cfg#web1`).
 //!
 //! TEST DOUBLE: the nixpkgs is the stand-in of `tests/stand-in/nixpkgs` (see
@@ -80,7 +80,7 @@ fn the_users_flake_is_built_with_every_generated_part() -> Result<()> {
         flake_dir.join("configuration/web1.nix").is_file() && !flake_dir.join("configuration.nix").exists(),
         "the user's flake was not copied into the host flake, or the generic configuration was written"
     );
-    let evaluated = evaluated_config(&flake_dir, HOST, &scratch.path().join("store"))?;
+    let evaluated = evaluated_config(&flake_dir, "web1", &scratch.path().join("store"))?;
 
     ensure!(at(&evaluated, &["environment", "etc", "marker", "text"])? == MARKER);
     // hardware: the filesystems by UUID, LUKS, the platform, the boot loader, initrd modules
@@ -156,7 +156,7 @@ fn a_part_left_out_is_left_to_the_user() -> Result<()> {
     let flake_dir = write_host_flake(scratch.path(), &plan, &config)?;
     let flake = std::fs::read_to_string(flake_dir.join("flake.nix"))?;
     ensure!(flake.contains("generated = [ \"network\" ];"), "{flake}");
-    let evaluated = evaluated_config(&flake_dir, HOST, &scratch.path().join("store"))?;
+    let evaluated = evaluated_config(&flake_dir, "web1", &scratch.path().join("store"))?;
     ensure!(at(&evaluated, &["fileSystems", "/", "device"])? == "/dev/disk/by-label/disko-root");
     ensure!(
         evaluated.pointer("/boot/loader/systemd-boot").is_none(),
@@ -182,7 +182,7 @@ fn a_conflict_names_both_files() -> Result<()> {
     )?;
     let (plan, config) = plan(&format!("nixos_kexec.flake={}#web1", user.display()))?;
     let flake_dir = write_host_flake(scratch.path(), &plan, &config)?;
-    let out = evaluate_host(&flake_dir, HOST, &scratch.path().join("store"))?;
+    let out = evaluate_host(&flake_dir, "web1", &scratch.path().join("store"))?;
     ensure!(!out.status.success(), "the conflict was not found");
     for needle in [
         "The option `fileSystems./.device' has conflicting definition values:",
@@ -218,7 +218,7 @@ fn nixpkgs_follows_the_users_unless_one_is_given() -> Result<()> {
                     &scratch.path().join("store"),
                 ))
                 .arg(format!(
-                    "{}#nixosConfigurations.{HOST}.lib.version",
+                    "{}#nixosConfigurations.web1.lib.version",
                     flake_dir.display()
                 )),
         )?
@@ -301,7 +301,7 @@ fn rescue_run_with_a_local_flake_installs_the_users_configuration() -> Result<()
     for line in [
         "flake: ./cfg packed, 3 files",
         "the installer builds ./cfg#web1",
-        "building the host flake /mnt/etc/nixos#vultr-guest",
+        "building the host flake /mnt/etc/nixos#web1",
     ] {
         ensure!(
             out.contains(line),

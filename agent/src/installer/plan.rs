@@ -299,7 +299,12 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
             &mount_root,
             match &config.runtime_info.system {
                 Some(system) => InstallFrom::Prebuilt(system),
-                None => InstallFrom::Flake(format!("{flake_dir}#{}", config.hostname())),
+                None => InstallFrom::Flake(format!(
+                    "{flake_dir}#{}",
+                    user_configuration
+                        .as_ref()
+                        .map_or(config.hostname(), |user| user.flake.name.as_str())
+                )),
             },
             &caches,
         ),

@@ -1,6 +1,7 @@
 # The host flake nixos-kexec wrote for this machine: your configuration (the input
-# `configuration`) with the modules only the installer could write. Keep it; change the system with
-#   nixos-rebuild switch --flake /etc/nixos#@hostname@
+# `configuration`) with the modules only the installer could write, under your configuration's
+# name. Keep it; change the system with
+#   nixos-rebuild switch --flake /etc/nixos#@name@
 {
   description = "@hostname@: @user_flake@ with the modules nixos-kexec generated";
 
@@ -19,7 +20,7 @@
       };
     in
     {
-      nixosConfigurations."@hostname@" = configuration.nixosConfigurations."@name@".extendModules {
+      nixosConfigurations."@name@" = configuration.nixosConfigurations."@name@".extendModules {
         modules = map (part: modules.${part}) generated;
       };
     };

@@ -665,7 +665,7 @@ mod tests {
                     "inputs.nixpkgs.follows = \"configuration/nixpkgs\";",
                     "generated = [ \"hardware\" ];",
                     "configuration.nixosConfigurations.\"web1\".extendModules",
-                    "nixosConfigurations.\"nixos\" =",
+                    "nixosConfigurations.\"web1\" = configuration",
                 ],
             ),
             (
@@ -675,6 +675,7 @@ mod tests {
                     "inputs.nixpkgs.url = \"github:NixOS/nixpkgs/nixos-26.05\";",
                     "inputs.configuration.inputs.nixpkgs.follows = \"nixpkgs\";",
                     "generated = [  ];",
+                    "nixosConfigurations.\"db.example.com\" = configuration",
                     "\"hardware\" = ./hardware-configuration.nix;",
                 ],
             ),
