@@ -76,11 +76,15 @@ impl TreeSummary {
 impl std::fmt::Display for TreeSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        let secrets = if self.secrets > 0 {
+            format!(" ({} secret)", self.secrets)
+        } else {
+            String::new()
+        };
         write!(
             f,
-            "{} ({} secret), {}, {}; {} bytes",
+            "{}{secrets}, {}, {}; {} bytes",
             plural(self.files, "file", "files"),
-            self.secrets,
             plural(self.dirs, "directory", "directories"),
             plural(self.links, "link", "links"),
             self.bytes
@@ -410,6 +414,12 @@ pub mod tests {
             summary.to_string(),
             "3 files (1 secret), 7 directories, 1 link; 45 bytes"
         );
+        let plain = TreeSummary {
+            secrets: 0,
+            files: 1,
+            ..summary
+        };
+        assert_eq!(plain.to_string(), "1 file, 7 directories, 1 link; 45 bytes");
         assert_eq!(tree.read(key).unwrap().as_bytes(), b"PRIVATE-KEY-BYTES\n");
         // The plan shows it: modes in octal, the link's target beside it.
         let json = serde_json::to_string(link).unwrap();
