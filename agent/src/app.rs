@@ -157,6 +157,13 @@ fn print_plan(plan: &Plan, label: &str) -> Result<()> {
         }
         TemporarySwap::NotNeeded { .. } => {}
     }
+    if let Some(extra) = &plan.extra_files {
+        console::line(&format!(
+            "{label}: extra files: {} to {} on the target (listed in the plan JSON)",
+            extra.tree.summary(),
+            extra.destination
+        ));
+    }
     if let Some(previous) = &plan.replaces {
         console::line(&format!(
             "{label}: nixos_kexec.reinstall: replacing what is there: {}",
@@ -294,6 +301,7 @@ pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
     };
     let mut config = layers.config(fetched)?;
     config.find_secrets(&input.root);
+    config.find_extra_files(&input.root)?;
     // The links udev would have made: the plan and the installed system's config name disks
     // by them, and grub-install in nixos-install's chroot opens them. Not fatal here: a plan
     // that names /dev/vda works without them, and the partition step makes them again.
@@ -384,9 +392,9 @@ pub fn install(args: InputArgs) -> Result<Option<After>> {
     result
 }
 
-/// Runs the install; whatever way it fails, the secrets it was given (host keys, passphrase)
-/// are wiped from RAM: nothing in this boot will use them, and a new attempt comes with a new
-/// kexec that brings them again.
+/// Runs the install; whatever way it fails, the secrets it was given (host keys, passphrase,
+/// and the extra files, any of which may be one) are wiped from RAM: nothing in this boot will
+/// use them, and a new attempt comes with a new kexec that brings them again.
 fn install_inner(input: &Input) -> Result<Option<After>, Failed> {
     let secrets = input
         .root
@@ -394,6 +402,11 @@ fn install_inner(input: &Input) -> Result<Option<After>, Failed> {
     let result = install_with_secrets(input, &secrets);
     if result.is_err() {
         steps::keys::wipe_dir(&secrets);
+        steps::extra_files::wipe_source(
+            &input
+                .root
+                .join(crate::input::config::EXTRA_FILES_DIR.trim_start_matches('/')),
+        );
     }
     result
 }

@@ -20,10 +20,32 @@ use crate::tool::command_line;
 /// # Ok::<(), anyhow::Error>(())
 /// ```
 ///
-/// Parent directories are added automatically (mode 0755). Owner is root.
+/// Parent directories are added automatically (mode 0755). Owner is root unless
+/// [`Cpio::owner`] says otherwise.
 #[derive(Debug, Clone, Default)]
 pub struct Cpio {
-    entries: Vec<(String, u32, Vec<u8>)>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    name: String,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    data: Vec<u8>,
+}
+
+impl Entry {
+    fn new(name: String, mode: u32, data: Vec<u8>) -> Entry {
+        Entry {
+            name,
+            mode,
+            uid: 0,
+            gid: 0,
+            data,
+        }
+    }
 }
 
 const S_IFDIR: u32 = 0o040000;
@@ -47,8 +69,9 @@ impl Cpio {
                 acc.push('/');
             }
             acc.push_str(part);
-            if !self.entries.iter().any(|(p, _, _)| *p == acc) {
-                self.entries.push((acc.clone(), S_IFDIR | 0o755, Vec::new()));
+            if !self.entries.iter().any(|e| e.name == acc) {
+                self.entries
+                    .push(Entry::new(acc.clone(), S_IFDIR | 0o755, Vec::new()));
             }
         }
     }
@@ -59,7 +82,7 @@ impl Cpio {
         let p = Self::normalize(path);
         self.add_parents(&p);
         self.entries
-            .push((p, S_IFREG | (mode & 0o7777), data.as_ref().to_vec()));
+            .push(Entry::new(p, S_IFREG | (mode & 0o7777), data.as_ref().to_vec()));
         self
     }
 
@@ -67,7 +90,8 @@ impl Cpio {
     pub fn dir(mut self, path: &str, mode: u32) -> Self {
         let p = Self::normalize(path);
         self.add_parents(&p);
-        self.entries.push((p, S_IFDIR | (mode & 0o7777), Vec::new()));
+        self.entries
+            .push(Entry::new(p, S_IFDIR | (mode & 0o7777), Vec::new()));
         self
     }
 
@@ -76,7 +100,17 @@ impl Cpio {
         let p = Self::normalize(path);
         self.add_parents(&p);
         self.entries
-            .push((p, S_IFLNK | 0o777, target.as_bytes().to_vec()));
+            .push(Entry::new(p, S_IFLNK | 0o777, target.as_bytes().to_vec()));
+        self
+    }
+
+    /// Gives the entry at `path` (added before) the numeric owner `uid`:`gid`.
+    pub fn owner(mut self, path: &str, uid: u32, gid: u32) -> Self {
+        let p = Self::normalize(path);
+        for entry in self.entries.iter_mut().filter(|e| e.name == p) {
+            entry.uid = uid;
+            entry.gid = gid;
+        }
         self
     }
 
@@ -84,14 +118,21 @@ impl Cpio {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let mut ino = 1u32;
-        let push = |out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32| {
+        let push = |out: &mut Vec<u8>, entry: &Entry, ino: u32| {
+            let Entry {
+                name,
+                mode,
+                uid,
+                gid,
+                data,
+            } = entry;
             let nlink = if mode & S_IFDIR == S_IFDIR { 2 } else { 1 };
             let header = format!(
                 "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
                 ino,
                 mode,
-                0, // uid
-                0, // gid
+                uid,
+                gid,
                 nlink,
                 0, // mtime
                 data.len(),
@@ -113,11 +154,11 @@ impl Cpio {
                 out.push(0);
             }
         };
-        for (name, mode, data) in &self.entries {
-            push(&mut out, name, *mode, data, ino);
+        for entry in &self.entries {
+            push(&mut out, entry, ino);
             ino += 1;
         }
-        push(&mut out, "TRAILER!!!", 0, &[], 0);
+        push(&mut out, &Entry::new("TRAILER!!!".into(), 0, Vec::new()), 0);
         out
     }
 
@@ -202,6 +243,7 @@ mod tests {
             .file("/etc/nixos-kexec/secrets/disk-passphrase", 0o600, b"pw")
             .symlink("bin/x", "busybox")
             .dir("mnt", 0o755)
+            .owner("bin/x", 1000, 100)
             .write_to(&a)?;
         let out = run_tool(Command::new("cpio").args(["-itv", "--quiet", "-F"]).arg(&a))?;
         let listing = out.stdout_str();
@@ -211,6 +253,19 @@ mod tests {
             "{listing}"
         );
         assert!(listing.contains("bin/x -> busybox"), "{listing}");
+        let numeric = run_tool(
+            Command::new("cpio")
+                .args(["-itv", "--numeric-uid-gid", "--quiet", "-F"])
+                .arg(&a),
+        )?;
+        assert!(
+            numeric
+                .stdout_str()
+                .lines()
+                .any(|l| l.contains(" 1000 ") && l.contains(" 100 ") && l.ends_with("bin/x -> busybox")),
+            "{}",
+            numeric.stdout_str()
+        );
         let x = dir.path().join("x");
         fs::create_dir(&x)?;
         run_tool(

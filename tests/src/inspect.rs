@@ -343,6 +343,24 @@ pub fn ext4_read_file(part: &Path, path: &str) -> Result<Vec<u8>> {
     Ok(debugfs(part, &format!("cat {}", debugfs_quote(path)?))?.stdout)
 }
 
+/// The target of the symbolic link at `path` in an ext2/3/4 image, as `debugfs stat` shows it
+/// (`Fast link dest:`: targets under 60 bytes, stored in the inode, are all this reads).
+pub fn ext4_read_link(part: &Path, path: &str) -> Result<String> {
+    let st = ext4_stat(part, path)?;
+    ensure!(
+        st.file_type == "symlink",
+        "{path} in {} is a {}, not a symbolic link",
+        part.display(),
+        st.file_type
+    );
+    st.raw
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Fast link dest: \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .map(str::to_string)
+        .with_context(|| format!("no fast link target for {path} in:\n{}", st.raw))
+}
+
 /// What `debugfs stat` says about an inode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ext4Stat {
@@ -621,8 +639,9 @@ pub fn btrfs_subvolumes(part: &Path) -> Result<Vec<(u64, String)>> {
     Ok(found)
 }
 
-/// Copies the files of btrfs subvolume `name` out of the image into `dest` with their modes
-/// (`btrfs restore -m -r ID`: works on a file, nothing is mounted).
+/// Copies the files of btrfs subvolume `name` out of the image into `dest` with their modes,
+/// owners (when run as root) and symbolic links (`btrfs restore -m -S -r ID`: works on a file,
+/// nothing is mounted).
 pub fn btrfs_restore(part: &Path, name: &str, dest: &Path) -> Result<()> {
     let subvolumes = btrfs_subvolumes(part)?;
     let (id, _) = subvolumes
@@ -632,7 +651,7 @@ pub fn btrfs_restore(part: &Path, name: &str, dest: &Path) -> Result<()> {
     fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
     run_tool(
         Command::new("btrfs")
-            .args(["restore", "-m", "-r", &id.to_string()])
+            .args(["restore", "-m", "-S", "-r", &id.to_string()])
             .arg(part)
             .arg(dest),
     )?;

@@ -2,13 +2,14 @@
 //! "rescue system" script as /init) configures a Hetzner-like static network, runs
 //! `nixos-kexec run`, and kexecs into the installer, which must bring the same network back on
 //! the right NICs (matched by MAC: the rescue system renamed them) and prepare the disk chosen by
-//! serial.
+//! serial. The operator's `--extra-files` tree rides along in two of these runs (ext4, and
+//! btrfs-impermanence where it lands under /persist) rather than in VMs of its own.
 
 use anyhow::{ensure, Context, Result};
 use nixos_kexec_tests::rescue::{rescue_cpio, rescue_vm, LAN_MAC, WAN_MAC};
 use nixos_kexec_tests::*;
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const PASSPHRASE: &str = "Sup3r-Secret-Disk-Passphrase-7781";
 const GIB: u64 = 1 << 30;
@@ -17,7 +18,7 @@ const OPERATOR_KEY: &str =
 
 struct Rescue {
     cpio: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn rescue(bundle: &Bundle, run_args: &str, extra: &[(&str, u32, Vec<u8>)]) -> Result<Rescue> {
@@ -25,7 +26,7 @@ fn rescue(bundle: &Bundle, run_args: &str, extra: &[(&str, u32, Vec<u8>)]) -> Re
     let mut files = vec![("root/disk-passphrase", 0o600, PASSPHRASE.as_bytes().to_vec())];
     files.extend(extra.iter().cloned());
     let cpio = rescue_cpio(bundle, dir.path(), run_args, OPERATOR_KEY, &files)?;
-    Ok(Rescue { cpio, _dir: dir })
+    Ok(Rescue { cpio, dir })
 }
 
 /// The passphrase must appear nowhere but where it was put: not on the console, not in the
@@ -50,6 +51,106 @@ fn check_secret_absent(out: &RunOutcome) -> Result<()> {
     Ok(())
 }
 
+/// A private key only its owner (uid 1000) reads, in the operator's `--extra-files` tree: it
+/// must reach the target and never the console.
+const EXTRA_KEY: &str = "EXTRA-FILES-KEY-9f3c1e77-only-alice-reads-this";
+/// The operator's machine-id, which replaces the one the installer writes under /persist when
+/// `/` is a tmpfs.
+const EXTRA_MACHINE_ID: &str = "5c0ffee05c0ffee05c0ffee05c0ffee0\n";
+/// What the tree holds, as (path under the destination, type as debugfs names it, mode, uid,
+/// gid): nested directories, a secret, a script, a setuid helper, a relative link.
+const EXTRA_EXPECTED: &[(&str, &str, u32, u32, u32)] = &[
+    ("home/alice", "directory", 0o755, 1000, 100),
+    ("home/alice/.ssh", "directory", 0o700, 1000, 100),
+    ("home/alice/.ssh/id_ed25519", "regular", 0o600, 1000, 100),
+    ("usr/local/bin/hello", "regular", 0o755, 0, 0),
+    ("usr/local/bin/helper", "regular", 0o4755, 0, 50),
+    ("srv/app/releases/v1", "directory", 0o750, 0, 0),
+    ("srv/app/current", "symlink", 0o777, 1000, 100),
+    ("etc/machine-id", "regular", 0o444, 0, 0),
+];
+
+/// The bytes of a regular file of [`EXTRA_EXPECTED`].
+fn extra_content(relative: &str) -> Vec<u8> {
+    match relative {
+        "home/alice/.ssh/id_ed25519" => EXTRA_KEY.into(),
+        "etc/machine-id" => EXTRA_MACHINE_ID.into(),
+        _ => format!("#!/bin/sh\necho {relative}\n").into(),
+    }
+}
+
+/// The tree at /root/extra on the rescue system, as a second archive for the rescue VM (the
+/// kernel keeps each entry's mode and owner; the parents it adds are 0755, root's).
+fn extra_files_cpio(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("extra-files.cpio");
+    let mut cpio = Cpio::new();
+    for (relative, kind, mode, uid, gid) in EXTRA_EXPECTED {
+        let at = format!("root/extra/{relative}");
+        cpio = match *kind {
+            "directory" => cpio.dir(&at, *mode),
+            "symlink" => cpio.symlink(&at, "releases/v1"),
+            _ => cpio.file(&at, *mode, extra_content(relative)),
+        }
+        .owner(&at, *uid, *gid);
+    }
+    cpio.write_to(&path)?;
+    Ok(path)
+}
+
+/// The tree arrived as it was: each entry's type, mode and owner by `stat` (path under the
+/// destination -> type, mode, uid, gid), the key's bytes and the link's target by `read` and
+/// `read_link`; the key's bytes never on the console, where the run printed what it copied.
+fn check_extra_files(
+    out: &RunOutcome,
+    destination: &str,
+    stat: impl Fn(&str) -> Result<(String, u32, u32, u32)>,
+    read: impl Fn(&str) -> Result<Vec<u8>>,
+    read_link: impl Fn(&str) -> Result<String>,
+) -> Result<()> {
+    for (relative, kind, mode, uid, gid) in EXTRA_EXPECTED {
+        let found = stat(relative).with_context(|| format!("extra file {relative}"))?;
+        ensure!(
+            found == (kind.to_string(), *mode, *uid, *gid),
+            "{relative}: {found:?}, expected {kind} {mode:o} {uid}:{gid}"
+        );
+    }
+    ensure!(
+        read("home/alice/.ssh/id_ed25519")? == EXTRA_KEY.as_bytes(),
+        "the key's bytes"
+    );
+    ensure!(
+        read("etc/machine-id")? == EXTRA_MACHINE_ID.as_bytes(),
+        "the operator's machine-id"
+    );
+    ensure!(
+        read_link("srv/app/current")? == "releases/v1",
+        "the link's target"
+    );
+    ensure!(
+        !out.log.contains(EXTRA_KEY),
+        "the contents of a 0600 extra file appeared on the console"
+    );
+    ensure!(
+        out.contains(&format!(
+            "appended archive: file /etc/nixos-kexec/extra-files/home/alice/.ssh/id_ed25519 mode 600, owner 1000:100, {} bytes (secret, contents not shown)",
+            EXTRA_KEY.len()
+        )),
+        "the secret extra file is not listed, masked"
+    );
+    let bytes: usize = EXTRA_EXPECTED
+        .iter()
+        .filter(|(_, kind, ..)| *kind == "regular")
+        .map(|(relative, ..)| extra_content(relative).len())
+        .sum();
+    // Eleven directories: the three above and the parents etc, home, srv, srv/app,
+    // srv/app/releases, usr, usr/local and usr/local/bin.
+    let copied = format!(
+        "nixos-kexec: extra files: 4 files (1 secret), 11 directories, 1 link; {bytes} bytes copied to {destination} on the target"
+    );
+    ensure!(out.contains(&copied), "the installer did not say `{copied}`");
+    Ok(())
+}
+
 fn read_root_file(disk: &Path, path: &str) -> Result<String> {
     let root = extract_partition(disk, 3)?;
     Ok(String::from_utf8(ext4_read_file(&root, path)?)?)
@@ -61,10 +162,11 @@ fn kexec_with_static_network_restored_by_mac() -> Result<()> {
     let rescue = rescue(
         &bundle,
         "--disk serial:TARGET-DISK --hostname web1 --disk-key-file /root/disk-passphrase \
-         --param stop_before=install --param after=poweroff",
+         --extra-files /root/extra --param stop_before=install --param after=poweroff",
         &[],
     )?;
-    let out = rescue_vm(&bundle, &rescue.cpio).run()?;
+    let extra = extra_files_cpio(rescue.dir.path())?;
+    let out = rescue_vm(&bundle, &rescue.cpio).extra_initrd(&extra).run()?;
     out.expect_success()?;
     ensure!(
         out.contains("runtime info travels on the kernel command line"),
@@ -150,6 +252,20 @@ fn kexec_with_static_network_restored_by_mac() -> Result<()> {
     );
     let report = read_root_file(disk, "/var/log/nixos-kexec/report.json")?;
     ensure!(!report.contains(PASSPHRASE), "passphrase in report");
+
+    // The extra files, on ext4 under `/`, read with debugfs.
+    let at = |relative: &str| format!("/{relative}");
+    check_extra_files(
+        &out,
+        "/",
+        |relative| {
+            let st = ext4_stat(&root, &at(relative))?;
+            Ok((st.file_type, st.mode, st.uid, st.gid))
+        },
+        |relative| ext4_read_file(&root, &at(relative)),
+        |relative| ext4_read_link(&root, &at(relative)),
+    )?;
+    e2fsck(&root)?;
     Ok(())
 }
 
@@ -290,32 +406,73 @@ fn disks_alike_in_every_identity_are_refused_before_the_kexec() -> Result<()> {
 /// A UEFI rescue system (OVMF) kexecs into the installer: the installer must still see UEFI
 /// (the kexec passes the EFI state on), or it would plan a BIOS boot for a UEFI machine. The
 /// installed configuration picks the UEFI boot loader and the report says `uefi`.
+///
+/// The same run installs btrfs-impermanence with `--extra-files` (one VM for both: the suite's
+/// time counts): with `/` a tmpfs, the tree lands under /persist with its modes, owners and
+/// link, and the operator's machine-id replaces the one the installer wrote there.
 #[test]
 fn kexec_from_a_uefi_rescue_system_stays_uefi() -> Result<()> {
     let bundle = dev_bundle()?;
     let rescue = rescue(
         &bundle,
-        "--disk serial:TARGET-DISK --param stop_before=install --param after=poweroff",
+        "--disk serial:TARGET-DISK --param layout=btrfs-impermanence --extra-files /root/extra \
+         --param stop_before=install --param after=poweroff",
         &[],
     )?;
-    let out = rescue_vm(&bundle, &rescue.cpio).firmware(Firmware::Uefi).run()?;
+    let extra = extra_files_cpio(rescue.dir.path())?;
+    let out = rescue_vm(&bundle, &rescue.cpio)
+        .extra_initrd(&extra)
+        .firmware(Firmware::Uefi)
+        .run()?;
     out.expect_success()?;
     ensure!(
         out.contains("EFI stub"),
         "the rescue kernel did not start through its EFI stub"
     );
-    let report: Value = serde_json::from_str(&read_root_file(
-        &out.disks[1],
-        "/var/log/nixos-kexec/report.json",
-    )?)?;
+    let root = extract_partition(&out.disks[1], 3)?;
+    btrfs_check(&root)?;
+    let persist = rescue.dir.path().join("persist");
+    btrfs_restore(&root, "@persist", &persist)?;
+    let read = |relative: &str| -> Result<Vec<u8>> {
+        let path = persist.join(relative);
+        std::fs::read(&path).with_context(|| format!("reading {} from @persist", path.display()))
+    };
+    let report: Value = serde_json::from_slice(&read("var/log/nixos-kexec/report.json")?)?;
     ensure!(
         report["firmware"] == "uefi",
         "the installer lost UEFI across the kexec: {report}"
     );
-    let hardware = read_root_file(&out.disks[1], "/etc/nixos/hardware-configuration.nix")?;
+    let hardware = String::from_utf8(read("etc/nixos/hardware-configuration.nix")?)?;
     ensure!(
         hardware.contains("firmware = \"uefi\"") && hardware.contains("systemd-boot"),
         "no UEFI boot loader in the hardware configuration:\n{hardware}"
+    );
+
+    ensure!(
+        out.contains("the installer will copy the extra files to /persist on the target"),
+        "run did not say where the extra files land"
+    );
+    check_extra_files(
+        &out,
+        "/persist",
+        |relative| {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::symlink_metadata(persist.join(relative))?;
+            let kind = if meta.is_dir() {
+                "directory"
+            } else if meta.file_type().is_symlink() {
+                "symlink"
+            } else {
+                "regular"
+            };
+            Ok((kind.to_string(), meta.mode() & 0o7777, meta.uid(), meta.gid()))
+        },
+        read,
+        |relative| Ok(std::fs::read_link(persist.join(relative))?.display().to_string()),
+    )?;
+    ensure!(
+        out.contains("they replaced what the installer wrote at /persist/etc/machine-id"),
+        "the console does not say the operator's machine-id replaced the installer's"
     );
     Ok(())
 }

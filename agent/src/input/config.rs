@@ -8,6 +8,7 @@ use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::cmdline::{percent_decode, Params, SerialConsole};
 use crate::input::flake::{GeneratedPart, UserFlake};
 use crate::input::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
+use crate::input::tree::{Tree, Walk};
 use crate::installer::storage::{self, Storage, Table};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,9 @@ use std::path::Path;
 pub const RUNTIME_INFO_FILE: &str = "/etc/nixos-kexec/runtime-info.json";
 pub const DEFAULTS_FILE: &str = "/etc/nixos-kexec/defaults.json";
 pub const SECRETS_DIR: &str = "/etc/nixos-kexec/secrets";
+/// The operator's extra files (`nixos-kexec run --extra-files DIR`), as they are to be laid
+/// out under the target's `/` (or its persist path).
+pub const EXTRA_FILES_DIR: &str = "/etc/nixos-kexec/extra-files";
 pub const HOST_KEY_TYPES: [&str; 3] = ["ed25519", "rsa", "ecdsa"];
 /// The release the flake's own nixpkgs input follows (flake.nix), for bundles without
 /// /etc/nixos-kexec/defaults.json (the dev bundle). The Nix bundle writes its own nixpkgs and
@@ -35,13 +39,14 @@ pub enum Step {
     Mount,
     Keys,
     Flake,
+    ExtraFiles,
     Install,
     Verify,
     Finish,
 }
 
 impl Step {
-    pub const ALL: [Step; 10] = [
+    pub const ALL: [Step; 11] = [
         Step::Network,
         Step::Wipe,
         Step::Partition,
@@ -49,6 +54,7 @@ impl Step {
         Step::Mount,
         Step::Keys,
         Step::Flake,
+        Step::ExtraFiles,
         Step::Install,
         Step::Verify,
         Step::Finish,
@@ -63,6 +69,7 @@ impl Step {
             Step::Mount => "mount",
             Step::Keys => "keys",
             Step::Flake => "flake",
+            Step::ExtraFiles => "extra_files",
             Step::Install => "install",
             Step::Verify => "verify",
             Step::Finish => "finish",
@@ -511,6 +518,8 @@ pub struct Config {
     pub provided_host_keys: Vec<String>,
     /// Whether a disk passphrase came in the secrets archive (its value is never kept here).
     pub disk_passphrase_given: bool,
+    /// The operator's extra files found in the initrd ([`EXTRA_FILES_DIR`]), as walked.
+    pub extra_files: Option<Tree>,
     /// The serial console the installer runs with (the kernel command line's last serial
     /// `console=`), for the installed system too.
     pub serial_console: Option<SerialConsole>,
@@ -538,6 +547,7 @@ impl Default for Config {
             reinstall: false,
             provided_host_keys: Vec::new(),
             disk_passphrase_given: false,
+            extra_files: None,
             serial_console: None,
             bundle_nixpkgs: None,
         }
@@ -575,6 +585,7 @@ impl Config {
             reinstall: reinstall.unwrap_or(false),
             provided_host_keys: Vec::new(),
             disk_passphrase_given: false,
+            extra_files: None,
             serial_console,
             bundle_nixpkgs: None,
         })
@@ -633,6 +644,28 @@ impl Config {
             .map(|path| path.to_string_lossy().into_owned())
             .collect();
         self.disk_passphrase_given = dir.join("disk-passphrase").is_file();
+    }
+
+    /// Reads the tree of extra files the initrd carries under `root`, if any; refuses what
+    /// cannot be copied as it is (a hand-made archive may hold anything).
+    pub fn find_extra_files(&mut self, root: &Path) -> Result<()> {
+        let dir = root.join(EXTRA_FILES_DIR.trim_start_matches('/'));
+        if !dir.exists() {
+            return Ok(());
+        }
+        let name = format!("the extra files in the installer ({EXTRA_FILES_DIR})");
+        let tree = Tree::walk(
+            &dir,
+            &Walk {
+                name: &name,
+                // Already in RAM here: the rescue side limited what it packed.
+                max_bytes: u64::MAX,
+                why_limited: "",
+                skip: None,
+            },
+        )?;
+        self.extra_files = Some(tree).filter(|tree| !tree.entries.is_empty());
+        Ok(())
     }
 }
 

@@ -10,3 +10,4 @@ pub mod flake;
 pub mod http;
 pub mod runtime_info;
 pub mod tls;
+pub mod tree;

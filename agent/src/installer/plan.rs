@@ -144,6 +144,9 @@ pub struct Plan {
     pub runtime_info: RuntimeInfo,
     /// Host private keys the operator supplied in the secrets archive; empty: generate.
     pub provided_host_keys: Vec<String>,
+    /// The operator's extra files and where they land.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_files: Option<crate::installer::steps::extra_files::ExtraFiles>,
     /// The network to bring up in the installer and to write for the installed system.
     pub network: Option<crate::input::runtime_info::Network>,
     /// The earlier install on the disk that `nixos_kexec.reinstall` allowed to be replaced.
@@ -223,6 +226,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         .into_iter()
         .take_while(|step| Some(*step) != config.stop_before)
         .filter(|step| *step != Step::Network || config.network().is_some())
+        .filter(|step| *step != Step::ExtraFiles || config.extra_files.is_some())
         .collect();
     if config.stop_before.is_some_and(|step| step != Step::Finish) {
         steps.push(Step::Finish);
@@ -256,6 +260,15 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         crate::installer::steps::swap_file::decide(facts.ram_bytes, &steps, &placed, &mount_root);
     let virtualisation = facts.machine.virtualisation;
     let user_configuration = user_configuration(config, initrd_ssh.is_some(), root_tmpfs)?;
+    // Under the state directory, where they outlive a reboot when `/` is a tmpfs.
+    let extra_files =
+        config
+            .extra_files
+            .clone()
+            .map(|tree| crate::installer::steps::extra_files::ExtraFiles {
+                destination: state_dir.clone(),
+                tree,
+            });
     let plan = Plan {
         hostname: config.hostname().to_string(),
         firmware: facts.firmware,
@@ -316,6 +329,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
         mount_root,
         runtime_info: config.runtime_info.clone(),
         provided_host_keys: config.provided_host_keys.clone(),
+        extra_files,
         network: config.network().cloned(),
         replaces,
         user_configuration,
@@ -400,11 +414,16 @@ fn install_command(mount_root: &str, from: InstallFrom, caches: &BinaryCaches) -
 /// What the steps up to `install` would refuse in the input, refused now, before the wipe:
 /// the host flake is rendered (and dropped; the flake step renders it again, with the
 /// installer's network facts, which only add matches) and the provided host keys are parsed
-/// (the files stay for the keys step, which wipes them). Names, sizes and the rest of the
-/// layout were checked as it was placed.
+/// (the files stay for the keys step, which wipes them), and the extra files are checked
+/// against the directories the install needs. Names, sizes and the rest of the layout were
+/// checked as it was placed.
 fn refuse_what_the_steps_would(plan: &Plan) -> Result<()> {
     crate::installer::steps::flake::render(plan, None)?;
-    crate::installer::steps::keys::check_provided(&plan.provided_host_keys)
+    crate::installer::steps::keys::check_provided(&plan.provided_host_keys)?;
+    match &plan.extra_files {
+        Some(extra) => extra.check(plan),
+        None => Ok(()),
+    }
 }
 
 fn describe(disk: &Disk) -> String {

@@ -55,10 +55,11 @@ pub fn move_root_to_tmpfs() -> Result<()> {
     Ok(())
 }
 
-/// Copies `from` into `to` (files, directories, symlinks, device nodes), removing each source
-/// entry once copied; `skip` (the destination itself) is left alone.
+/// Copies `from` into `to` (files, directories, symlinks, device nodes) with their modes and
+/// owners (the operator's extra files keep theirs), removing each source entry once copied;
+/// `skip` (the destination itself) is left alone.
 pub fn move_tree(from: &Path, to: &Path, skip: &Path) -> Result<()> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     for entry in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
         let entry = entry.with_context(|| format!("listing {}", from.display()))?;
         let source = entry.path();
@@ -72,27 +73,40 @@ pub fn move_tree(from: &Path, to: &Path, skip: &Path) -> Result<()> {
         if kind.is_dir() {
             std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
             move_tree(&source, &target, skip)?;
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
-                .with_context(|| format!("setting the mode of {}", target.display()))?;
+            keep_owner_and_mode(&target, &meta)?;
             let _ = std::fs::remove_dir(&source);
         } else if kind.is_symlink() {
             let link =
                 std::fs::read_link(&source).with_context(|| format!("reading link {}", source.display()))?;
             std::os::unix::fs::symlink(&link, &target)
                 .with_context(|| format!("creating link {}", target.display()))?;
+            std::os::unix::fs::lchown(&target, Some(meta.uid()), Some(meta.gid()))
+                .with_context(|| format!("setting the owner of {}", target.display()))?;
             let _ = std::fs::remove_file(&source);
         } else if kind.is_file() {
             std::fs::copy(&source, &target).with_context(|| format!("copying {}", source.display()))?;
+            keep_owner_and_mode(&target, &meta)?;
             let _ = std::fs::remove_file(&source);
         } else if kind.is_char_device() || kind.is_block_device() || kind.is_fifo() {
             let mode = nix::sys::stat::Mode::from_bits_truncate(meta.mode());
             let sflag = nix::sys::stat::SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
             nix::sys::stat::mknod(&target, sflag, mode, meta.rdev())
                 .with_context(|| format!("creating node {}", target.display()))?;
+            keep_owner_and_mode(&target, &meta)?;
             let _ = std::fs::remove_file(&source);
         }
     }
     Ok(())
+}
+
+/// Gives `target` the owner and mode `source` had: the owner first, since chown(2) clears the
+/// setuid and setgid bits.
+fn keep_owner_and_mode(target: &Path, source: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::os::unix::fs::lchown(target, Some(source.uid()), Some(source.gid()))
+        .with_context(|| format!("setting the owner of {}", target.display()))?;
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(source.mode() & 0o7777))
+        .with_context(|| format!("setting the mode of {}", target.display()))
 }
 
 /// Mounts proc, sys, dev (with pts and shm), run and tmp, and attaches stdin/stdout/stderr to /dev/console
@@ -289,8 +303,38 @@ mod tests {
             std::os::unix::fs::PermissionsExt::from_mode(0o1777),
         )
         .unwrap();
+        // The operator's extra files: a key of uid 1000 in its 0700 directory, a setuid helper.
+        std::fs::create_dir_all(f.join("extra/.ssh")).unwrap();
+        std::fs::write(f.join("extra/.ssh/key"), b"key").unwrap();
+        std::os::unix::fs::chown(f.join("extra/.ssh/key"), Some(1000), Some(100)).unwrap();
+        std::os::unix::fs::chown(f.join("extra/.ssh"), Some(1000), Some(100)).unwrap();
+        std::fs::set_permissions(
+            f.join("extra/.ssh"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        std::fs::write(f.join("extra/helper"), b"elf").unwrap();
+        std::os::unix::fs::chown(f.join("extra/helper"), Some(0), Some(50)).unwrap();
+        std::fs::set_permissions(
+            f.join("extra/helper"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o6755),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("key", f.join("extra/.ssh/link")).unwrap();
+        std::os::unix::fs::lchown(f.join("extra/.ssh/link"), Some(1000), Some(100)).unwrap();
         move_tree(f, to.path(), to.path()).unwrap();
         let t = to.path();
+        let owner = |p: &Path| {
+            let meta = std::fs::symlink_metadata(p).unwrap();
+            (
+                std::os::unix::fs::MetadataExt::uid(&meta),
+                std::os::unix::fs::MetadataExt::gid(&meta),
+            )
+        };
+        assert_eq!(owner(&t.join("extra/.ssh/key")), (1000, 100));
+        assert_eq!(owner(&t.join("extra/.ssh")), (1000, 100));
+        assert_eq!(owner(&t.join("extra/.ssh/link")), (1000, 100));
+        assert_eq!(owner(&t.join("extra/helper")), (0, 50));
         assert_eq!(std::fs::read(t.join("bin/busybox")).unwrap(), b"elf");
         assert_eq!(
             std::fs::read_link(t.join("bin/sh")).unwrap(),
@@ -301,6 +345,12 @@ mod tests {
         };
         assert_eq!(mode(&t.join("bin/busybox")), 0o755);
         assert_eq!(mode(&t.join("tmp")), 0o1777);
+        assert_eq!(mode(&t.join("extra/.ssh")), 0o700);
+        assert_eq!(
+            mode(&t.join("extra/helper")),
+            0o6755,
+            "chown must not clear setuid/setgid"
+        );
         assert!(!f.join("bin").exists(), "sources are removed as they are copied");
     }
 }

@@ -1,15 +1,23 @@
 //! A minimal newc cpio writer for the archive appended to the installer's initrd at kexec
-//! time (the kernel unpacks concatenated archives; later files win). Secrets travel only here,
-//! so nothing here ever logs file contents.
+//! time (the kernel unpacks concatenated archives; later files win, and it keeps each entry's
+//! mode, owner and link target). Secrets travel only here, so nothing here ever logs file
+//! contents.
 
+use crate::input::tree::{EntryKind, Tree, TreeEntry, TreeSummary};
 use crate::secret::Secret;
+use anyhow::Result;
+use std::collections::BTreeSet;
 use std::io::Write;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub path: String,
+    /// File type and permission bits, as in `st_mode`.
     pub mode: u32,
-    /// Every file's bytes are held as a [`Secret`]: the archive is where secrets travel.
+    pub uid: u32,
+    pub gid: u32,
+    /// A file's bytes or a link's target. Every file's bytes are held as a [`Secret`]: the
+    /// archive is where secrets travel.
     pub data: Secret,
     /// Masked in dry-run listings.
     pub secret: bool,
@@ -18,42 +26,121 @@ pub struct Entry {
 #[derive(Debug, Default, Clone)]
 pub struct Archive {
     entries: Vec<Entry>,
+    /// The directories among `entries`, so parents are added once.
+    dirs: BTreeSet<String>,
 }
 
+const S_IFMT: u32 = 0o170000;
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
+const S_IFLNK: u32 = 0o120000;
 
 impl Archive {
-    /// Adds a file, and its parent directories if not yet added.
+    /// Adds a file owned by root, and its parent directories if not yet added.
     pub fn file(&mut self, path: &str, mode: u32, data: impl Into<Secret>, secret: bool) {
-        let path = path.trim_start_matches('/');
+        self.push(Entry {
+            path: path.trim_start_matches('/').to_string(),
+            mode: S_IFREG | mode,
+            uid: 0,
+            gid: 0,
+            data: data.into(),
+            secret,
+        });
+    }
+
+    /// Adds `tree`'s entries under the directory `under` (made 0700, root's: in the installer
+    /// only root reads them), with their modes, owners and link targets, files read whole now.
+    pub fn tree(&mut self, tree: &Tree, under: &str) -> Result<TreeSummary> {
+        let under = under.trim_matches('/');
+        self.push(Entry {
+            path: under.to_string(),
+            mode: S_IFDIR | 0o700,
+            uid: 0,
+            gid: 0,
+            data: Secret::new(Vec::new()),
+            secret: false,
+        });
+        let mut summary = TreeSummary::default();
+        for entry in &tree.entries {
+            let (kind, data) = match &entry.kind {
+                EntryKind::Dir => (S_IFDIR, Secret::new(Vec::new())),
+                EntryKind::File => (S_IFREG, tree.read(entry)?),
+                EntryKind::Symlink { target } => (S_IFLNK, Secret::new(target.as_bytes().to_vec())),
+            };
+            self.push(Entry {
+                path: format!("{under}/{}", entry.path),
+                mode: kind | entry.mode,
+                uid: entry.uid,
+                gid: entry.gid,
+                data,
+                secret: entry.is_secret(),
+            });
+            summary.add(entry);
+        }
+        Ok(summary)
+    }
+
+    /// The tree the installer finds under `under` once the kernel has unpacked the archive, as
+    /// [`Tree::walk`] would read it there; `None` when nothing is there.
+    pub fn tree_at(&self, under: &str) -> Option<Tree> {
+        let prefix = format!("{}/", under.trim_matches('/'));
+        let entries: Vec<TreeEntry> = self
+            .entries
+            .iter()
+            .filter_map(|e| {
+                let path = e.path.strip_prefix(&prefix)?;
+                let kind = match e.mode & S_IFMT {
+                    S_IFDIR => EntryKind::Dir,
+                    S_IFLNK => EntryKind::Symlink {
+                        target: String::from_utf8_lossy(e.data.as_bytes()).into_owned(),
+                    },
+                    _ => EntryKind::File,
+                };
+                let size = if kind == EntryKind::File {
+                    e.data.len() as u64
+                } else {
+                    0
+                };
+                Some(TreeEntry {
+                    path: path.to_string(),
+                    kind,
+                    mode: e.mode & 0o7777,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size,
+                })
+            })
+            .collect();
+        (!entries.is_empty()).then(|| Tree {
+            root: format!("/{}", under.trim_matches('/')).into(),
+            entries,
+        })
+    }
+
+    /// Adds an entry after its parent directories (0755, root's) that are not there yet.
+    fn push(&mut self, entry: Entry) {
         let mut parent = String::new();
-        for component in path
-            .split('/')
-            .collect::<Vec<_>>()
-            .split_last()
-            .map(|(_, dirs)| dirs)
-            .unwrap_or(&[])
-        {
+        let components: Vec<&str> = entry.path.split('/').collect();
+        for component in components.split_last().map(|(_, dirs)| dirs).unwrap_or(&[]) {
             if !parent.is_empty() {
                 parent.push('/');
             }
             parent.push_str(component);
-            if !self.entries.iter().any(|e| e.path == parent) {
+            if self.dirs.insert(parent.clone()) {
                 self.entries.push(Entry {
                     path: parent.clone(),
                     mode: S_IFDIR | 0o755,
+                    uid: 0,
+                    gid: 0,
                     data: Secret::new(Vec::new()),
                     secret: false,
                 });
             }
         }
-        self.entries.push(Entry {
-            path: path.to_string(),
-            mode: S_IFREG | mode,
-            data: data.into(),
-            secret,
-        });
+        if entry.mode & S_IFMT == S_IFDIR {
+            self.dirs.insert(entry.path.clone());
+        }
+        self.entries.push(entry);
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -64,23 +151,42 @@ impl Archive {
         self.entries.is_empty()
     }
 
-    /// A listing for `--dry-run`: paths, modes and sizes, secret contents never shown.
+    /// The archive's size in bytes, as [`Archive::to_bytes`] makes it.
+    pub fn size(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| entry_size(&e.path, e.data.len()))
+            .sum::<usize>()
+            .saturating_add(entry_size("TRAILER!!!", 0))
+            .next_multiple_of(512)
+    }
+
+    /// A listing for `--dry-run`: paths, modes, owners and sizes, secret contents never shown.
     pub fn listing(&self) -> Vec<String> {
         self.entries
             .iter()
             .map(|e| {
-                let kind = if e.mode & S_IFDIR != 0 { "dir " } else { "file" };
-                let what = if e.secret {
-                    " (secret, contents not shown)".to_string()
-                } else {
-                    String::new()
-                };
-                format!(
-                    "{kind} /{} mode {:o}, {} bytes{what}",
-                    e.path,
-                    e.mode & 0o7777,
-                    e.data.len()
-                )
+                let owner = format!("owner {}:{}", e.uid, e.gid);
+                let path = &e.path;
+                match e.mode & S_IFMT {
+                    S_IFLNK => format!(
+                        "link /{path} -> {}, {owner}",
+                        String::from_utf8_lossy(e.data.as_bytes())
+                    ),
+                    kind => {
+                        let kind = if kind == S_IFDIR { "dir " } else { "file" };
+                        let what = if e.secret {
+                            " (secret, contents not shown)"
+                        } else {
+                            ""
+                        };
+                        format!(
+                            "{kind} /{path} mode {:o}, {owner}, {} bytes{what}",
+                            e.mode & 0o7777,
+                            e.data.len()
+                        )
+                    }
+                }
             })
             .collect()
     }
@@ -88,24 +194,22 @@ impl Archive {
     /// The archive, in one buffer of its final size (growing would leave copies of the
     /// secrets behind).
     pub fn to_bytes(&self) -> Secret {
-        let size: usize = self
-            .entries
-            .iter()
-            .map(|e| entry_size(&e.path, e.data.len()))
-            .sum::<usize>()
-            + entry_size("TRAILER!!!", 0)
-            + 512;
-        let mut out = Vec::with_capacity(size);
+        let mut out = Vec::with_capacity(self.size());
         for (index, entry) in self.entries.iter().enumerate() {
-            write_entry(
-                &mut out,
-                index as u32 + 1,
-                &entry.path,
-                entry.mode,
-                entry.data.as_bytes(),
-            );
+            write_entry(&mut out, index as u32 + 1, entry);
         }
-        write_entry(&mut out, 0, "TRAILER!!!", 0, &[]);
+        write_entry(
+            &mut out,
+            0,
+            &Entry {
+                path: "TRAILER!!!".into(),
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                data: Secret::new(Vec::new()),
+                secret: false,
+            },
+        );
         pad(&mut out, 512);
         Secret::new(out)
     }
@@ -122,13 +226,19 @@ fn pad(out: &mut Vec<u8>, to: usize) {
     }
 }
 
-fn write_entry(out: &mut Vec<u8>, inode: u32, path: &str, mode: u32, data: &[u8]) {
-    let nlink = if mode & S_IFDIR != 0 { 2 } else { 1 };
+fn write_entry(out: &mut Vec<u8>, inode: u32, entry: &Entry) {
+    let Entry {
+        path,
+        mode,
+        uid,
+        gid,
+        data,
+        ..
+    } = entry;
+    let nlink = if mode & S_IFMT == S_IFDIR { 2 } else { 1 };
     let name_size = path.len() + 1;
     let header = format!(
-        "070701{inode:08X}{mode:08X}{:08X}{:08X}{nlink:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{name_size:08X}{:08X}",
-        0, // uid
-        0, // gid
+        "070701{inode:08X}{mode:08X}{uid:08X}{gid:08X}{nlink:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{name_size:08X}{:08X}",
         0, // mtime: fixed, so the same input gives the same archive
         data.len(),
         0, // devmajor
@@ -141,13 +251,31 @@ fn write_entry(out: &mut Vec<u8>, inode: u32, path: &str, mode: u32, data: &[u8]
     let _ = out.write_all(path.as_bytes());
     out.push(0);
     pad(out, 4);
-    let _ = out.write_all(data);
+    let _ = out.write_all(data.as_bytes());
     pad(out, 4);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::input::tree::tests::{sample, RULES};
+    use std::os::unix::fs::MetadataExt;
+
+    /// What GNU cpio unpacks from the archive, as root (so it keeps owners) and with `-m`.
+    fn unpack(archive: &Archive) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("cpio")
+            .args(["-idm", "--quiet"])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("cpio (Debian: cpio) is needed for this test");
+        let bytes = archive.to_bytes();
+        assert_eq!(bytes.len(), archive.size());
+        child.stdin.take().unwrap().write_all(bytes.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+        dir
+    }
 
     #[test]
     fn gnu_cpio_reads_it_back() {
@@ -164,20 +292,7 @@ mod tests {
             b"hunter2".to_vec(),
             true,
         );
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("cpio")
-            .args(["-idm", "--quiet"])
-            .current_dir(dir.path())
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("cpio (Debian: cpio) is needed for this test");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(archive.to_bytes().as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success());
+        let dir = unpack(&archive);
         let secret = dir.path().join("etc/nixos-kexec/secrets/disk-passphrase");
         assert_eq!(std::fs::read(&secret).unwrap(), b"hunter2");
         let mode = std::fs::metadata(&secret).unwrap().permissions();
@@ -189,5 +304,57 @@ mod tests {
         let listing = archive.listing().join("\n");
         assert!(!listing.contains("hunter2"));
         assert!(listing.contains("secret, contents not shown"));
+    }
+
+    /// A tree packed under a directory comes out of GNU cpio as it went in: modes with setuid
+    /// and sticky bits, numeric owners, links with their targets (dangling ones too), contents;
+    /// what GNU cpio unpacks walks to the same tree, and is what `tree_at` says the installer
+    /// will find.
+    #[test]
+    fn a_tree_round_trips_through_gnu_cpio() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "owners can only be kept as root");
+        let source = tempfile::tempdir().unwrap();
+        sample(source.path());
+        let tree = Tree::walk(source.path(), &RULES).unwrap();
+        let mut archive = Archive::default();
+        archive.file(
+            "/etc/nixos-kexec/secrets/disk-passphrase",
+            0o600,
+            b"pw".to_vec(),
+            true,
+        );
+        let summary = archive.tree(&tree, "/etc/nixos-kexec/extra-files").unwrap();
+        assert_eq!(summary, tree.summary());
+        let dir = unpack(&archive);
+        let unpacked_root = dir.path().join("etc/nixos-kexec/extra-files");
+        let unpacked = Tree::walk(&unpacked_root, &RULES).unwrap();
+        assert_eq!(unpacked.entries, tree.entries);
+        assert_eq!(
+            std::fs::read(unpacked_root.join("home/alice/.ssh/id_ed25519")).unwrap(),
+            b"PRIVATE-KEY-BYTES\n"
+        );
+        let container = std::fs::metadata(&unpacked_root).unwrap();
+        assert_eq!(container.mode() & 0o7777, 0o700);
+        assert_eq!(
+            std::fs::read_link(unpacked_root.join("etc/ssh/dangling")).unwrap(),
+            std::path::Path::new("/run/keys/missing")
+        );
+        let found = archive.tree_at("/etc/nixos-kexec/extra-files").unwrap();
+        assert_eq!(found.entries, tree.entries);
+        assert_eq!(found.root, std::path::Path::new("/etc/nixos-kexec/extra-files"));
+        assert!(archive.tree_at("/etc/nixos-kexec/elsewhere").is_none());
+
+        let listing = archive.listing().join("\n");
+        assert!(!listing.contains("PRIVATE-KEY"), "{listing}");
+        for line in [
+            "file /etc/nixos-kexec/extra-files/home/alice/.ssh/id_ed25519 mode 600, owner 1000:100, 18 bytes (secret, contents not shown)",
+            "file /etc/nixos-kexec/extra-files/etc/helper mode 4755, owner 0:0, 6 bytes",
+            "dir  /etc/nixos-kexec/extra-files/srv/shared mode 1777, owner 0:0, 0 bytes",
+            "link /etc/nixos-kexec/extra-files/etc/ssh/dangling -> /run/keys/missing, owner 1000:100",
+            "dir  /etc/nixos-kexec/extra-files mode 700, owner 0:0, 0 bytes",
+        ] {
+            assert!(listing.lines().any(|l| l == line), "{line} not in:\n{listing}");
+        }
     }
 }

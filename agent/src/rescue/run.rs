@@ -20,7 +20,13 @@ use anyhow::{Context, Result};
 use base64::Engine;
 use std::path::{Path, PathBuf};
 
-use crate::input::config::{HOST_KEY_TYPES, SECRETS_DIR};
+use crate::input::config::{EXTRA_FILES_DIR, HOST_KEY_TYPES, SECRETS_DIR};
+use crate::input::tree::{Tree, Walk};
+
+/// The most file bytes `--extra-files` takes. The archive rides in RAM all the way: held whole
+/// here, unpacked by the new kernel into the installer's initramfs, copied onto its tmpfs root,
+/// and on a 1 GiB machine the installer and Nix need the rest.
+pub const EXTRA_FILES_MAX_BYTES: u64 = 64 * MIB;
 
 /// `nixos-kexec run`'s options; the doc comments are its `--help`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -62,6 +68,10 @@ pub struct RunOptions {
     /// Directory with pre-made ssh_host_<type>_key files to install instead of new ones.
     #[arg(long)]
     pub host_keys: Option<PathBuf>,
+    /// Directory copied onto the target's / (under /persist when / is a tmpfs), keeping modes,
+    /// owners and links; travels only in the appended initrd archive.
+    #[arg(long)]
+    pub extra_files: Option<PathBuf>,
     /// Installer parameter KEY=VALUE (KEY without the nixos_kexec. prefix); repeatable.
     #[arg(long = "param", value_parser = crate::input::cmdline::param_option)]
     pub params: Vec<(String, String)>,
@@ -293,10 +303,10 @@ pub fn hand_over(info: &RuntimeInfo, base_params: &[String], mut archive: Archiv
     })
 }
 
-/// RAM the installer needs: the compressed initrd and its unpacked copy (about 3x), the kernel,
-/// and room for mkfs and the agent.
-pub fn ram_needed(kernel_bytes: u64, initrd_bytes: u64) -> u64 {
-    kernel_bytes + initrd_bytes * 4 + 160 * MIB
+/// RAM the installer needs: the compressed initrd and its unpacked copy (about 3x), the
+/// appended archive and its unpacked copy, the kernel, and room for mkfs and the agent.
+pub fn ram_needed(kernel_bytes: u64, initrd_bytes: u64, archive_bytes: u64) -> u64 {
+    kernel_bytes + initrd_bytes * 4 + archive_bytes * 2 + 160 * MIB
 }
 
 pub fn prepare(
@@ -439,6 +449,26 @@ pub fn prepare(
             }
         });
     }
+    if let Some(dir) = &options.extra_files {
+        let name = format!("--extra-files {}", dir.display());
+        let tree = Tree::walk(
+            dir,
+            &Walk {
+                name: &name,
+                max_bytes: EXTRA_FILES_MAX_BYTES,
+                why_limited: "the files travel in the installer's RAM, beside the installer itself.",
+                skip: None,
+            },
+        )?;
+        if tree.entries.is_empty() {
+            return Err(user_error(
+                format!("{name}: the directory is empty."),
+                "put the files in it as they should be under / on the target (e.g. DIR/etc/machine-id), or drop --extra-files.",
+            ));
+        }
+        let summary = archive.tree(&tree, EXTRA_FILES_DIR)?;
+        console::line(&format!("extra files from {}: {summary}", dir.display()));
+    }
     if options.host_keys.is_none() {
         // Made here rather than in the installer, so the operator sees the fingerprint before
         // the machine goes away and can pin it in known_hosts.
@@ -476,6 +506,7 @@ pub fn plan_as_installer(options: &RunOptions, facts: &Facts, handover: &Handove
         .transpose()?;
     let mut config = Config::assemble(info_file, &params)?;
     config.disk_passphrase_given = options.disk_key_file.is_some();
+    config.extra_files = handover.archive.tree_at(EXTRA_FILES_DIR);
     plan::make(&config, &after_kexec, &PlanIds::random())
 }
 
@@ -488,7 +519,8 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
         .len();
     let initrd = std::fs::read(&initrd_path)
         .with_context(|| format!("reading the bundle's initrd {}", initrd_path.display()))?;
-    let needed = ram_needed(kernel_bytes, initrd.len() as u64);
+    let handover = prepare(options, facts, gathered, &running_cmdline)?;
+    let needed = ram_needed(kernel_bytes, initrd.len() as u64, handover.archive.size() as u64);
     if facts.ram_bytes > 0 && facts.ram_bytes < needed {
         return Err(user_error(
             format!(
@@ -496,10 +528,9 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
                 facts.ram_bytes / MIB,
                 needed / MIB
             ),
-            "use a smaller bundle (the minimal Nix-built one), or add RAM.",
+            "use a smaller bundle (the minimal Nix-built one), fewer --extra-files, or add RAM.",
         ));
     }
-    let handover = prepare(options, facts, gathered, &running_cmdline)?;
     match handover.carrier {
         Carrier::Cmdline => console::line("runtime info travels on the kernel command line"),
         Carrier::CmdlineDeflated => console::line("runtime info travels on the kernel command line, deflated"),
@@ -522,6 +553,14 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
         plan.table.name(),
         plan.disk.dev_path
     ));
+    if let (Some(extra), Some(dir)) = (&plan.extra_files, &options.extra_files) {
+        console::line(&format!(
+            "the installer will copy the extra files to {} on the target ({}/etc/x becomes {}/etc/x)",
+            extra.destination,
+            dir.display().to_string().trim_end_matches('/'),
+            extra.destination.trim_end_matches('/')
+        ));
+    }
     if options.dry_run {
         console::line(&format!("plan-json: {}", serde_json::to_string(&plan)?));
         console::line("dry run: nothing was loaded");
@@ -814,6 +853,61 @@ mod tests {
             crate::error::one_line(&err).contains("--flake FLAKEREF#NAME"),
             "{err}"
         );
+    }
+
+    /// The tree travels in the archive only (nothing of it on the command line, its secret's
+    /// contents masked in the listing), and the plan made here says where it lands; a missing
+    /// or empty directory is refused before anything is loaded.
+    #[test]
+    fn extra_files_travel_in_the_archive_and_are_planned() {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = dir.path().join("extra");
+        crate::input::tree::tests::sample(&extra);
+        let f = facts(vec![disk("vda", 8 << 30, 512, "A")]);
+        let mut options = RunOptions {
+            disk: Some("/dev/vda".into()),
+            extra_files: Some(extra.clone()),
+            ..RunOptions::default()
+        };
+        let h = prepare(&options, &f, bios_machine_gathered(), "console=ttyS0").unwrap();
+        assert!(
+            !h.cmdline.contains("alice") && !h.cmdline.contains("extra"),
+            "{}",
+            h.cmdline
+        );
+        let listing = h.archive.listing().join("\n");
+        assert!(!listing.contains("PRIVATE-KEY"), "{listing}");
+        assert!(
+            listing.contains("file /etc/nixos-kexec/extra-files/home/alice/.ssh/id_ed25519 mode 600, owner 1000:100, 18 bytes (secret, contents not shown)"),
+            "{listing}"
+        );
+        let plan = plan_as_installer(&options, &f, &h).unwrap();
+        let planned = plan.extra_files.unwrap();
+        assert_eq!(planned.destination, "/");
+        assert_eq!(
+            planned.tree.entries,
+            Tree::walk(&extra, &crate::input::tree::tests::RULES)
+                .unwrap()
+                .entries
+        );
+        assert!(plan.steps.contains(&crate::input::config::Step::ExtraFiles));
+        options.params = vec![("layout".into(), "btrfs-impermanence".into())];
+        let h = prepare(&options, &f, bios_machine_gathered(), "console=ttyS0").unwrap();
+        let plan = plan_as_installer(&options, &f, &h).unwrap();
+        assert_eq!(plan.extra_files.unwrap().destination, "/persist");
+
+        for (bad, says) in [
+            (dir.path().join("absent"), "does not exist"),
+            (dir.path().join("empty"), "is empty"),
+        ] {
+            std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+            options.extra_files = Some(bad);
+            let Err(err) = prepare(&options, &f, bios_machine_gathered(), "console=ttyS0") else {
+                panic!("{says}: accepted");
+            };
+            let user = crate::error::as_user_error(&err).unwrap();
+            assert!(user.problem.contains(says), "{user}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Executing a plan: one module per step, run in order, each timed and reported.
 
 pub mod crypt;
+pub mod extra_files;
 pub mod finish;
 pub mod flake;
 pub mod format;
@@ -121,6 +122,7 @@ fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
         Step::Mount => mount::run(plan, execution),
         Step::Keys => keys::run(plan, execution),
         Step::Flake => flake::run(plan, execution),
+        Step::ExtraFiles => extra_files::run(plan, execution),
         Step::Install => {
             // No swap file for a bundle that cannot install.
             install::check_program(plan)?;
