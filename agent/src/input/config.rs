@@ -661,6 +661,7 @@ impl Config {
                 // Already in RAM here: the rescue side limited what it packed.
                 max_bytes: u64::MAX,
                 why_limited: "",
+                too_large_fix: None,
                 skip: None,
             },
         )?;

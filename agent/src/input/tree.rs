@@ -100,6 +100,8 @@ pub struct Walk<'a> {
     pub max_bytes: u64,
     /// Why there is a limit, for the error that refuses a bigger tree.
     pub why_limited: &'a str,
+    /// The fix that error gives, when not the generic one (take the large files out).
+    pub too_large_fix: Option<&'a str>,
     /// Entries to leave out with all they hold (e.g. what a .gitignore names); `None` keeps
     /// everything.
     pub skip: Option<Skip<'a>>,
@@ -229,11 +231,15 @@ impl Tree {
             if *bytes > rules.max_bytes {
                 return Err(user_error(
                     format!(
-                        "{name} holds more than {} MiB of files, the most it may: {}",
+                        "{name} holds more than {} MiB of files (the limit was crossed at {entry_path}, {:.1} MiB), the most it may: {}",
                         rules.max_bytes >> 20,
+                        size as f64 / (1 << 20) as f64,
                         rules.why_limited
                     ),
-                    format!("take the large files out of {name} and let the installed system fetch or build them."),
+                    rules.too_large_fix.map_or_else(
+                        || format!("take the large files out of {name} and let the installed system fetch or build them."),
+                        str::to_string,
+                    ),
                 ));
             }
             let is_dir = kind == EntryKind::Dir;
@@ -340,6 +346,7 @@ pub mod tests {
         name: "--extra-files DIR",
         max_bytes: 1 << 20,
         why_limited: "a test limit.",
+        too_large_fix: None,
         skip: None,
     };
 

@@ -1,15 +1,15 @@
 //! `run --flake ./DIR#NAME`: the operator's flake directory, packed into the appended archive
-//! as git would commit it (`.gitignore` and `.git/info/exclude` respected, `.git` left out),
-//! up to a size the installer's RAM can carry. The installer finds it at
-//! [`PACKED_FLAKE_DIR`] and the host flake takes it in as `./configuration`.
+//! as git would commit it (`.gitignore` files and `.git/info/exclude` respected, `.git` left
+//! out), with modes, owners and links as they are, up to a size the installer's RAM can carry.
+//! The installer finds it at [`PACKED_FLAKE_DIR`] and the host flake takes it in as
+//! `./configuration`.
 
 use super::cpio::Archive;
-use crate::console;
-use crate::error::user_error;
 use crate::input::flake::{UserFlake, PACKED_FLAKE_DIR};
+use crate::input::tree::{Tree, TreeSummary, Walk};
 use crate::installer::storage::MIB;
 use anyhow::{Context, Result};
-use std::os::unix::fs::PermissionsExt;
+use std::collections::BTreeSet;
 use std::path::Path;
 
 /// The archive is unpacked into the installer's RAM, next to the whole bundle: a configuration
@@ -17,17 +17,29 @@ use std::path::Path;
 /// `.gitignore`.
 pub const MAX_BYTES: u64 = 32 * MIB;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PackedFlake {
-    pub files: usize,
-    pub bytes: u64,
-    /// Symlinks, which the installer's copy leaves out.
-    pub left_out: Vec<String>,
+/// Packs `dir`, the directory of `flake`, into `archive` under [`PACKED_FLAKE_DIR`].
+pub fn pack(flake: &UserFlake, dir: &Path, archive: &mut Archive) -> Result<TreeSummary> {
+    crate::installer::steps::flake::check_flake_directory(flake, dir)?;
+    let kept = not_ignored(dir)?;
+    let name = format!("--flake {}", dir.display());
+    let keep = |path: &str, _dir: bool| !kept.contains(path);
+    let tree = Tree::walk(
+        dir,
+        &Walk {
+            name: &name,
+            max_bytes: MAX_BYTES,
+            why_limited: "after .gitignore, it travels in the installer's RAM.",
+            too_large_fix: Some(
+                "add what the configuration does not need (build results, images) to .gitignore, or push the flake to a repository and pass --flake github:OWNER/REPO#NAME.",
+            ),
+            skip: Some(&keep),
+        },
+    )?;
+    archive.tree(&tree, PACKED_FLAKE_DIR)
 }
 
-/// Packs `dir`, the directory of `flake`, into `archive` under [`PACKED_FLAKE_DIR`].
-pub fn pack(flake: &UserFlake, dir: &Path, archive: &mut Archive) -> Result<PackedFlake> {
-    crate::installer::steps::flake::check_flake_directory(flake, dir)?;
+/// The relative paths under `dir` that git would not ignore, `.git` left out.
+fn not_ignored(dir: &Path) -> Result<BTreeSet<String>> {
     let walk = ignore::WalkBuilder::new(dir)
         .hidden(false)
         .ignore(false)
@@ -36,83 +48,26 @@ pub fn pack(flake: &UserFlake, dir: &Path, archive: &mut Archive) -> Result<Pack
         .git_exclude(true)
         .require_git(false)
         .follow_links(false)
-        .sort_by_file_name(|a, b| a.cmp(b))
         .filter_entry(|entry| entry.file_name() != ".git")
         .build();
-    let mut files = Vec::new();
-    let mut left_out = Vec::new();
+    let mut kept = BTreeSet::new();
     for entry in walk {
         let entry = entry.with_context(|| format!("reading the flake directory {}", dir.display()))?;
-        let path = entry.path();
-        let relative = path
+        let relative = entry
+            .path()
             .strip_prefix(dir)
-            .with_context(|| format!("{} is outside {}", path.display(), dir.display()))?
-            .to_string_lossy()
-            .into_owned();
-        let metadata =
-            std::fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
-        if metadata.is_dir() {
-            continue;
+            .with_context(|| format!("{} is outside {}", entry.path().display(), dir.display()))?;
+        if let Some(relative) = relative.to_str().filter(|r| !r.is_empty()) {
+            kept.insert(relative.to_string());
         }
-        if !metadata.is_file() {
-            left_out.push(relative);
-            continue;
-        }
-        files.push((
-            relative,
-            path.to_path_buf(),
-            metadata.len(),
-            metadata.permissions().mode(),
-        ));
     }
-    let bytes: u64 = files.iter().map(|(_, _, size, _)| size).sum();
-    if bytes > MAX_BYTES {
-        let mut largest: Vec<&(String, std::path::PathBuf, u64, u32)> = files.iter().collect();
-        largest.sort_by_key(|(_, _, size, _)| std::cmp::Reverse(*size));
-        let named: Vec<String> = largest
-            .iter()
-            .take(3)
-            .map(|(name, _, size, _)| format!("{name} {:.1} MiB", *size as f64 / MIB as f64))
-            .collect();
-        return Err(user_error(
-            format!(
-                "The flake directory {} holds {:.1} MiB after .gitignore (largest: {}), over the {} MiB the installer can carry: it travels in the installer's RAM.",
-                dir.display(),
-                bytes as f64 / MIB as f64,
-                named.join(", "),
-                MAX_BYTES / MIB
-            ),
-            "add what the configuration does not need (build results, images) to .gitignore, or push the flake to a repository and pass --flake github:OWNER/REPO#NAME.",
-        ));
-    }
-    for (relative, path, _, mode) in &files {
-        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        // Keys kept next to a configuration (sops, age) are private to their owner: masked.
-        let secret = mode & 0o077 == 0;
-        archive.file(
-            &format!("{PACKED_FLAKE_DIR}/{relative}"),
-            mode & 0o7777,
-            data,
-            secret,
-        );
-    }
-    for name in &left_out {
-        console::line(&format!(
-            "flake: {name} in {} is no regular file (a symlink?); it is left out",
-            dir.display()
-        ));
-    }
-    Ok(PackedFlake {
-        files: files.len(),
-        bytes,
-        left_out,
-    })
+    Ok(kept)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     fn flake() -> UserFlake {
         UserFlake::parse("./cfg#web1").unwrap()
@@ -122,7 +77,7 @@ mod tests {
         archive
             .entries()
             .iter()
-            .filter(|e| e.mode & 0o100000 != 0)
+            .filter(|e| e.mode & 0o170000 == 0o100000)
             .map(|e| e.path.clone())
             .collect()
     }
@@ -155,6 +110,12 @@ mod tests {
         )
         .unwrap();
         symlink("/nix/store/x", root.join("result")).unwrap();
+        std::fs::write(
+            root.join(".gitignore"),
+            "/result-data\n*.qcow2\n!keep.qcow2\n/result\n",
+        )
+        .unwrap();
+        symlink("hosts/web1.nix", root.join("web1.nix")).unwrap();
         let mut archive = Archive::default();
         let packed = pack(&flake(), root, &mut archive).unwrap();
         assert_eq!(
@@ -169,8 +130,13 @@ mod tests {
             ]
             .map(|p| format!("etc/nixos-kexec/flake/{p}"))
         );
-        assert_eq!(packed.files, 6);
-        assert_eq!(packed.left_out, ["result"]);
+        assert_eq!((packed.files, packed.links, packed.secrets), (6, 1, 1));
+        let link = archive
+            .entries()
+            .iter()
+            .find(|e| e.path.ends_with("/web1.nix") && !e.path.contains("hosts"))
+            .unwrap();
+        assert_eq!(link.data.as_bytes(), b"hosts/web1.nix");
         let key = archive
             .entries()
             .iter()
@@ -200,7 +166,8 @@ mod tests {
         let err = pack(&flake(), dir.path(), &mut archive).unwrap_err();
         let user = crate::error::as_user_error(&err).unwrap();
         assert!(
-            user.problem.contains("largest: nixos.img 32.0 MiB"),
+            user.problem
+                .contains("more than 32 MiB of files (the limit was crossed at nixos.img, 32.0 MiB)"),
             "{}",
             user.problem
         );

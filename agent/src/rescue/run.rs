@@ -457,6 +457,7 @@ pub fn prepare(
                 name: &name,
                 max_bytes: EXTRA_FILES_MAX_BYTES,
                 why_limited: "the files travel in the installer's RAM, beside the installer itself.",
+                too_large_fix: None,
                 skip: None,
             },
         )?;
