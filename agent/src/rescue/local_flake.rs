@@ -17,8 +17,16 @@ use std::path::Path;
 /// `.gitignore`.
 pub const MAX_BYTES: u64 = 32 * MIB;
 
+#[derive(Debug)]
+pub struct PackedFlake {
+    pub summary: TreeSummary,
+    /// Files only their owner may read: Nix copies the whole flake into the world-readable
+    /// store, so they do not stay private there.
+    pub private_files: Vec<String>,
+}
+
 /// Packs `dir`, the directory of `flake`, into `archive` under [`PACKED_FLAKE_DIR`].
-pub fn pack(flake: &UserFlake, dir: &Path, archive: &mut Archive) -> Result<TreeSummary> {
+pub fn pack(flake: &UserFlake, dir: &Path, archive: &mut Archive) -> Result<PackedFlake> {
     crate::installer::steps::flake::check_flake_directory(flake, dir)?;
     let kept = not_ignored(dir)?;
     let name = format!("--flake {}", dir.display());
@@ -35,7 +43,16 @@ pub fn pack(flake: &UserFlake, dir: &Path, archive: &mut Archive) -> Result<Tree
             skip: Some(&keep),
         },
     )?;
-    archive.tree(&tree, PACKED_FLAKE_DIR)
+    let private_files = tree
+        .entries
+        .iter()
+        .filter(|entry| entry.is_secret())
+        .map(|entry| entry.path.clone())
+        .collect();
+    Ok(PackedFlake {
+        summary: archive.tree(&tree, PACKED_FLAKE_DIR)?,
+        private_files,
+    })
 }
 
 /// The relative paths under `dir` that git would not ignore, `.git` left out.
@@ -130,7 +147,9 @@ mod tests {
             ]
             .map(|p| format!("etc/nixos-kexec/flake/{p}"))
         );
-        assert_eq!((packed.files, packed.links, packed.secrets), (6, 1, 1));
+        let summary = packed.summary;
+        assert_eq!((summary.files, summary.links, summary.secrets), (6, 1, 1));
+        assert_eq!(packed.private_files, ["secrets/age.key"]);
         let link = archive
             .entries()
             .iter()

@@ -442,9 +442,15 @@ pub fn prepare(
                 console::line(&format!(
                     "flake: {} packed, {} files, {} KiB (.gitignore respected); the installer builds {flake}",
                     dir.display(),
-                    packed.files,
-                    packed.bytes.div_ceil(1024)
+                    packed.summary.files,
+                    packed.summary.bytes.div_ceil(1024)
                 ));
+                if !packed.private_files.is_empty() {
+                    console::line(&format!(
+                        "flake: warning: {} only their owner may read, but Nix copies the whole flake into the world-readable /nix/store; keep keys out of the flake (.gitignore them) and carry them with --extra-files",
+                        packed.private_files.join(", ")
+                    ));
+                }
                 flake.moved_to(Path::new(PACKED_FLAKE_DIR))
             }
         });
