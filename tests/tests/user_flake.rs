@@ -56,6 +56,17 @@ fn write_host_flake(dir: &Path, plan: &Plan, config: &Config) -> Result<std::pat
     Ok(flake_dir)
 }
 
+/// In `scratch`: the stand-in nixpkgs, a user's flake whose module also holds `user_module`,
+/// and the host flake the agent writes over it for `nixos_kexec.flake=<it>#web1 {params}`.
+fn host_flake_over(scratch: &Path, user_module: &str, params: &str) -> Result<(Plan, std::path::PathBuf)> {
+    let nixpkgs = stand_in_nixpkgs(scratch, "A")?;
+    let user = scratch.join("cfg");
+    write_user_flake(&user, &format!("path:{}", nixpkgs.display()), user_module)?;
+    let (plan, config) = plan(&format!("nixos_kexec.flake={}#web1 {params}", user.display()))?;
+    let flake_dir = write_host_flake(scratch, &plan, &config)?;
+    Ok((plan, flake_dir))
+}
+
 fn at<'a>(value: &'a Value, path: &[&str]) -> Result<&'a Value> {
     path.iter().try_fold(value, |v, key| {
         v.get(key)
@@ -68,14 +79,8 @@ fn at<'a>(value: &'a Value, path: &[&str]) -> Result<&'a Value> {
 #[test]
 fn the_users_flake_is_built_with_every_generated_part() -> Result<()> {
     let scratch = tempfile::tempdir()?;
-    let nixpkgs = stand_in_nixpkgs(scratch.path(), "A")?;
-    let user = scratch.path().join("cfg");
-    write_user_flake(&user, &format!("path:{}", nixpkgs.display()), "")?;
-    let (plan, config) = plan(&format!(
-        "nixos_kexec.layout=luks-btrfs-impermanence nixos_kexec.flake={}#web1",
-        user.display()
-    ))?;
-    let flake_dir = write_host_flake(scratch.path(), &plan, &config)?;
+    let (plan, flake_dir) =
+        host_flake_over(scratch.path(), "", "nixos_kexec.layout=luks-btrfs-impermanence")?;
     ensure!(
         flake_dir.join("configuration/web1.nix").is_file() && !flake_dir.join("configuration.nix").exists(),
         "the user's flake was not copied into the host flake, or the generic configuration was written"
@@ -140,20 +145,13 @@ fn the_users_flake_is_built_with_every_generated_part() -> Result<()> {
 #[test]
 fn a_part_left_out_is_left_to_the_user() -> Result<()> {
     let scratch = tempfile::tempdir()?;
-    let nixpkgs = stand_in_nixpkgs(scratch.path(), "A")?;
-    let user = scratch.path().join("cfg");
-    write_user_flake(
-        &user,
-        &format!("path:{}", nixpkgs.display()),
+    let (_, flake_dir) = host_flake_over(
+        scratch.path(),
         r#"  fileSystems."/" = { device = "/dev/disk/by-label/disko-root"; fsType = "ext4"; };
   boot.loader.grub.enable = true;
   nixpkgs.hostPlatform = "x86_64-linux";"#,
+        "nixos_kexec.generated=network",
     )?;
-    let (plan, config) = plan(&format!(
-        "nixos_kexec.flake=path:{}#web1 nixos_kexec.generated=network",
-        user.display()
-    ))?;
-    let flake_dir = write_host_flake(scratch.path(), &plan, &config)?;
     let flake = std::fs::read_to_string(flake_dir.join("flake.nix"))?;
     ensure!(flake.contains("generated = [ \"network\" ];"), "{flake}");
     let evaluated = evaluated_config(&flake_dir, "web1", &scratch.path().join("store"))?;
@@ -173,15 +171,11 @@ fn a_part_left_out_is_left_to_the_user() -> Result<()> {
 #[test]
 fn a_conflict_names_both_files() -> Result<()> {
     let scratch = tempfile::tempdir()?;
-    let nixpkgs = stand_in_nixpkgs(scratch.path(), "A")?;
-    let user = scratch.path().join("cfg");
-    write_user_flake(
-        &user,
-        &format!("path:{}", nixpkgs.display()),
+    let (_, flake_dir) = host_flake_over(
+        scratch.path(),
         r#"  fileSystems."/".device = "/dev/disk/by-label/disko-root";"#,
+        "",
     )?;
-    let (plan, config) = plan(&format!("nixos_kexec.flake={}#web1", user.display()))?;
-    let flake_dir = write_host_flake(scratch.path(), &plan, &config)?;
     let out = evaluate_host(&flake_dir, "web1", &scratch.path().join("store"))?;
     ensure!(!out.status.success(), "the conflict was not found");
     for needle in [

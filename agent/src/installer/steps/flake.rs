@@ -619,14 +619,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn serial_console_of_the_installer() {
-        let params = crate::input::cmdline::Params::parse("console=tty0 console=ttyS1,57600n8").unwrap();
+    /// The plan for the parameters `params` on a machine with one 8 GiB disk, chosen by `auto`.
+    fn plan_from(params: &str) -> (Plan, Config) {
+        let params = crate::input::cmdline::Params::parse(params).unwrap();
         let mut config = Config::assemble(None, &params).unwrap();
         config.disk_auto = true;
         let plan =
             crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
                 .unwrap();
+        (plan, config)
+    }
+
+    #[test]
+    fn serial_console_of_the_installer() {
+        let (plan, config) = plan_from("console=tty0 console=ttyS1,57600n8");
         let dir = tempfile::tempdir().unwrap();
         write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
         let configuration = parse(dir.path(), "hardware-configuration.nix");
@@ -637,12 +643,7 @@ mod tests {
             assert!(configuration.contains(needle), "{needle}\n{configuration}");
         }
         // aarch64's PL011: the kernel parameter, no GRUB lines.
-        let params = crate::input::cmdline::Params::parse("console=ttyAMA0").unwrap();
-        let mut config = Config::assemble(None, &params).unwrap();
-        config.disk_auto = true;
-        let plan =
-            crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
-                .unwrap();
+        let (plan, config) = plan_from("console=ttyAMA0");
         write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
         let configuration = parse(dir.path(), "hardware-configuration.nix");
         assert!(
@@ -680,12 +681,7 @@ mod tests {
                 ],
             ),
         ] {
-            let params = crate::input::cmdline::Params::parse(params).unwrap();
-            let mut config = Config::assemble(None, &params).unwrap();
-            config.disk_auto = true;
-            let plan =
-                crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
-                    .unwrap();
+            let (plan, config) = plan_from(params);
             let dir = tempfile::tempdir().unwrap();
             write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
             let flake = parse(dir.path(), "flake.nix");
@@ -699,12 +695,7 @@ mod tests {
                 assert!(dir.path().join(&file).is_file(), "{file}");
             }
         }
-        let params = crate::input::cmdline::Params::parse("nixos_kexec.flake=/nowhere/cfg#web1").unwrap();
-        let mut config = Config::assemble(None, &params).unwrap();
-        config.disk_auto = true;
-        let plan =
-            crate::installer::plan::make(&config, &facts(vec![disk("vda", 8 << 30, 512, "A")]), &ids())
-                .unwrap();
+        let (plan, _) = plan_from("nixos_kexec.flake=/nowhere/cfg#web1");
         let err = check_before_wiping(&plan).unwrap_err();
         assert!(
             crate::error::one_line(&err).contains("/nowhere/cfg (of /nowhere/cfg#web1) is not there"),
