@@ -3,8 +3,9 @@
 
 use crate::console;
 use crate::error::{as_user_error, one_line, user_error};
+use crate::input::access_token::{self, AccessToken};
 use crate::input::cmdline::Params;
-use crate::input::config::{After, Config, DiskChoice, Layers};
+use crate::input::config::{After, Config, DiskChoice, Layers, Step};
 use crate::input::fetch::{self, MachineVars};
 use crate::input::runtime_info::Network;
 use crate::installer::layout::PlanIds;
@@ -438,6 +439,17 @@ fn install_with_secrets(input: &Input, secrets: &Path) -> Result<Option<After>, 
         } else {
             // Read and wiped before anything is written, so a bad one stops the run early.
             execution.passphrase = Some(steps::crypt::take_passphrase(&path)?);
+        }
+    }
+    if config.flake_token_given {
+        // Read, checked and wiped before anything is written, as the passphrase is.
+        let token = AccessToken::take(&secrets.join(access_token::SECRET_NAME))?;
+        if plan.steps.contains(&Step::Install) {
+            execution.access_token = Some(token);
+        } else {
+            console::line(
+                "a flake access token was supplied, but the install step is not planned; it was discarded",
+            );
         }
     }
     if let Err(error) = steps::execute(&plan, &mut execution) {

@@ -520,6 +520,10 @@ pub struct Config {
     pub disk_passphrase_given: bool,
     /// The operator's extra files found in the initrd ([`EXTRA_FILES_DIR`]), as walked.
     pub extra_files: Option<Tree>,
+    /// Whether an access token for the user's flake came in the secrets archive (never its
+    /// value).
+    #[serde(default)]
+    pub flake_token_given: bool,
     /// The serial console the installer runs with (the kernel command line's last serial
     /// `console=`), for the installed system too.
     pub serial_console: Option<SerialConsole>,
@@ -548,6 +552,7 @@ impl Default for Config {
             provided_host_keys: Vec::new(),
             disk_passphrase_given: false,
             extra_files: None,
+            flake_token_given: false,
             serial_console: None,
             bundle_nixpkgs: None,
         }
@@ -586,6 +591,7 @@ impl Config {
             provided_host_keys: Vec::new(),
             disk_passphrase_given: false,
             extra_files: None,
+            flake_token_given: false,
             serial_console,
             bundle_nixpkgs: None,
         })
@@ -644,6 +650,7 @@ impl Config {
             .map(|path| path.to_string_lossy().into_owned())
             .collect();
         self.disk_passphrase_given = dir.join("disk-passphrase").is_file();
+        self.flake_token_given = dir.join(crate::input::access_token::SECRET_NAME).is_file();
     }
 
     /// Reads the tree of extra files the initrd carries under `root`, if any; refuses what

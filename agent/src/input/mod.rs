@@ -1,6 +1,7 @@
 //! Everything the installer is told, read once at the edge: the kernel command line, runtime
 //! info, initrd files and `config_url`, fetched over HTTP(S) when needed.
 
+pub mod access_token;
 pub mod authorized_keys;
 pub mod binary_cache;
 pub mod cmdline;

@@ -7,6 +7,7 @@
 //! written in that form ([`crate::installer::presets`]), then placed on the disk ([`crate::installer::layout`]).
 
 use crate::error::user_error;
+use crate::input::access_token::TokenHost;
 use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::config::{After, Config, DiskChoice, Layout, Step};
 use crate::input::flake::{GeneratedPart, UserFlake};
@@ -168,6 +169,10 @@ pub struct UserConfiguration {
     /// The generated modules added to the user's configuration: those asked for (all by
     /// default) that apply to this machine.
     pub generated: Vec<GeneratedPart>,
+    /// The host whose access token Nix gets for the install (`run --flake-token-file`); the
+    /// token itself is never in the plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<TokenHost>,
 }
 
 impl Plan {
@@ -349,6 +354,10 @@ fn user_configuration(
     root_tmpfs: bool,
 ) -> Result<Option<UserConfiguration>> {
     let info = &config.runtime_info;
+    let access_token = config
+        .flake_token_given
+        .then(|| TokenHost::of(info.flake.as_ref()))
+        .transpose()?;
     let Some(flake) = &info.flake else {
         if info.generated.is_some() {
             return Err(user_error(
@@ -375,6 +384,7 @@ fn user_configuration(
         flake: flake.clone(),
         nixpkgs: config.nixpkgs_chosen().map(str::to_string),
         generated,
+        access_token,
     }))
 }
 
@@ -1015,5 +1025,47 @@ ZXkBAg==
             .install_command
             .contains(&"/mnt/persist/etc/nixos#nixos".to_string()));
         assert_eq!(plan.install_tmpdir, "/mnt/nix/.nixos-kexec-tmp");
+    }
+
+    /// A flake access token names its host in the plan, never its value; a token no fetch
+    /// would use is refused while planning, as `run` refuses it.
+    #[test]
+    fn a_flake_token_is_planned_by_host_only() {
+        let f = facts(vec![disk("vda", 8 * GIB, 512, "A")]);
+        let mut config = choose(Some("/dev/vda"), None);
+        config.flake_token_given = true;
+        let refused = |config: &Config, says: &str| {
+            let err = make(config, &f, &ids()).unwrap_err();
+            let text = crate::error::one_line(&err);
+            assert!(text.contains(says), "{text}");
+        };
+        refused(&config, "no flake to fetch with it");
+        for (reference, says) in [
+            ("./cfg#web1", "a local directory"),
+            ("git+https://github.com/me/private#web1", "github:me/private"),
+        ] {
+            config.runtime_info.flake = Some(UserFlake::parse(reference).unwrap());
+            refused(&config, says);
+        }
+        config.runtime_info.flake =
+            Some(UserFlake::parse("gitlab:me/private?host=git.corp.example#web1").unwrap());
+        let plan = make(&config, &f, &ids()).unwrap();
+        let user = plan.user_configuration.clone().unwrap();
+        assert_eq!(
+            user.access_token,
+            Some(TokenHost {
+                forge: crate::input::access_token::Forge::GitLab,
+                host: "git.corp.example".into()
+            })
+        );
+        let json = serde_json::to_string(&plan).unwrap();
+        assert!(
+            json.contains(r#""access_token":{"forge":"gitlab","host":"git.corp.example"}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Plan>(&json).unwrap(), plan);
+        config.flake_token_given = false;
+        let plan = make(&config, &f, &ids()).unwrap();
+        assert_eq!(plan.user_configuration.unwrap().access_token, None);
     }
 }

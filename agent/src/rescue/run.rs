@@ -6,6 +6,7 @@ use super::gather::{self, Gathered};
 use super::kexec;
 use crate::console;
 use crate::error::user_error;
+use crate::input::access_token::{self, AccessToken, TokenHost};
 use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::cmdline::{Params, COMMAND_LINE_SIZE};
 use crate::input::config::{Config, Effect};
@@ -59,6 +60,10 @@ pub struct RunOptions {
     /// ./cfg#web1, which is packed and sent along), built with the generated modules.
     #[arg(long, value_parser = typed(UserFlake::parse))]
     pub flake: Option<UserFlake>,
+    /// File with an access token for a private --flake on GitHub, GitLab or sourcehut (Nix's
+    /// access-tokens); travels only in the appended initrd archive, for the fetch only.
+    #[arg(long)]
+    pub flake_token_file: Option<PathBuf>,
     /// SSH public keys for root (default: root's authorized_keys here); repeatable.
     #[arg(long = "ssh-key-file")]
     pub ssh_key_files: Vec<PathBuf>,
@@ -476,6 +481,22 @@ pub fn prepare(
         let summary = archive.tree(&tree, EXTRA_FILES_DIR)?;
         console::line(&format!("extra files from {}: {summary}", dir.display()));
     }
+    if let Some(path) = &options.flake_token_file {
+        let host = TokenHost::of(options.flake.as_ref())?;
+        let token = AccessToken::parse(
+            read_secret(path, "flake access token")?,
+            &path.display().to_string(),
+        )?;
+        archive.file(
+            &format!("{SECRETS_DIR}/{}", access_token::SECRET_NAME),
+            0o600,
+            token.into_secret(),
+            true,
+        );
+        console::line(&format!(
+            "flake: the access token for {host} travels in the appended archive; the installer's Nix uses it for the install only"
+        ));
+    }
     if options.host_keys.is_none() {
         // Made here rather than in the installer, so the operator sees the fingerprint before
         // the machine goes away and can pin it in known_hosts.
@@ -514,6 +535,7 @@ pub fn plan_as_installer(options: &RunOptions, facts: &Facts, handover: &Handove
     let mut config = Config::assemble(info_file, &params)?;
     config.disk_passphrase_given = options.disk_key_file.is_some();
     config.extra_files = handover.archive.tree_at(EXTRA_FILES_DIR);
+    config.flake_token_given = options.flake_token_file.is_some();
     plan::make(&config, &after_kexec, &PlanIds::random())
 }
 
@@ -914,6 +936,72 @@ mod tests {
             };
             let user = crate::error::as_user_error(&err).unwrap();
             assert!(user.problem.contains(says), "{user}");
+        }
+    }
+
+    /// A flake access token travels as a masked secret and nowhere else, and the plan names its
+    /// host; a token file that is empty or holds whitespace, or a token without a flake Nix
+    /// would fetch with it, is refused before anything is loaded.
+    #[test]
+    fn flake_token_travels_as_a_secret_or_is_refused() {
+        const TOKEN: &str = "ghp_N0tARealT0kenButL00ksLikeOne1234";
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let f = facts(vec![disk("vda", 4 << 30, 512, "A")]);
+        let mut options = RunOptions {
+            disk: Some("/dev/vda".into()),
+            flake: Some(UserFlake::parse("github:me/private?host=git.corp.example#web1").unwrap()),
+            flake_token_file: Some(file("token", &format!("{TOKEN}\n"))),
+            ..RunOptions::default()
+        };
+        let h = prepare(&options, &f, bios_machine_gathered(), "console=ttyS0").unwrap();
+        assert!(!h.cmdline.contains(TOKEN));
+        let listing = h.archive.listing().join("\n");
+        assert!(
+            listing.contains("file /etc/nixos-kexec/secrets/flake-access-token mode 600, owner 0:0, 36 bytes (secret, contents not shown)"),
+            "{listing}"
+        );
+        assert!(!listing.contains(TOKEN));
+        let entry = h
+            .archive
+            .entries()
+            .iter()
+            .find(|e| e.path.ends_with("flake-access-token"))
+            .unwrap();
+        assert_eq!(entry.data.as_bytes(), TOKEN.as_bytes());
+        let plan = plan_as_installer(&options, &f, &h).unwrap();
+        let plan_json = serde_json::to_string(&plan).unwrap();
+        assert!(plan_json.contains(r#""host":"git.corp.example""#), "{plan_json}");
+        assert!(!plan_json.contains(TOKEN));
+
+        let refused = |options: &RunOptions, says: &str| {
+            let err = prepare(options, &f, bios_machine_gathered(), "").err().unwrap();
+            let text = crate::error::one_line(&err);
+            assert!(text.contains(says), "{text}");
+            assert!(!text.contains("ghp_N0t"), "{text}");
+        };
+        for (text, says) in [
+            ("", "is empty"),
+            (&format!("{TOKEN} {TOKEN}\n"), "whitespace inside"),
+        ] {
+            options.flake_token_file = Some(file("bad", text));
+            refused(&options, says);
+        }
+        options.flake_token_file = Some(file("token", TOKEN));
+        for (flake, says) in [
+            (None, "no flake to fetch with it"),
+            (
+                Some("git+https://github.com/me/private#web1"),
+                "github:me/private",
+            ),
+            (Some("github:me/private?host=10.0.2.2:8443#web1"), "no port"),
+        ] {
+            options.flake = flake.map(|f| UserFlake::parse(f).unwrap());
+            refused(&options, says);
         }
     }
 

@@ -1,5 +1,6 @@
 //! Runs `nixos-install` on the prepared target, streaming its output to the console and log.
 
+use super::token_file::{self, TokenFile};
 use super::Execution;
 use crate::console;
 use crate::error::user_error;
@@ -11,7 +12,7 @@ use crate::input::http;
 use crate::installer::plan::{BinaryCaches, Plan};
 use crate::machine::runner;
 use anyhow::{Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -201,7 +202,8 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
         // Nix's download and evaluation caches would otherwise grow in RAM under /root.
         .env("XDG_CACHE_HOME", tmp.join(".cache"))
         .env("NIX_CONFIG", "experimental-features = nix-command flakes");
-    runner::run_streaming(
+    let token_file = hand_token_to_nix(plan, execution, &mut command)?;
+    let installed = runner::run_streaming(
         &mut command,
         &|line| console::line(&format!("install: {line}")),
         runner::QUIET_NOTICE,
@@ -211,7 +213,10 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
                 silent.as_secs() / 60
             ))
         },
-    )?;
+    );
+    // Gone before anything else happens, whether the install worked or not.
+    drop(token_file);
+    installed?;
     // Waited-for descendants count, so this covers Nix's processes under nixos-install too.
     if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
         console::line(&format!(
@@ -224,4 +229,31 @@ pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
     Ok(())
+}
+
+/// The flake access token, if one came, for this command's Nix only: a root-only file in the
+/// installer's RAM that `NIX_USER_CONF_FILES` names. Dropping the file wipes it.
+fn hand_token_to_nix(
+    plan: &Plan,
+    execution: &mut Execution,
+    command: &mut Command,
+) -> Result<Option<TokenFile>> {
+    let Some(host) = plan
+        .user_configuration
+        .as_ref()
+        .and_then(|user| user.access_token.as_ref())
+    else {
+        return Ok(None);
+    };
+    let token = execution
+        .access_token
+        .take()
+        .context("the plan has a flake access token, but none was read before the steps")?;
+    let file = TokenFile::write(Path::new(token_file::DIR), host, &token)?;
+    // Replaces the user's own files (~/.config/nix/nix.conf), which the installer has none of.
+    command.env("NIX_USER_CONF_FILES", file.path());
+    console::line(&format!(
+        "install: Nix has the flake access token for {host} for this step only (a root-only file in the installer's RAM, wiped when it ends; nothing of it goes to the target)"
+    ));
+    Ok(Some(file))
 }

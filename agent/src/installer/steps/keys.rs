@@ -252,10 +252,14 @@ pub fn wipe_dir(dir: &Path) {
     }
 }
 
-/// Overwrites a secret in the initramfs before unlinking it, so its pages do not linger.
+/// Overwrites a secret in the initramfs before unlinking it, so its pages do not linger: in
+/// place (truncating first would free the pages with the secret in them, unchanged).
 pub fn wipe_file(path: &Path) {
-    if let Ok(meta) = std::fs::metadata(path) {
-        let _ = std::fs::write(path, vec![0u8; meta.len() as usize]);
+    if let Ok(mut file) = std::fs::OpenOptions::new().write(true).open(path) {
+        if let Ok(meta) = file.metadata() {
+            let _ = file.write_all(&vec![0u8; meta.len() as usize]);
+            let _ = file.sync_all();
+        }
     }
     let _ = std::fs::remove_file(path);
 }

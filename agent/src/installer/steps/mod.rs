@@ -11,6 +11,7 @@ pub mod mount;
 pub mod partition;
 pub mod swap;
 pub mod swap_file;
+pub mod token_file;
 pub mod verify;
 pub mod wipe;
 
@@ -30,6 +31,9 @@ pub struct Execution {
     /// Read (and its file wiped) before the first step when the plan encrypts; the format step
     /// takes it and drops it after use.
     pub passphrase: Option<crypt::Passphrase>,
+    /// Read (and its file wiped) before the first step when a flake access token came; the
+    /// install step hands it to Nix ([`token_file`]) and drops it.
+    pub access_token: Option<crate::input::access_token::AccessToken>,
     /// Swap switched on for the install.
     pub swaps: Vec<swap::SwapOn>,
     pub mounts: Vec<Mount>,
