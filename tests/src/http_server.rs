@@ -25,6 +25,15 @@ pub struct HttpRequest {
     /// Whether the client lets the connection stay open after the answer (HTTP/1.1 without
     /// `Connection: close`).
     pub keep_alive: bool,
+    /// The header lines as sent, names as the client wrote them.
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpRequest {
+    /// The first header called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        nixos_kexec::input::http::header(&self.headers, name)
+    }
 }
 
 /// What the connection does after an answer.
@@ -244,6 +253,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<HttpRequest>
     let version = words.next().unwrap_or("");
     let mut keep_alive = version == "HTTP/1.1";
     let mut body_length = 0u64;
+    let mut headers = Vec::new();
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).context("reading a request header")? == 0 || line.trim().is_empty() {
@@ -258,6 +268,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<HttpRequest>
         } else if name.eq_ignore_ascii_case("content-length") {
             body_length = value.parse().unwrap_or(0);
         }
+        headers.push((name.to_string(), value.to_string()));
     }
     std::io::copy(&mut reader.by_ref().take(body_length), &mut std::io::sink())
         .context("skipping a request body")?;
@@ -265,6 +276,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<HttpRequest>
         method,
         path,
         keep_alive,
+        headers,
     }))
 }
 
@@ -295,6 +307,7 @@ fn percent_decode(path: &str) -> String {
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         500 => "Internal Server Error",

@@ -36,12 +36,14 @@ use anyhow::{bail, Context, Result};
 
 pub mod config_server;
 pub mod cpio;
+pub mod fake_github;
 pub mod http_server;
 pub mod images;
 pub mod inspect;
 pub mod loop_mount;
 pub mod nix_cache;
 pub mod rescue;
+pub mod tls;
 pub mod tool;
 pub mod user_flake;
 pub mod vm;

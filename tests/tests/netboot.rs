@@ -9,7 +9,6 @@
 use anyhow::{bail, ensure, Context, Result};
 use nixos_kexec_tests::*;
 use serde_json::{json, Value};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -549,54 +548,22 @@ impl OpensslServer {
     /// Serves `files` (path under the root, content).
     fn start(files: &[(String, String)]) -> Result<OpensslServer> {
         let dir = tempfile::tempdir()?;
-        let d = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(ec);
-        let (ca_key, ca_pem) = (d("ca.key"), d("ca.pem"));
-        ca.extend(["-keyout", &ca_key, "-out", &ca_pem, "-days", "2"]);
-        ca.extend(["-subj", "/CN=nixos-kexec test CA"]);
-        tool("openssl", &ca)?;
-        let (key, csr, cert, ext) = (d("server.key"), d("server.csr"), d("server.pem"), d("server.ext"));
-        let mut request = vec!["req"];
-        request.extend(ec);
-        request.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=10.0.2.2"]);
-        tool("openssl", &request)?;
-        std::fs::write(
-            &ext,
-            "subjectAltName=IP:10.0.2.2\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )?;
-        tool(
-            "openssl",
-            [
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca_pem,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-out",
-                &cert,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        )?;
+        let ca = nixos_kexec_tests::tls::TestCa::new()?;
+        let cert = ca.server_cert("10.0.2.2", &["IP:10.0.2.2"])?;
         let www = dir.path().join("www");
         for (path, content) in files {
             let file = www.join(path.trim_start_matches('/'));
             std::fs::create_dir_all(file.parent().context("a file path")?)?;
             std::fs::write(&file, content)?;
         }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = nixos_kexec_tests::tls::free_port()?;
         let child = std::process::Command::new("openssl")
             .args(["s_server", "-WWW", "-quiet", "-accept"])
             .arg(format!("127.0.0.1:{port}"))
-            .args(["-cert", &cert, "-key", &key])
+            .arg("-cert")
+            .arg(&cert.cert)
+            .arg("-key")
+            .arg(&cert.key)
             .current_dir(&www)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -605,17 +572,10 @@ impl OpensslServer {
         let server = OpensslServer {
             child,
             port,
-            ca_pem: std::fs::read_to_string(&ca_pem)?,
+            ca_pem: ca.pem()?,
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            ensure!(
-                Instant::now() < deadline,
-                "openssl s_server did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        nixos_kexec_tests::tls::wait_for_listener(port, "openssl s_server")?;
         Ok(server)
     }
 

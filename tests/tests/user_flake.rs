@@ -225,109 +225,72 @@ fn nixpkgs_follows_the_users_unless_one_is_given() -> Result<()> {
     Ok(())
 }
 
-/// The whole path in QEMU: a rescue VM runs `nixos-kexec run --flake ./cfg#web1` with a local
-/// flake directory (its .gitignore'd file must stay behind); the installer writes the host
-/// flake over it, and nixos-install (the test double, running the real Nix) fetches the user's
-/// nixpkgs (the stand-in, a tarball served by the host), locks, evaluates and builds the host
-/// flake in Nix's sandbox into the target's store. From the host: the built system's merged
-/// configuration holds the user's option and the generated filesystems and network, the lock
-/// file pins the inputs, the profile leads to the system and the store verifies.
-#[test]
-fn rescue_run_with_a_local_flake_installs_the_users_configuration() -> Result<()> {
-    use nixos_kexec_tests::nix_cache::{system_profile, verify_store};
+/// The rescue VM of the QEMU tests here: `run_args` follow `nixos-kexec run --bundle /bundle
+/// --hostname HOST --param after=poweroff`, with QEMU's user network (its NIC with
+/// `nic_options`), `files` in the rescue system, and `installer_extra` archives after the
+/// bundle's initrd besides the nixos-install test double. The install must succeed.
+fn install_from_rescue_vm(
+    bundle: &nixos_kexec_tests::Bundle,
+    scratch: &Path,
+    name: &str,
+    run_args: &str,
+    files: &[(&str, u32, Vec<u8>)],
+    installer_extra: &[std::path::PathBuf],
+    nic_options: &str,
+) -> Result<nixos_kexec_tests::RunOutcome> {
     use nixos_kexec_tests::rescue::{
         rescue_cpio_with, rescue_init_with_network, QEMU_USER_NETWORK, TARGET_SERIAL,
     };
-    use nixos_kexec_tests::user_flake::tarball;
-    use nixos_kexec_tests::*;
-    use std::time::Duration;
+    use nixos_kexec_tests::{DiskBus, DiskSpec, Vm};
 
-    const WAN_MAC: &str = "52:54:00:aa:10:01";
-    let bundle = dev_bundle_with_nix()?;
-    let scratch = tempfile::tempdir()?;
-    let served = scratch.path().join("served");
-    std::fs::create_dir_all(&served)?;
-    let nixpkgs = stand_in_nixpkgs(scratch.path(), "served")?;
-    tarball(&nixpkgs, &served, "nixpkgs")?;
-    let server = FileServer::start(&served)?;
-
-    let user = scratch.path().join("cfg");
-    write_user_flake(&user, &format!("{}/nixpkgs.tar.gz", server.guest_url()), "")?;
-    let mut files: Vec<(String, u32, Vec<u8>)> = Vec::new();
-    for name in ["flake.nix", "web1.nix"] {
-        files.push((format!("root/cfg/{name}"), 0o644, std::fs::read(user.join(name))?));
-    }
-    files.push((
-        "root/cfg/.gitignore".into(),
-        0o644,
-        b"/notes-not-for-the-machine.txt\n".to_vec(),
-    ));
-    files.push((
-        "root/cfg/notes-not-for-the-machine.txt".into(),
-        0o644,
-        b"ignored".to_vec(),
-    ));
-    let files: Vec<(&str, u32, Vec<u8>)> = files
-        .iter()
-        .map(|(p, m, d)| (p.as_str(), *m, d.clone()))
-        .collect();
     let init = rescue_init_with_network(
         QEMU_USER_NETWORK,
-        &format!("--disk serial:{TARGET_SERIAL} --flake ./cfg#web1 --hostname {HOST} --param after=poweroff"),
+        &format!("--disk serial:{TARGET_SERIAL} --hostname {HOST} --param after=poweroff {run_args}"),
     );
+    let mut extra = vec![bundle.stand_in()?];
+    extra.extend_from_slice(installer_extra);
     let cpio = rescue_cpio_with(
-        &bundle,
-        &[bundle.stand_in()?],
-        scratch.path(),
+        bundle,
+        &extra,
+        scratch,
         &init,
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1I/9iAkoeXOthTVOzsjMVNHr/NoG7tXzkXLJ5R4vxD operator@laptop",
-        &files,
+        files,
     )?;
-    let out = Vm::new(&bundle)
-        .name("user-flake")
+    let out = Vm::new(bundle)
+        .name(name)
         .memory_mib(1024)
         .extra_initrd(&cpio)
-        .nic(WAN_MAC)
+        .nic_with(WAN_MAC, nic_options)
         .disk(DiskSpec::new(3 << 30, DiskBus::Virtio).serial(TARGET_SERIAL))
-        .timeout(Duration::from_secs(900))
+        .timeout(std::time::Duration::from_secs(900))
         .run()?;
     out.expect_success()?;
-    for line in [
-        "flake: ./cfg packed, 3 files",
-        "the installer builds ./cfg#web1",
-        "building the host flake /mnt/etc/nixos#web1",
-    ] {
-        ensure!(
-            out.contains(line),
-            "no `{line}` on the console:\n{}",
-            out.tail(60)
-        );
-    }
-    ensure!(
-        server.requests().iter().any(|r| r.path == "/nixpkgs.tar.gz"),
-        "the installer's Nix never fetched the user's nixpkgs"
-    );
+    Ok(out)
+}
 
-    let disk = &out.disks[0];
-    let mounted = nixos_kexec_tests::LoopMount::new(&extract_partition(disk, 3)?)?;
+/// The stand-in nixpkgs as a tarball the host serves, for the user's flake to name.
+fn served_nixpkgs(scratch: &Path) -> Result<(nixos_kexec_tests::FileServer, String)> {
+    let served = scratch.join("served");
+    std::fs::create_dir_all(&served)?;
+    let nixpkgs = stand_in_nixpkgs(scratch, "served")?;
+    nixos_kexec_tests::user_flake::tarball(&nixpkgs, &served, "nixpkgs")?;
+    let server = nixos_kexec_tests::FileServer::start(&served)?;
+    let url = format!("{}/nixpkgs.tar.gz", server.guest_url());
+    Ok((server, url))
+}
+
+/// From the host, on the installed disk: the profile leads to the system built from the
+/// user's flake, the store verifies, and the built system's merged configuration holds the
+/// user's option and the generated root filesystem and network. Returns the host flake's lock
+/// file.
+fn check_built_system(disk: &Path) -> Result<String> {
+    use nixos_kexec_tests::nix_cache::{system_profile, verify_store};
+
+    let mounted = nixos_kexec_tests::LoopMount::new(&nixos_kexec_tests::extract_partition(disk, 3)?)?;
     let root = mounted.path();
-    let flake_dir = root.join("etc/nixos");
-    ensure!(
-        flake_dir.join("configuration/web1.nix").is_file(),
-        "the user's flake is not in the host flake"
-    );
-    ensure!(
-        !flake_dir
-            .join("configuration/notes-not-for-the-machine.txt")
-            .exists(),
-        "a file .gitignore names travelled"
-    );
     let lock =
-        std::fs::read_to_string(flake_dir.join("flake.lock")).context("no flake.lock on the target")?;
-    ensure!(
-        lock.contains("nixpkgs.tar.gz") && lock.contains("narHash"),
-        "{lock}"
-    );
+        std::fs::read_to_string(root.join("etc/nixos/flake.lock")).context("no flake.lock on the target")?;
     let system = system_profile(root)?;
     ensure!(
         system.as_str().ends_with("-nixos-system-web1-stand-in"),
@@ -351,6 +314,307 @@ fn rescue_run_with_a_local_flake_installs_the_users_configuration() -> Result<()
     ensure!(
         networks.contains(WAN_MAC) && networks.contains("10.0.2.15/24"),
         "{networks}"
+    );
+    Ok(lock)
+}
+
+const WAN_MAC: &str = "52:54:00:aa:10:01";
+
+/// The whole path in QEMU: a rescue VM runs `nixos-kexec run --flake ./cfg#web1` with a local
+/// flake directory (its .gitignore'd file must stay behind); the installer writes the host
+/// flake over it, and nixos-install (the test double, running the real Nix) fetches the user's
+/// nixpkgs (the stand-in, a tarball served by the host), locks, evaluates and builds the host
+/// flake in Nix's sandbox into the target's store. From the host: the built system's merged
+/// configuration holds the user's option and the generated filesystems and network, the lock
+/// file pins the inputs, the profile leads to the system and the store verifies.
+#[test]
+fn rescue_run_with_a_local_flake_installs_the_users_configuration() -> Result<()> {
+    let bundle = nixos_kexec_tests::dev_bundle_with_nix()?;
+    let scratch = tempfile::tempdir()?;
+    let (server, nixpkgs_url) = served_nixpkgs(scratch.path())?;
+    let user = scratch.path().join("cfg");
+    write_user_flake(&user, &nixpkgs_url, "")?;
+    let mut files: Vec<(String, u32, Vec<u8>)> = Vec::new();
+    for name in ["flake.nix", "web1.nix"] {
+        files.push((format!("root/cfg/{name}"), 0o644, std::fs::read(user.join(name))?));
+    }
+    files.push((
+        "root/cfg/.gitignore".into(),
+        0o644,
+        b"/notes-not-for-the-machine.txt\n".to_vec(),
+    ));
+    files.push((
+        "root/cfg/notes-not-for-the-machine.txt".into(),
+        0o644,
+        b"ignored".to_vec(),
+    ));
+    let files: Vec<(&str, u32, Vec<u8>)> = files
+        .iter()
+        .map(|(p, m, d)| (p.as_str(), *m, d.clone()))
+        .collect();
+    let out = install_from_rescue_vm(
+        &bundle,
+        scratch.path(),
+        "user-flake",
+        "--flake ./cfg#web1",
+        &files,
+        &[],
+        "",
+    )?;
+    for line in [
+        "flake: ./cfg packed, 3 files",
+        "the installer builds ./cfg#web1",
+        "building the host flake /mnt/etc/nixos#web1",
+    ] {
+        ensure!(
+            out.contains(line),
+            "no `{line}` on the console:\n{}",
+            out.tail(60)
+        );
+    }
+    ensure!(
+        server.requests().iter().any(|r| r.path == "/nixpkgs.tar.gz"),
+        "the installer's Nix never fetched the user's nixpkgs"
+    );
+
+    let disk = &out.disks[0];
+    let lock = check_built_system(disk)?;
+    ensure!(
+        lock.contains("nixpkgs.tar.gz") && lock.contains("narHash"),
+        "{lock}"
+    );
+    let mounted = nixos_kexec_tests::LoopMount::new(&nixos_kexec_tests::extract_partition(disk, 3)?)?;
+    let flake_dir = mounted.path().join("etc/nixos");
+    ensure!(
+        flake_dir.join("configuration/web1.nix").is_file(),
+        "the user's flake is not in the host flake"
+    );
+    ensure!(
+        !flake_dir
+            .join("configuration/notes-not-for-the-machine.txt")
+            .exists(),
+        "a file .gitignore names travelled"
+    );
+    Ok(())
+}
+
+/// The private flake of the tests below: a repository on a fake GitHub Enterprise whose name
+/// Nix 2.8's host check takes (letters, digits and dots).
+const PRIVATE_HOST: &str = "git.corp.test";
+const PRIVATE_FLAKE: &str = "github:me/private?host=git.corp.test";
+/// Shaped like a GitHub token, and made up.
+const TOKEN: &str = "ghp_f4k3T0kenF0rTheTestsOnly0000000000";
+
+/// The private repository as the fake GitHub serves it: the user's flake (its nixpkgs at
+/// `nixpkgs_url`) in a tarball with GitHub's top directory.
+fn private_repository(
+    scratch: &Path,
+    nixpkgs_url: &str,
+) -> Result<nixos_kexec_tests::fake_github::FakeGitHub> {
+    use nixos_kexec_tests::fake_github::{tarball_top, FakeGitHub};
+    let checkout = scratch.join("repository").join(tarball_top("me", "private"));
+    write_user_flake(&checkout, nixpkgs_url, "")?;
+    let tarball = nixos_kexec_tests::user_flake::tarball(&checkout, scratch, "private")?;
+    FakeGitHub::start("me", "private", &tarball, TOKEN, PRIVATE_HOST)
+}
+
+/// Real Nix (Debian's 2.8) fetches the private flake from the fake GitHub Enterprise over
+/// HTTPS with the token in the file the install step writes (`TokenFile`, named by
+/// NIX_USER_CONF_FILES, read together with the nix.conf of NIX_CONF_DIR, which names the flake
+/// registry); without a token the server says 404, with a wrong one 401, and Nix fails. Nix
+/// prints the token nowhere.
+#[test]
+fn a_private_flake_is_fetched_with_the_token_only() -> Result<()> {
+    use nixos_kexec::input::access_token::{AccessToken, TokenHost};
+    use nixos_kexec::input::flake::UserFlake;
+    use nixos_kexec::installer::steps::token_file::TokenFile;
+    use nixos_kexec::secret::Secret;
+    use nixos_kexec_tests::fake_github::{ConnectProxy, COMMIT};
+
+    let scratch = tempfile::tempdir()?;
+    let github = private_repository(scratch.path(), "https://nixpkgs.invalid/never-fetched.tar.gz")?;
+    let proxy = ConnectProxy::start(github.tls_port())?;
+    let conf_dir = scratch.path().join("etc-nix");
+    std::fs::create_dir_all(&conf_dir)?;
+    let registry = scratch.path().join("registry.json");
+    std::fs::write(&registry, r#"{"flakes":[],"version":2}"#)?;
+    // Without it Nix fetches the global registry from github.com (no network here).
+    std::fs::write(
+        conf_dir.join("nix.conf"),
+        format!("flake-registry = {}\n", registry.display()),
+    )?;
+    let host = TokenHost::of(Some(&UserFlake::parse(&format!("{PRIVATE_FLAKE}#web1"))?))?;
+    let token_file = |name: &str, token: &str| {
+        TokenFile::write(
+            &scratch.path().join(name),
+            &host,
+            &AccessToken::parse(Secret::new(token.as_bytes().to_vec()), name)?,
+        )
+    };
+    let attempt = std::cell::Cell::new(0);
+    let prefetch = |conf: Option<&Path>| {
+        attempt.set(attempt.get() + 1);
+        let mut command = nixos_kexec_tests::nix_cache::nix_command("nix");
+        command
+            .args([
+                "--extra-experimental-features",
+                "nix-command flakes",
+                "flake",
+                "prefetch",
+            ])
+            .arg("--store")
+            .arg(nixos_kexec_tests::nix_cache::root_store(
+                &scratch.path().join("store"),
+            ))
+            .arg(PRIVATE_FLAKE)
+            .env("NIX_CONF_DIR", &conf_dir)
+            .env("NIX_SSL_CERT_FILE", github.ca().pem_path())
+            .env("https_proxy", proxy.url())
+            // Nix keeps what a ref resolved to for an hour: each attempt asks again.
+            .env(
+                "XDG_CACHE_HOME",
+                scratch.path().join(format!("cache-{}", attempt.get())),
+            )
+            .env_remove("NIX_USER_CONF_FILES");
+        if let Some(conf) = conf {
+            command.env("NIX_USER_CONF_FILES", conf);
+        }
+        nixos_kexec_tests::run_tool_unchecked(&mut command)
+    };
+
+    for (conf, status) in [
+        (None, "HTTP error 404"),
+        (Some(token_file("wrong", "ghp_notTheOne")?), "HTTP error 401"),
+    ] {
+        let out = prefetch(conf.as_ref().map(TokenFile::path))?;
+        ensure!(
+            !out.status.success() && out.stderr.contains(status),
+            "the fetch without the right token did not fail with {status}:\n{}",
+            out.describe()
+        );
+    }
+    let file = token_file("run", TOKEN)?;
+    let out = prefetch(Some(file.path()))?;
+    ensure!(
+        out.status.success() && out.combined().contains(COMMIT),
+        "Nix did not fetch the private flake with the token:\n{}",
+        out.describe()
+    );
+    ensure!(!out.combined().contains(TOKEN), "Nix printed the token");
+    let requests = github.requests();
+    let with_token: Vec<&str> = requests
+        .iter()
+        .filter(|r| r.header("Authorization") == Some(&format!("token {TOKEN}")))
+        .map(|r| r.path.as_str())
+        .collect();
+    ensure!(
+        with_token
+            == [
+                "/repos/me/private/commits/HEAD".to_string(),
+                format!("/repos/me/private/tarball/{COMMIT}")
+            ],
+        "the token did not come with Nix 2.8's two requests: {with_token:?}"
+    );
+    ensure!(
+        proxy
+            .requests()
+            .iter()
+            .all(|r| r.method == "CONNECT" && r.path == format!("api.{PRIVATE_HOST}:443")),
+        "Nix went somewhere else than api.{PRIVATE_HOST}:443"
+    );
+    Ok(())
+}
+
+/// The whole path in QEMU: a rescue VM runs `run --flake github:me/private?host=git.corp.test#web1
+/// --flake-token-file /root/token`; the installer's Nix (through nixos-install, the test
+/// double) fetches the private flake from the fake GitHub Enterprise with the token (the
+/// server requires it) and installs. The guest finds the host by an /etc/hosts line and trusts
+/// its CA through an archive appended to the bundle's initrd; QEMU forwards its port 443 to
+/// the host. The token is nowhere on the console, on the target disk, or in the report.
+#[test]
+fn rescue_run_with_a_private_flake_fetches_it_with_the_token() -> Result<()> {
+    use nixos_kexec_tests::fake_github::COMMIT;
+
+    /// Where the guest finds the fake GitHub; QEMU sends it to the host.
+    const GUEST_ADDRESS: &str = "10.0.2.100";
+    let bundle = nixos_kexec_tests::dev_bundle_with_nix()?;
+    let scratch = tempfile::tempdir()?;
+    let (_nixpkgs_server, nixpkgs_url) = served_nixpkgs(scratch.path())?;
+    let github = private_repository(scratch.path(), &nixpkgs_url)?;
+    let mut trusted = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt")
+        .context("the host's CA bundle (apt-get install ca-certificates)")?;
+    trusted += &github.ca().pem()?;
+    let installer_files = scratch.path().join("installer-files.cpio");
+    nixos_kexec_tests::Cpio::new()
+        .file("etc/ssl/certs/ca-certificates.crt", 0o644, trusted)
+        .file(
+            "etc/hosts",
+            0o644,
+            format!("127.0.0.1 localhost\n{GUEST_ADDRESS} {PRIVATE_HOST} api.{PRIVATE_HOST}\n"),
+        )
+        // glibc without nsswitch.conf asks DNS first and gives up on its answer (NXDOMAIN).
+        .file("etc/nsswitch.conf", 0o644, "hosts: files dns\n")
+        .write_to(&installer_files)?;
+    // Compressed, as the stand-in's archive before it: the kernel takes a plain archive only at
+    // a 4-byte boundary, which a gzip stream need not end on.
+    nixos_kexec_tests::tool("gzip", [&installer_files])?;
+    let out = install_from_rescue_vm(
+        &bundle,
+        scratch.path(),
+        "private-flake",
+        &format!("--flake '{PRIVATE_FLAKE}#web1' --flake-token-file /root/token"),
+        &[("root/token", 0o600, format!("{TOKEN}\n").into_bytes())],
+        &[installer_files.with_extension("cpio.gz")],
+        &github.guestfwd(GUEST_ADDRESS),
+    )?;
+    for line in [
+        "appended archive: file /etc/nixos-kexec/secrets/flake-access-token mode 600",
+        "flake: the access token for git.corp.test (github references) travels in the appended archive",
+        "install: Nix has the flake access token for git.corp.test (github references) for this step only",
+        "building the host flake /mnt/etc/nixos#web1",
+    ] {
+        ensure!(
+            out.contains(line),
+            "no `{line}` on the console:\n{}",
+            out.tail(60)
+        );
+    }
+    ensure!(!out.contains(TOKEN), "the token is on the console");
+    let requests = github.requests();
+    ensure!(
+        requests
+            .iter()
+            .any(|r| r.path.ends_with(&format!("/tarball/{COMMIT}"))),
+        "the installer's Nix never fetched the private flake"
+    );
+    ensure!(
+        requests
+            .iter()
+            .all(|r| r.header("Authorization") == Some(&format!("token {TOKEN}"))),
+        "a request came without the token"
+    );
+
+    let disk = &out.disks[0];
+    let lock = check_built_system(disk)?;
+    ensure!(
+        lock.contains(&format!("\"host\": \"{PRIVATE_HOST}\"")) && lock.contains(COMMIT),
+        "the lock file does not pin the private flake: {lock}"
+    );
+    ensure!(
+        nixos_kexec_tests::count_in_image(disk, TOKEN.as_bytes())? == 0,
+        "the token is on the target disk"
+    );
+    let mounted = nixos_kexec_tests::LoopMount::new(&nixos_kexec_tests::extract_partition(disk, 3)?)?;
+    let logs = mounted.path().join("var/log/nixos-kexec");
+    let report = std::fs::read_to_string(logs.join("report.json")).context("no report on the target")?;
+    let log = std::fs::read_to_string(logs.join("install.log")).context("no install.log on the target")?;
+    ensure!(
+        log.contains("install: Nix has the flake access token for git.corp.test"),
+        "install.log is not the installer's console"
+    );
+    ensure!(
+        !report.contains(TOKEN) && !log.contains(TOKEN),
+        "the token is in the report or the log"
     );
     Ok(())
 }
