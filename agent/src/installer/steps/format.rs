@@ -7,7 +7,7 @@ use crate::installer::plan::Plan;
 use crate::machine::blockdev::Mount;
 use crate::machine::runner;
 use anyhow::{Context, Result};
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 
 pub fn run(plan: &Plan, execution: &mut Execution) -> Result<()> {
@@ -78,13 +78,21 @@ fn create_subvolumes(fs: &Filesystem) -> Result<()> {
     if fs.subvolumes.is_empty() {
         return Ok(());
     }
-    let dir = Path::new("/run/nixos-kexec/btrfs-top");
-    let top = Mount::new(&fs.device, dir, "btrfs", &["subvolid=5".into()])?;
+    // A mount point of its own: tests format several filesystems at once, and two mounts on
+    // one path would stack (the first unmount then meets the other's, busy).
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = PathBuf::from(format!(
+        "/run/nixos-kexec/btrfs-top-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let top = Mount::new(&fs.device, &dir, "btrfs", &["subvolid=5".into()])?;
     for name in &fs.subvolumes {
         crate::machine::btrfs::create_subvolume(top.target(), name)?;
         log::info!("created btrfs subvolume {name} on {}", fs.device);
     }
-    top.unmount()
+    top.unmount()?;
+    std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))
 }
 
 /// FAT32 with the disk's logical sector size (the kernel will not mount a FAT whose sectors are
