@@ -13,6 +13,7 @@ use crate::installer::plan::{self, Plan};
 use crate::installer::steps::swap_file::TemporarySwap;
 use crate::installer::steps::{self, finish, Execution};
 use crate::installer::storage::MIB;
+use crate::installer::way_back::{self, AfterFailure, DiskWrites, FailureReboot};
 use crate::machine::facts::Facts;
 use crate::machine::pid1;
 use crate::network::dhcp;
@@ -276,16 +277,20 @@ fn machine_vars(first: &Config, network: &EarlyNetwork) -> Result<MachineVars> {
     })
 }
 
-/// Reads the input, brings up what the network needs to be for it (see
-/// [`bring_up_network`]), fetches config_url, gathers facts and makes the plan.
-pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
+/// Reads the input's parameters and the runtime-info files in the initrd, as layers.
+pub fn read_layers(input: &Input) -> Result<Layers> {
     // Secrets never travel on the command line, so it is safe to show; it is the first thing to
     // check when a parameter seems to be ignored.
     console::line(&format!(
         "installer kernel command line: {}",
         input.cmdline.trim()
     ));
-    let layers = Layers::read(&input.root, &input.params()?)?;
+    Layers::read(&input.root, &input.params()?)
+}
+
+/// From the input's layers: brings up what the network needs to be for them (see
+/// [`bring_up_network`]), fetches config_url, gathers facts and makes the plan.
+pub fn prepare(input: &Input, layers: &Layers, mode: NetworkMode) -> Result<Prepared> {
     // Everything given locally is checked before the network is touched.
     let first = layers.config(None)?;
     let network = match mode {
@@ -339,7 +344,7 @@ pub fn prepare(input: &Input, mode: NetworkMode) -> Result<Prepared> {
 
 /// Builds the plan from the input without touching any disk or the network configuration.
 pub fn make_plan(input: &Input) -> Result<(Config, Plan)> {
-    let prepared = prepare(input, NetworkMode::AsIs)?;
+    let prepared = prepare(input, &read_layers(input)?, NetworkMode::AsIs)?;
     Ok((prepared.config, prepared.plan))
 }
 
@@ -355,31 +360,39 @@ pub struct InputArgs {
     pub cmdline_file: Option<std::path::PathBuf>,
 }
 
-/// An installer run that failed, with its plan and execution when the steps had begun: the
-/// failure report needs them.
+/// An installer run that failed, with its plan and execution when the steps had begun (the
+/// failure report needs them, and the way back needs to know whether a disk was written), and
+/// the operator's `failure_reboot_after` once the layers were read (the default before).
 struct Failed {
     error: anyhow::Error,
     started: Option<Box<(Plan, Execution)>>,
+    failure_reboot: FailureReboot,
 }
 
 impl From<anyhow::Error> for Failed {
     fn from(error: anyhow::Error) -> Failed {
-        Failed { error, started: None }
+        Failed {
+            error,
+            started: None,
+            failure_reboot: FailureReboot::default(),
+        }
     }
 }
 
-/// The installer on this system (`/init`, `nixos-kexec install`): reads the input, installs,
-/// and ends with the result line. It prints its error itself, once, as it happens: install.log
-/// on the target must have it before the failure report is written. Returns what to do with
-/// the machine afterwards.
-pub fn install(args: InputArgs) -> Result<Option<After>> {
-    let result = Input::from_system(args.params, args.cmdline_file.as_deref())
-        .map_err(Failed::from)
-        .and_then(|input| install_inner(&input));
-    let result = result.map_err(|Failed { error, started }| {
+impl Failed {
+    /// Prints the error, leaves the failure report on the target when it is mounted, and
+    /// decides what becomes of the machine.
+    fn conclude(self) -> (anyhow::Error, AfterFailure) {
+        let Failed {
+            error,
+            started,
+            failure_reboot,
+        } = self;
         print_error(&error);
+        let mut writes = DiskWrites::default();
         if let Some(started) = started {
             let (plan, mut execution) = *started;
+            writes = std::mem::take(&mut execution.disk_writes);
             if let Err(e) = finish::write_report(&plan, &mut execution, Some(&one_line(&error))) {
                 log::warn!("could not write the failure report: {e:#}");
             }
@@ -387,10 +400,44 @@ pub fn install(args: InputArgs) -> Result<Option<After>> {
                 log::warn!("{e:#}");
             }
         }
-        error
-    });
-    print_result(&result);
-    result
+        (error, AfterFailure::decide(failure_reboot, &writes))
+    }
+}
+
+/// The installer on this system (`/init`, `nixos-kexec install`): reads the input, installs,
+/// and ends with the result line. It prints its error itself, once, as it happens: install.log
+/// on the target must have it before the failure report is written. Returns what to do with
+/// the machine afterwards; after a failure, what the way back would do, which only PID 1's
+/// installer carries out ([`leave_after_failure`]).
+pub fn install(args: InputArgs) -> Result<Option<After>, AfterFailure> {
+    let result = Input::from_system(args.params, args.cmdline_file.as_deref())
+        .map_err(Failed::from)
+        .and_then(|input| install_inner(&input));
+    match result {
+        Ok(after) => {
+            print_result(&Ok(()));
+            Ok(after)
+        }
+        Err(failed) => {
+            let (error, then) = failed.conclude();
+            print_result::<()>(&Err(error));
+            Err(then)
+        }
+    }
+}
+
+/// Says what a failed run does with the machine and, when no disk was written, waits out the
+/// grace period and reboots: a kexec'd machine goes back to the system it came from, a
+/// network-booted one tries its boot again. Returns when the machine stays.
+fn leave_after_failure(then: &AfterFailure) {
+    console::line(&then.announcement());
+    if let AfterFailure::Reboot(grace) = then {
+        way_back::count_down(*grace);
+        console::line("reboot: now");
+        if let Err(e) = finish_machine(After::Reboot) {
+            print_error(&e);
+        }
+    }
 }
 
 /// Runs the install; whatever way it fails, the secrets it was given (host keys, passphrase,
@@ -413,12 +460,22 @@ fn install_inner(input: &Input) -> Result<Option<After>, Failed> {
 }
 
 fn install_with_secrets(input: &Input, secrets: &Path) -> Result<Option<After>, Failed> {
+    let layers = read_layers(input)?;
+    let failure_reboot = layers.failure_reboot_after();
+    // Every failure from here on gets the operator's choice.
+    install_from(input, &layers, secrets).map_err(|failed| Failed {
+        failure_reboot,
+        ..failed
+    })
+}
+
+fn install_from(input: &Input, layers: &Layers, secrets: &Path) -> Result<Option<After>, Failed> {
     let passphrase_file = secrets.join("disk-passphrase");
     let Prepared {
         config,
         plan,
         network,
-    } = prepare(input, NetworkMode::BringUp)?;
+    } = prepare(input, layers, NetworkMode::BringUp)?;
     print_plan(&plan, "plan")?;
     if config.dry_run {
         console::line("dry run: nothing was written");
@@ -456,6 +513,7 @@ fn install_with_secrets(input: &Input, secrets: &Path) -> Result<Option<After>, 
         return Err(Failed {
             error,
             started: Some(Box::new((plan, execution))),
+            failure_reboot: FailureReboot::default(),
         });
     }
     finish::unmount_all(&mut execution)?;
@@ -505,9 +563,18 @@ pub fn init_main() -> ! {
         // Part of the root may already be gone (files are deleted as they are copied): nothing
         // that runs from here on can be trusted, and no disk has been touched yet.
         let _ = pid1::mount_basics();
-        pid1::stop(&format!(
-            "could not move the root from the initramfs to a tmpfs: {e:#}. No disk was touched; the machine stays up without installing. Boot the installer again (a machine with more RAM if the tmpfs was full)"
-        ));
+        // No parameter has been read: the default grace period.
+        pid1::stop(
+            &format!(
+                "could not move the root from the initramfs to a tmpfs: {e:#}. No disk was touched. Boot the installer again (a machine with more RAM if the tmpfs was full)"
+            ),
+            || {
+                leave_after_failure(&AfterFailure::decide(
+                    FailureReboot::default(),
+                    &DiskWrites::default(),
+                ))
+            },
+        );
     }
     if let Err(e) = pid1::mount_basics() {
         console::line(&format!("error: {e:#}"));
@@ -538,7 +605,10 @@ pub fn init_main() -> ! {
             }
         },
         Ok(None) => 0,
-        Err(_) => 1,
+        Err(then) => {
+            leave_after_failure(&then);
+            1
+        }
     })
 }
 

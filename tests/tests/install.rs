@@ -219,7 +219,7 @@ fn two_disks_target_by_serial_other_untouched() -> Result<()> {
 }
 
 /// Bad input stops the run with one clear error, before any disk is touched, and the machine
-/// stays up: one VM for the class (invalid runtime info, with a disk named). What each bad input
+/// stays up for the way back's grace period: one VM for the class (invalid runtime info, with a disk named). What each bad input
 /// says (this one, an unknown parameter, an absent disk) is checked in agent/tests/refusals.rs.
 #[test]
 fn bad_input_touches_no_disk() -> Result<()> {
@@ -241,7 +241,43 @@ fn bad_input_touches_no_disk() -> Result<()> {
         "reason `{reason}` lacks `not valid base64`"
     );
     ensure!(out.contains("nixos-kexec: fix: "), "no fix was printed");
-    ensure!(!out.exited_by_itself, "a failed run must not reboot or power off");
+    ensure!(
+        !out.exited_by_itself,
+        "a failed run must not power off, nor reboot before its grace period"
+    );
+    ensure!(sparse_digest(&disk)? == before, "the disk changed");
+    Ok(())
+}
+
+/// The way back: a refusal before the wipe (no disk named) reboots once the grace period is
+/// over, so a kexec'd machine returns to the system it came from. Under `-no-reboot` QEMU exits
+/// by itself, and the disk is as it was.
+#[test]
+fn a_refusal_before_the_wipe_reboots_after_the_grace_period() -> Result<()> {
+    let bundle = dev_bundle()?;
+    let scratch = tempfile::tempdir()?;
+    let disk = used_disk(scratch.path(), "disk.img", 3 * GIB)?;
+    let before = sparse_digest(&disk)?;
+    let out = Vm::new(&bundle)
+        .disk_image(&disk, DiskBus::Virtio, 512, "WAYBACK1")
+        .param(key_param())
+        .param("nixos_kexec.failure_reboot_after=5s")
+        .run()?;
+    let reason = out.expect_failure()?;
+    ensure!(reason.contains("No target disk was chosen"), "{reason}");
+    ensure!(
+        out.contains("nixos-kexec: reboot: no disk was written, so this machine reboots in 5 s")
+            && out.contains("failure_reboot_after=never"),
+        "the reboot is not announced:\n{}",
+        out.tail(10)
+    );
+    ensure!(out.contains("nixos-kexec: reboot: now"), "{}", out.tail(10));
+    ensure!(out.exited_by_itself, "QEMU should have exited at the reboot");
+    let waited = out.duration - out.time_to_result.context("no result line")?;
+    ensure!(
+        waited >= std::time::Duration::from_secs(5),
+        "rebooted {waited:?} after the result line, before the grace period was over"
+    );
     ensure!(sparse_digest(&disk)? == before, "the disk changed");
     Ok(())
 }
@@ -297,6 +333,11 @@ fn missing_nixos_install_fails_without_reboot() -> Result<()> {
         "the fix is not named: {reason}"
     );
     ensure!(!out.exited_by_itself, "a failed install must not reboot");
+    ensure!(
+        out.contains("nixos-kexec: no reboot: /dev/vda may be half-written"),
+        "the console does not say why it stays:\n{}",
+        out.tail(10)
+    );
     let root = extract_partition(&out.disks[0], 3)?;
     let report: Value = serde_json::from_slice(&ext4_read_file(&root, "/var/log/nixos-kexec/report.json")?)?;
     ensure!(report["result"] == "failure", "report: {report}");

@@ -10,6 +10,7 @@ use crate::input::flake::{GeneratedPart, UserFlake};
 use crate::input::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
 use crate::input::tree::{Tree, Walk};
 use crate::installer::storage::{self, Storage, Table};
+use crate::installer::way_back::FailureReboot;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -204,6 +205,9 @@ pub struct Layer {
     pub reinstall: Option<bool>,
     pub stop_before: Option<Step>,
     pub after: Option<After>,
+    /// Read from the parameters' layer alone, before the config is built
+    /// ([`Layers::failure_reboot_after`]).
+    pub failure_reboot_after: Option<FailureReboot>,
 }
 
 impl From<RuntimeInfo> for Layer {
@@ -227,6 +231,7 @@ impl Layer {
             reinstall,
             stop_before,
             after,
+            failure_reboot_after,
         } = upper;
         if info.disk.is_some() {
             self.disk_auto = false;
@@ -238,6 +243,7 @@ impl Layer {
         self.reinstall = reinstall.or(self.reinstall);
         self.stop_before = stop_before.or(self.stop_before);
         self.after = after.or(self.after);
+        self.failure_reboot_after = failure_reboot_after.or(self.failure_reboot_after);
     }
 }
 
@@ -293,6 +299,13 @@ pub const PARAMETERS: &[Parameter] = &[
         "after",
         Effect::Set(|layer, value| {
             layer.after = Some(After::parse(value)?);
+            Ok(())
+        }),
+    ),
+    Parameter::new(
+        "failure_reboot_after",
+        Effect::Set(|layer, value| {
+            layer.failure_reboot_after = Some(FailureReboot::parse(value)?);
             Ok(())
         }),
     ),
@@ -455,6 +468,13 @@ impl Layers {
         })
     }
 
+    /// What a run that fails before writing to a disk does: the parameter, or the default.
+    /// Known as soon as the layers are read, so it holds for every failure after that, also
+    /// one in building the config or in fetching config_url.
+    pub fn failure_reboot_after(&self) -> FailureReboot {
+        self.params.failure_reboot_after.unwrap_or_default()
+    }
+
     /// Folds the layers, `fetched` (config_url's answer) between `info_deflate=` and the
     /// parameters, and builds the config from the result.
     pub fn config(&self, fetched: Option<RuntimeInfo>) -> Result<Config> {
@@ -575,6 +595,9 @@ impl Config {
             reinstall,
             stop_before,
             after,
+            // The installer reads it from the layers (Layers::failure_reboot_after): it must
+            // hold when building the config fails.
+            failure_reboot_after: _,
         } = merged;
         let (layout, swap_bytes, table) = resolve_layout(&info)?;
         Ok(Config {
@@ -1031,6 +1054,23 @@ mod tests {
         );
     }
 
+    /// The way back's setting is known from the layers, so it holds when the config they fold
+    /// into is refused; without the parameter, the default.
+    #[test]
+    fn failure_reboot_after_holds_when_the_config_is_refused() {
+        let params = Params::parse("nixos_kexec.layout=zfs nixos_kexec.failure_reboot_after=never").unwrap();
+        let layers = Layers::new(vec![], &params).unwrap();
+        assert!(layers.config(None).is_err());
+        assert_eq!(layers.failure_reboot_after(), FailureReboot::Never);
+        let params = Params::parse("nixos_kexec.failure-reboot-after=90s").unwrap();
+        assert_eq!(
+            Layers::new(vec![], &params).unwrap().failure_reboot_after(),
+            FailureReboot::After(std::time::Duration::from_secs(90))
+        );
+        let none = Layers::new(vec![], &Params::default()).unwrap();
+        assert_eq!(none.failure_reboot_after(), FailureReboot::default());
+    }
+
     /// Runtime info on the command line is decoded before any single parameter is applied, so
     /// its error is the one reported when both are bad.
     #[test]
@@ -1249,6 +1289,7 @@ mod tests {
             "nixos_kexec.table=apm",
             "nixos_kexec.dry_run=maybe",
             "nixos_kexec.ssh_key=not-a-key",
+            "nixos_kexec.failure_reboot_after=soon",
         ] {
             let err = Params::parse(line)
                 .and_then(|p| Config::assemble(None, &p))

@@ -1,5 +1,6 @@
 //! From config and facts to an installed disk: the pure plan (presets and declarative storage
-//! resolved into a layout), then the steps that execute it, ending in the report.
+//! resolved into a layout), then the steps that execute it, ending in the report; after a
+//! failure, the way back.
 
 pub mod layout;
 pub mod plan;
@@ -9,3 +10,4 @@ pub mod report;
 pub mod steps;
 pub mod storage;
 pub mod templates;
+pub mod way_back;

@@ -260,11 +260,13 @@ pub fn supervise(work: impl FnOnce() -> i32) -> ! {
     }
 }
 
-/// Ends the run as PID 1 without a reboot: an exiting PID 1 would panic the kernel and reboot
-/// a machine whose console the operator has not read yet.
-pub fn stop(why: &str) -> ! {
+/// Ends the run as PID 1 with `why`, then does `then` (the way back, which reboots or returns)
+/// and stays: an exiting PID 1 would panic the kernel and reboot a machine whose console the
+/// operator has not read yet.
+pub fn stop(why: &str, then: impl FnOnce()) -> ! {
     crate::console::end_partial_line();
     crate::console::line(&format!("result: failure: {why}"));
+    then();
     reap_forever(Pid::from_raw(0))
 }
 

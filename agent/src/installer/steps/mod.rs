@@ -19,6 +19,7 @@ use crate::console;
 use crate::input::config::Step;
 use crate::installer::plan::Plan;
 use crate::installer::report::{Check, StepRecord};
+use crate::installer::way_back::DiskWrites;
 use crate::machine::blockdev::Mount;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -50,6 +51,8 @@ pub struct Execution {
     pub host_key_fingerprints: Vec<String>,
     /// The post-install checks, once the verify step ran.
     pub verification: Vec<Check>,
+    /// Set by the wipe step right before its first write: whether a failure may reboot.
+    pub disk_writes: DiskWrites,
 }
 
 impl Drop for Execution {
@@ -119,7 +122,7 @@ fn run_step(step: Step, plan: &Plan, execution: &mut Execution) -> Result<()> {
             install::check_network_before_wiping(plan)?;
             install::check_caches_before_wiping(plan)?;
             flake::check_before_wiping(plan)?;
-            wipe::run(plan)
+            wipe::run(plan, &mut execution.disk_writes)
         }
         Step::Partition => partition::run(plan),
         Step::Format => format::run(plan, execution),
