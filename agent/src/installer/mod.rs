@@ -2,6 +2,7 @@
 //! resolved into a layout), then the steps that execute it, ending in the report.
 
 pub mod layout;
+pub mod phone_home;
 pub mod plan;
 pub mod presets;
 pub mod previous;
