@@ -9,6 +9,7 @@ use crate::input::config::{After, Config, DiskChoice, Layers, Step};
 use crate::input::fetch::{self, MachineVars};
 use crate::input::runtime_info::Network;
 use crate::installer::layout::PlanIds;
+use crate::installer::phone_home::PhoneHome;
 use crate::installer::plan::{self, Plan};
 use crate::installer::steps::swap_file::TemporarySwap;
 use crate::installer::steps::{self, finish, Execution};
@@ -193,12 +194,16 @@ fn describe_nics(names: &[String]) -> String {
 /// - no runtime-info network: DHCP and router advertisements on every NIC with a link (PXE,
 ///   GRUB console). Without a lease the installer goes on, unless config_url needs the
 ///   network; the install step checks again before the disk is wiped.
-/// - a runtime-info network and config_url: apply it now, the fetch needs it.
+/// - a runtime-info network and config_url or report_url: apply it now, the fetch or the
+///   first event needs it.
 /// - a runtime-info network alone: nothing yet; the network step applies it, as before.
 fn bring_up_network(first: &Config) -> Result<EarlyNetwork> {
     match (first.network(), &first.config_url) {
-        (Some(network), Some(url)) => {
-            log::info!("network: applying the runtime info's network now; {url} needs it");
+        (Some(network), url) if url.is_some() || first.runtime_info.report_url.is_some() => {
+            let needs = url
+                .as_deref()
+                .map_or("report_url".into(), crate::input::http::redact);
+            log::info!("network: applying the runtime info's network now; {needs} needs it");
             let facts = crate::network::apply::apply(network)?;
             Ok(EarlyNetwork {
                 applied: Some(network.clone()),
@@ -206,7 +211,7 @@ fn bring_up_network(first: &Config) -> Result<EarlyNetwork> {
                 dhcp: None,
             })
         }
-        (Some(_), None) => Ok(EarlyNetwork::default()),
+        (Some(_), _) => Ok(EarlyNetwork::default()),
         (None, url) => {
             let outcome = match dhcp::bring_up(&dhcp::Options::default()) {
                 Ok(outcome) => outcome,
@@ -289,8 +294,14 @@ pub fn read_layers(input: &Input) -> Result<Layers> {
 }
 
 /// From the input's layers: brings up what the network needs to be for them (see
-/// [`bring_up_network`]), fetches config_url, gathers facts and makes the plan.
-pub fn prepare(input: &Input, layers: &Layers, mode: NetworkMode) -> Result<Prepared> {
+/// [`bring_up_network`]), fetches config_url, starts `phone_home` when the installer has a
+/// report_url, gathers facts and makes the plan.
+pub fn prepare(
+    input: &Input,
+    layers: &Layers,
+    mode: NetworkMode,
+    phone_home: &mut PhoneHome,
+) -> Result<Prepared> {
     // Everything given locally is checked before the network is touched.
     let first = layers.config(None)?;
     let network = match mode {
@@ -306,6 +317,15 @@ pub fn prepare(input: &Input, layers: &Layers, mode: NetworkMode) -> Result<Prep
         None => None,
     };
     let mut config = layers.config(fetched)?;
+    if let (NetworkMode::BringUp, Some(url), false) = (mode, &config.runtime_info.report_url, config.dry_run)
+    {
+        // Not fatal: a run that could not name the machine still installs.
+        let vars = machine_vars(&config, &network).unwrap_or_else(|e| {
+            log::warn!("report_url: {e:#}");
+            MachineVars::default()
+        });
+        *phone_home = PhoneHome::start(url, &vars, config.hostname());
+    }
     config.find_secrets(&input.root);
     config.find_extra_files(&input.root)?;
     // The links udev would have made: the plan and the installed system's config name disks
@@ -344,7 +364,12 @@ pub fn prepare(input: &Input, layers: &Layers, mode: NetworkMode) -> Result<Prep
 
 /// Builds the plan from the input without touching any disk or the network configuration.
 pub fn make_plan(input: &Input) -> Result<(Config, Plan)> {
-    let prepared = prepare(input, &read_layers(input)?, NetworkMode::AsIs)?;
+    let prepared = prepare(
+        input,
+        &read_layers(input)?,
+        NetworkMode::AsIs,
+        &mut PhoneHome::default(),
+    )?;
     Ok((prepared.config, prepared.plan))
 }
 
@@ -380,26 +405,30 @@ impl From<anyhow::Error> for Failed {
 }
 
 impl Failed {
-    /// Prints the error, leaves the failure report on the target when it is mounted, and
-    /// decides what becomes of the machine.
-    fn conclude(self) -> (anyhow::Error, AfterFailure) {
+    /// Prints the error, leaves the failure report on the target when it is mounted, sends the
+    /// `failed` event to report_url, and decides what becomes of the machine.
+    fn conclude(self, phone_home: &mut PhoneHome) -> (anyhow::Error, AfterFailure) {
         let Failed {
             error,
             started,
             failure_reboot,
         } = self;
         print_error(&error);
+        let reason = one_line(&error);
         let mut writes = DiskWrites::default();
+        let mut report = None;
         if let Some(started) = started {
             let (plan, mut execution) = *started;
             writes = std::mem::take(&mut execution.disk_writes);
-            if let Err(e) = finish::write_report(&plan, &mut execution, Some(&one_line(&error))) {
+            if let Err(e) = finish::write_report(&plan, &mut execution, Some(&reason)) {
                 log::warn!("could not write the failure report: {e:#}");
             }
+            report = Some(finish::final_report(&plan, &execution, Some(&reason)));
             if let Err(e) = finish::unmount_all(&mut execution) {
                 log::warn!("{e:#}");
             }
         }
+        phone_home.failed(&reason, report);
         (error, AfterFailure::decide(failure_reboot, &writes))
     }
 }
@@ -410,16 +439,17 @@ impl Failed {
 /// the machine afterwards; after a failure, what the way back would do, which only PID 1's
 /// installer carries out ([`leave_after_failure`]).
 pub fn install(args: InputArgs) -> Result<Option<After>, AfterFailure> {
+    let mut phone_home = PhoneHome::default();
     let result = Input::from_system(args.params, args.cmdline_file.as_deref())
         .map_err(Failed::from)
-        .and_then(|input| install_inner(&input));
+        .and_then(|input| install_inner(&input, &mut phone_home));
     match result {
         Ok(after) => {
             print_result(&Ok(()));
             Ok(after)
         }
         Err(failed) => {
-            let (error, then) = failed.conclude();
+            let (error, then) = failed.conclude(&mut phone_home);
             print_result::<()>(&Err(error));
             Err(then)
         }
@@ -443,11 +473,11 @@ fn leave_after_failure(then: &AfterFailure) {
 /// Runs the install; whatever way it fails, the secrets it was given (host keys, passphrase,
 /// and the extra files, any of which may be one) are wiped from RAM: nothing in this boot will
 /// use them, and a new attempt comes with a new kexec that brings them again.
-fn install_inner(input: &Input) -> Result<Option<After>, Failed> {
+fn install_inner(input: &Input, phone_home: &mut PhoneHome) -> Result<Option<After>, Failed> {
     let secrets = input
         .root
         .join(crate::input::config::SECRETS_DIR.trim_start_matches('/'));
-    let result = install_with_secrets(input, &secrets);
+    let result = install_with_secrets(input, &secrets, phone_home);
     if result.is_err() {
         steps::keys::wipe_dir(&secrets);
         steps::extra_files::wipe_source(
@@ -459,23 +489,32 @@ fn install_inner(input: &Input) -> Result<Option<After>, Failed> {
     result
 }
 
-fn install_with_secrets(input: &Input, secrets: &Path) -> Result<Option<After>, Failed> {
+fn install_with_secrets(
+    input: &Input,
+    secrets: &Path,
+    phone_home: &mut PhoneHome,
+) -> Result<Option<After>, Failed> {
     let layers = read_layers(input)?;
     let failure_reboot = layers.failure_reboot_after();
     // Every failure from here on gets the operator's choice.
-    install_from(input, &layers, secrets).map_err(|failed| Failed {
+    install_from(input, &layers, secrets, phone_home).map_err(|failed| Failed {
         failure_reboot,
         ..failed
     })
 }
 
-fn install_from(input: &Input, layers: &Layers, secrets: &Path) -> Result<Option<After>, Failed> {
+fn install_from(
+    input: &Input,
+    layers: &Layers,
+    secrets: &Path,
+    phone_home: &mut PhoneHome,
+) -> Result<Option<After>, Failed> {
     let passphrase_file = secrets.join("disk-passphrase");
     let Prepared {
         config,
         plan,
         network,
-    } = prepare(input, layers, NetworkMode::BringUp)?;
+    } = prepare(input, layers, NetworkMode::BringUp, phone_home)?;
     print_plan(&plan, "plan")?;
     if config.dry_run {
         console::line("dry run: nothing was written");
@@ -509,7 +548,7 @@ fn install_from(input: &Input, layers: &Layers, secrets: &Path) -> Result<Option
             );
         }
     }
-    if let Err(error) = steps::execute(&plan, &mut execution) {
+    if let Err(error) = steps::execute(&plan, &mut execution, phone_home) {
         return Err(Failed {
             error,
             started: Some(Box::new((plan, execution))),
@@ -520,6 +559,7 @@ fn install_from(input: &Input, layers: &Layers, secrets: &Path) -> Result<Option
     if let Some(kib) = finish::peak_rss_kib() {
         console::line(&format!("agent peak RSS: {kib} KiB"));
     }
+    phone_home.finished(finish::final_report(&plan, &execution, None));
     Ok(Some(config.after.unwrap_or(After::Reboot)))
 }
 

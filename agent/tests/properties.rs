@@ -43,7 +43,8 @@ proptest! {
             serial: Some(text.clone()),
             ..Default::default()
         };
-        let _ = nixos_kexec::input::fetch::substitute(&text, &vars);
+        let _ = nixos_kexec::input::fetch::substitute("config_url", &text, &vars);
+        let _ = nixos_kexec::input::report_url::ReportUrl::parse(&text);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! A server for `nixos_kexec.config_url` on the host's loopback, which a guest with QEMU's user
-//! networking reaches as 10.0.2.2.
+//! A server for `nixos_kexec.config_url` (and a report server for `report_url`) on the host's
+//! loopback, which a guest with QEMU's user networking reaches as 10.0.2.2.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -77,5 +77,15 @@ impl ConfigServer {
     /// Request paths so far (percent-decoded).
     pub fn requests(&self) -> Vec<String> {
         self.server.requests().into_iter().map(|r| r.path).collect()
+    }
+
+    /// The requests so far, bodies included: what a report server was sent.
+    pub fn recorded(&self) -> Vec<HttpRequest> {
+        self.server.requests()
+    }
+
+    /// The port it listens on, on 127.0.0.1 (for a TLS front).
+    pub fn port(&self) -> u16 {
+        self.server.port()
     }
 }

@@ -27,6 +27,8 @@ pub struct HttpRequest {
     pub keep_alive: bool,
     /// The header lines as sent, names as the client wrote them.
     pub headers: Vec<(String, String)>,
+    /// What came after the head, by its Content-Length.
+    pub body: Vec<u8>,
 }
 
 impl HttpRequest {
@@ -229,8 +231,8 @@ fn answer_requests(stream: TcpStream, shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-/// Reads a request head (and skips a body with Content-Length); `None` when the client closed
-/// the connection before a new request.
+/// Reads a request head and a body with Content-Length; `None` when the client closed the
+/// connection before a new request.
 fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<HttpRequest>> {
     let mut request_line = String::new();
     match reader.read_line(&mut request_line) {
@@ -270,13 +272,18 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<HttpRequest>
         }
         headers.push((name.to_string(), value.to_string()));
     }
-    std::io::copy(&mut reader.by_ref().take(body_length), &mut std::io::sink())
-        .context("skipping a request body")?;
+    let mut body = Vec::new();
+    reader
+        .by_ref()
+        .take(body_length)
+        .read_to_end(&mut body)
+        .context("reading a request body")?;
     Ok(Some(HttpRequest {
         method,
         path,
         keep_alive,
         headers,
+        body,
     }))
 }
 

@@ -337,7 +337,7 @@ mod tests {
         let user = crate::error::as_user_error(&err).unwrap();
         assert_eq!(
             user.fix,
-            "remove it or correct the spelling; known parameters are nixos_kexec.{info,info_deflate,disk,hostname,config_url,reinstall,dry_run,stop_before,after,failure_reboot_after,layout,ssh_key,nixpkgs,state_version,swap,table,system,substituters,trusted_public_keys,flake,generated}."
+            "remove it or correct the spelling; known parameters are nixos_kexec.{info,info_deflate,disk,hostname,config_url,report_url,reinstall,dry_run,stop_before,after,failure_reboot_after,layout,ssh_key,nixpkgs,state_version,swap,table,system,substituters,trusted_public_keys,flake,generated}."
         );
         let mut params = Params::default();
         assert!(params.insert("stop-before", "install").is_ok());

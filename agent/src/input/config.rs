@@ -7,6 +7,7 @@ use crate::error::user_error;
 use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::cmdline::{percent_decode, Params, SerialConsole};
 use crate::input::flake::{GeneratedPart, UserFlake};
+use crate::input::report_url::ReportUrl;
 use crate::input::runtime_info::{self, DiskSelector, Network, RuntimeInfo, Source};
 use crate::input::tree::{Tree, Walk};
 use crate::installer::storage::{self, Storage, Table};
@@ -286,6 +287,13 @@ pub const PARAMETERS: &[Parameter] = &[
         ),
     ),
     Parameter::new("config_url", Effect::Text(|layer| &mut layer.config_url, None)),
+    Parameter::new(
+        "report_url",
+        Effect::Set(|layer, value| {
+            layer.info.report_url = Some(ReportUrl::parse(value)?);
+            Ok(())
+        }),
+    ),
     Parameter::new("reinstall", Effect::Flag(|layer| &mut layer.reinstall)),
     Parameter::new("dry_run", Effect::Flag(|layer| &mut layer.dry_run)),
     Parameter::new(

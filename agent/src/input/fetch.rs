@@ -9,10 +9,11 @@ use crate::error::{as_user_error, user_error};
 use crate::input::http;
 use crate::input::runtime_info::{self, RuntimeInfo, Source};
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// What `${...}` in a config URL can name. `None`: unknown on this machine.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What `${...}` in a config or report URL can name. `None`: unknown on this machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineVars {
     /// The NIC that got the lease (or carries the default route), lower-case with colons.
     pub mac: Option<String>,
@@ -95,9 +96,10 @@ fn encode(value: &str) -> String {
     out
 }
 
-/// Replaces `${mac}`, `${serial}`, `${uuid}`, `${hostname}`; anything else in `${...}` is an
-/// error, as is a variable whose value this machine does not have.
-pub fn substitute(template: &str, vars: &MachineVars) -> Result<String> {
+/// Replaces `${mac}`, `${serial}`, `${uuid}`, `${hostname}` in the URL the `nixos_kexec.`
+/// `parameter` gives; anything else in `${...}` is an error, as is a variable whose value this
+/// machine does not have.
+pub fn substitute(parameter: &str, template: &str, vars: &MachineVars) -> Result<String> {
     let mut out = String::new();
     let mut rest = template;
     while let Some(start) = rest.find("${") {
@@ -106,7 +108,7 @@ pub fn substitute(template: &str, vars: &MachineVars) -> Result<String> {
         let end = after.find('}').ok_or_else(|| {
             user_error(
                 format!(
-                    "nixos_kexec.config_url={} has a ${{ without a closing }}.",
+                    "nixos_kexec.{parameter}={} has a ${{ without a closing }}.",
                     http::redact(template)
                 ),
                 format!(
@@ -119,7 +121,8 @@ pub fn substitute(template: &str, vars: &MachineVars) -> Result<String> {
         if !VARIABLES.contains(&name) {
             return Err(user_error(
                 format!(
-                    "nixos_kexec.config_url={template} uses ${{{name}}}, which this installer does not know."
+                    "nixos_kexec.{parameter}={} uses ${{{name}}}, which this installer does not know.",
+                    http::redact(template)
                 ),
                 format!("use one of ${{{}}}.", VARIABLES.join("}, ${")),
             ));
@@ -127,7 +130,7 @@ pub fn substitute(template: &str, vars: &MachineVars) -> Result<String> {
         let value = vars.value(name).ok_or_else(|| {
             user_error(
                 format!(
-                    "nixos_kexec.config_url={} uses ${{{name}}}, but {}.",
+                    "nixos_kexec.{parameter}={} uses ${{{name}}}, but {}.",
                     http::redact(template),
                     why_unknown(name)
                 ),
@@ -143,7 +146,7 @@ pub fn substitute(template: &str, vars: &MachineVars) -> Result<String> {
 
 /// Substitutes, fetches and validates the runtime info behind a config URL.
 pub fn runtime_info(template: &str, vars: &MachineVars, options: &http::Options) -> Result<RuntimeInfo> {
-    let url = substitute(template, vars)?;
+    let url = substitute("config_url", template, vars)?;
     // Shown without a token the query string or user part may carry.
     let shown = http::redact(&url);
     if url != template {
@@ -188,15 +191,15 @@ mod tests {
     #[test]
     fn substitutes_known_variables() {
         assert_eq!(
-            substitute("http://10.0.2.2:8080/${mac}.json", &vars()).unwrap(),
+            substitute("config_url", "http://10.0.2.2:8080/${mac}.json", &vars()).unwrap(),
             "http://10.0.2.2:8080/52:54:00:12:34:56.json"
         );
         assert_eq!(
-            substitute("http://c/?s=${serial}&u=${uuid}&m=${mac}", &vars()).unwrap(),
+            substitute("config_url", "http://c/?s=${serial}&u=${uuid}&m=${mac}", &vars()).unwrap(),
             "http://c/?s=ABC%20123%2Fx&u=4c4c4544-0042-3510-8051-b4c04f4e4b32&m=52:54:00:12:34:56"
         );
         assert_eq!(
-            substitute("http://c/plain$x.json", &vars()).unwrap(),
+            substitute("config_url", "http://c/plain$x.json", &vars()).unwrap(),
             "http://c/plain$x.json"
         );
     }
@@ -208,12 +211,12 @@ mod tests {
             ("http://c/${mac.json", "without a closing"),
             ("http://c/${hostname}.json", "neither nixos_kexec.hostname="),
         ] {
-            let err = substitute(template, &vars()).unwrap_err();
+            let err = substitute("config_url", template, &vars()).unwrap_err();
             let user = as_user_error(&err).expect("a user error");
             assert!(user.problem.contains(needle), "{template}: {user}");
         }
         let no_mac = MachineVars::default();
-        let err = substitute("http://c/${mac}", &no_mac).unwrap_err();
+        let err = substitute("config_url", "http://c/${mac}", &no_mac).unwrap_err();
         assert!(crate::error::one_line(&err).contains("DHCP lease"), "{err}");
     }
 

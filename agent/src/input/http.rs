@@ -1,10 +1,10 @@
-//! A minimal HTTP/1.1 GET client, for `nixos_kexec.config_url=`: plain TCP, or TLS through
-//! [`crate::input::tls`] for `https://`.
+//! A minimal HTTP/1.1 client: GET for `nixos_kexec.config_url=` and binary caches, POST of
+//! JSON for `report_url`; plain TCP, or TLS through [`crate::input::tls`] for `https://`.
 //!
 //! Responses may use `Content-Length`, `Transfer-Encoding: chunked`, or end at connection
-//! close; redirects are followed, except from HTTPS down to plain HTTP. Transient failures
-//! (connection errors, timeouts, 5xx, 408, 429) are retried with exponential backoff; any
-//! other 4xx, and any certificate or TLS protocol problem, is final.
+//! close; a GET follows redirects, except from HTTPS down to plain HTTP, a POST none. Transient
+//! failures (connection errors, timeouts, 5xx, 408, 429) are retried with exponential backoff;
+//! any other 4xx, and any certificate or TLS protocol problem, is final.
 
 use crate::error::user_error;
 use crate::input::tls::Failure;
@@ -293,20 +293,54 @@ impl std::error::Error for Unreachable {}
 /// answered and its answer whatever the status, unless it stayed transient: then the error is
 /// an [`Unreachable`]. Certificate and protocol problems are final errors at once.
 pub fn get_response(url: &Url, options: &Options, report: &mut dyn FnMut(&str)) -> Result<(Url, Response)> {
+    with_retries("GET", url, options, report, |tls| {
+        get_following_redirects(url, options, tls)
+    })
+}
+
+/// POSTs `body` as JSON to `url`, retrying transient failures as [`get_response`] does, and
+/// succeeds on a 2xx answer. Any other answer is final, a redirect too: it is not followed.
+pub fn post_json(url: &Url, body: &[u8], options: &Options, report: &mut dyn FnMut(&str)) -> Result<()> {
+    with_retries("POST", url, options, report, |tls| {
+        let response = send_once(url, &Request::PostJson(body), options, tls)?;
+        match response.status {
+            200..=299 => Ok(()),
+            408 | 429 | 500..=599 => Err(Failure::Transient(format!(
+                "{} {}",
+                response.status, response.reason
+            ))),
+            status => Err(Failure::Final(user_error(
+                format!("{url} answered {status} {}.", response.reason),
+                "make the server answer a POST of JSON with 2xx.",
+            ))),
+        }
+    })
+}
+
+/// Makes attempts at `url` until one succeeds or fails for good, waiting longer after each
+/// transient failure; `method` names the request in the lines for `report`. When every attempt
+/// failed transiently, the error is an [`Unreachable`].
+fn with_retries<T>(
+    method: &str,
+    url: &Url,
+    options: &Options,
+    report: &mut dyn FnMut(&str),
+    mut attempt_once: impl FnMut(&mut Option<crate::input::tls::Client>) -> Result<T, Failure>,
+) -> Result<T> {
     let mut delay = options.first_delay;
     let mut last = String::new();
     let attempts = options.attempts.max(1);
     // Loaded on the first https:// request, then shared by redirects and retries.
     let mut tls = None;
     for attempt in 1..=attempts {
-        match get_following_redirects(url, options, &mut tls) {
-            Ok(response) => return Ok(response),
+        match attempt_once(&mut tls) {
+            Ok(answer) => return Ok(answer),
             Err(Failure::Final(e)) => return Err(e),
             Err(Failure::Transient(why)) => {
                 last = why;
                 if attempt < attempts {
                     report(&format!(
-                        "GET {url}: attempt {attempt}/{attempts} failed: {last}; retrying in {}",
+                        "{method} {url}: attempt {attempt}/{attempts} failed: {last}; retrying in {}",
                         describe_delay(delay)
                     ));
                     std::thread::sleep(delay);
@@ -337,7 +371,7 @@ fn get_following_redirects(
 ) -> Result<(Url, Response), Failure> {
     let mut current = url.clone();
     for _ in 0..=MAX_REDIRECTS {
-        let response = get_once(&current, options, tls)?;
+        let response = send_once(&current, &Request::Get, options, tls)?;
         match response.status {
             301 | 302 | 303 | 307 | 308 => {
                 let location = response.header("location").ok_or_else(|| {
@@ -390,10 +424,18 @@ fn connect(url: &Url, options: &Options) -> Result<TcpStream, Failure> {
 trait Stream: Read + Write {}
 impl<T: Read + Write> Stream for T {}
 
+/// What a request sends.
+enum Request<'a> {
+    Get,
+    /// A JSON document as the body.
+    PostJson(&'a [u8]),
+}
+
 /// One request on a fresh connection (`Connection: close`). `tls` holds the client once the
 /// CA certificates are loaded.
-fn get_once(
+fn send_once(
     url: &Url,
+    request: &Request,
     options: &Options,
     tls: &mut Option<crate::input::tls::Client>,
 ) -> Result<Response, Failure> {
@@ -414,13 +456,25 @@ fn get_once(
         (Scheme::Https, Some(client)) => Box::new(client.connect(&url.host, tcp)?),
         _ => Box::new(tcp),
     };
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: nixos-kexec/{}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+    let (method, body_headers, body): (_, _, &[u8]) = match request {
+        Request::Get => ("GET", String::new(), &[]),
+        Request::PostJson(body) => (
+            "POST",
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ),
+            body,
+        ),
+    };
+    let head = format!(
+        "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: nixos-kexec/{}\r\nAccept: application/json\r\n{body_headers}Connection: close\r\n\r\n",
         url.path,
         url.host_header(),
         env!("CARGO_PKG_VERSION")
     );
-    stream.write_all(request.as_bytes()).map_err(io)?;
+    stream.write_all(head.as_bytes()).map_err(io)?;
+    stream.write_all(body).map_err(io)?;
     read_response(BufReader::new(stream))
 }
 
@@ -775,8 +829,8 @@ mod tests {
         (base, seen)
     }
 
-    /// Logs the request head (or why none came) before answering, so a client that has its
-    /// answer finds its request logged.
+    /// Logs the request head and its body (or why none came) before answering, so a client
+    /// that has its answer finds its request logged.
     fn answer(stream: &mut impl Stream, response: &[u8], log: &Mutex<Vec<String>>) {
         let mut head = Vec::new();
         let mut byte = [0u8];
@@ -792,9 +846,20 @@ mod tests {
             log.lock().unwrap().push(why);
             return;
         }
-        log.lock()
-            .unwrap()
-            .push(String::from_utf8_lossy(&head[..head.len() - 2]).into_owned());
+        let mut request = String::from_utf8_lossy(&head[..head.len() - 2]).into_owned();
+        let length = request
+            .lines()
+            .find_map(|line| {
+                line.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(str::to_string)
+            })
+            .map_or(0, |value| value.trim().parse().unwrap());
+        let mut body = vec![0; length];
+        if stream.read_exact(&mut body).is_ok() {
+            request.push_str(&String::from_utf8_lossy(&body));
+        }
+        log.lock().unwrap().push(request);
         let _ = stream.write_all(response);
     }
 
@@ -956,6 +1021,58 @@ mod tests {
         let body = get(&format!("{base}/start"), &quick(), &mut |_| {}).unwrap();
         assert_eq!(body, b"{}");
         assert!(seen.lock().unwrap()[1].starts_with("GET /final.json "));
+    }
+
+    #[test]
+    fn posts_json_and_retries_server_errors() {
+        let (base, seen) = serve(vec![FAIL.into(), "HTTP/1.1 204 No Content\r\n\r\n".into()], 2);
+        let url = Url::parse(&format!("{base}/report/52:54:00:12:34:56")).unwrap();
+        let mut lines = Vec::new();
+        post_json(&url, br#"{"event":"started"}"#, &quick(), &mut |l| {
+            lines.push(l.to_string())
+        })
+        .unwrap();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with(&format!("POST {url}: attempt 1/5 failed: 500")));
+        let requests = seen.lock().unwrap();
+        assert_eq!(requests.len(), 2);
+        for request in requests.iter() {
+            assert!(
+                request.starts_with("POST /report/52:54:00:12:34:56 HTTP/1.1\r\n"),
+                "{request}"
+            );
+            assert!(
+                request.contains("Content-Type: application/json\r\n"),
+                "{request}"
+            );
+            assert!(request.contains("Content-Length: 19\r\n"), "{request}");
+            assert!(request.ends_with("\r\n{\"event\":\"started\"}"), "{request}");
+        }
+    }
+
+    #[test]
+    fn a_post_is_not_redirected_and_a_client_error_is_final() {
+        for (answer, status) in [
+            (
+                "HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
+                "302 Found",
+            ),
+            (
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+                "404 Not Found",
+            ),
+        ] {
+            let (base, seen) = serve(vec![answer.into()], 5);
+            let url = Url::parse(&format!("{base}/report")).unwrap();
+            let err = post_json(&url, b"{}", &quick(), &mut |_| {}).unwrap_err();
+            let text = crate::error::one_line(&err);
+            assert!(text.contains(&format!("answered {status}")), "{text}");
+            assert_eq!(
+                seen.lock().unwrap().len(),
+                1,
+                "{status} must not be retried or followed"
+            );
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod fetch;
 pub mod flake;
 pub mod http;
+pub mod report_url;
 pub mod runtime_info;
 pub mod tls;
 pub mod tree;

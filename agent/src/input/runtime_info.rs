@@ -6,6 +6,7 @@
 use crate::error::user_error;
 use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::flake::{GeneratedPart, UserFlake};
+use crate::input::report_url::ReportUrl;
 use crate::network::types::{self, Destination, MacAddr, Prefix};
 use anyhow::Result;
 use base64::Engine;
@@ -58,6 +59,9 @@ pub struct RuntimeInfo {
     /// applies); the others are left to the user's configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generated: Option<Vec<GeneratedPart>>,
+    /// Where the installer POSTs its progress events and final report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_url: Option<ReportUrl>,
 }
 
 impl RuntimeInfo {
@@ -82,6 +86,7 @@ impl RuntimeInfo {
             trusted_public_keys,
             flake,
             generated,
+            report_url,
         } = upper;
         self.hostname = hostname.or(self.hostname.take());
         self.disk = disk.or(self.disk.take());
@@ -104,6 +109,7 @@ impl RuntimeInfo {
         }
         self.flake = flake.or(self.flake.take());
         self.generated = generated.or(self.generated.take());
+        self.report_url = report_url.or(self.report_url.take());
     }
 }
 

@@ -3,6 +3,7 @@
 //! failure, the way back.
 
 pub mod layout;
+pub mod phone_home;
 pub mod plan;
 pub mod presets;
 pub mod previous;

@@ -332,7 +332,12 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
             format!("{mount_root}/tmp")
         },
         mount_root,
-        runtime_info: config.runtime_info.clone(),
+        // Without report_url: the installed system has no use for it, and a token in its query
+        // string would reach the console's plan and the world-readable store with the flake.
+        runtime_info: RuntimeInfo {
+            report_url: None,
+            ..config.runtime_info.clone()
+        },
         provided_host_keys: config.provided_host_keys.clone(),
         extra_files,
         network: config.network().cloned(),
@@ -792,6 +797,21 @@ pub mod tests {
         assert!(select_disk(&auto, &f).is_err());
         let single = facts(vec![disk("vda", 4 * GIB, 512, "A")]);
         assert_eq!(select_disk(&auto, &single).unwrap().name, "vda");
+    }
+
+    /// report_url may carry a token in its query: it stays out of the plan, which the console
+    /// shows and whose runtime info the target keeps in its world-readable flake.
+    #[test]
+    fn the_report_url_stays_out_of_the_plan() {
+        let mut config = Config {
+            disk_auto: true,
+            ..Config::default()
+        };
+        config.runtime_info.report_url =
+            Some(crate::input::report_url::ReportUrl::parse("https://fleet.example/r?token=s3cret").unwrap());
+        let plan = make(&config, &facts(vec![disk("vda", 20 * GIB, 512, "A")]), &ids()).unwrap();
+        assert_eq!(plan.runtime_info.report_url, None);
+        assert!(!serde_json::to_string(&plan).unwrap().contains("s3cret"));
     }
 
     #[test]

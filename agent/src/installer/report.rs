@@ -272,7 +272,7 @@ fn is_date(text: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::input::config::Config;
     use crate::installer::plan;
@@ -400,7 +400,7 @@ mod tests {
     }
 
     /// Every fixture: one per preset, and a failed run.
-    fn fixtures() -> Vec<(String, Report)> {
+    pub(crate) fn fixtures() -> Vec<(String, Report)> {
         let mut fixtures: Vec<(String, Report)> = Layout::PRESETS
             .into_iter()
             .map(|layout| (layout.name().to_string(), report_for(layout, None)))

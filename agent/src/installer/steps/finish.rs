@@ -39,6 +39,8 @@ pub fn write_report(
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let report = report(plan, execution, failure, Instant::now(), peak_rss_kib());
     report.write(&dir)?;
+    let summary = report.summary.clone();
+    execution.report = Some(report);
     if failure.is_none() {
         console::line(&format!(
             "report written to {}/{FILE_NAME} on the target",
@@ -46,7 +48,17 @@ pub fn write_report(
         ));
     }
     super::keys::write_file(&dir.join("install.log"), console::log_text().as_bytes(), 0o600)?;
-    Ok(Some(report.summary))
+    Ok(Some(summary))
+}
+
+/// The report the run ends with, for report_url: the one written to the target, or, when none
+/// that tells this ending could be written, the one that would have been.
+pub fn final_report(plan: &Plan, execution: &Execution, failure: Option<&str>) -> Report {
+    execution
+        .report
+        .clone()
+        .filter(|written| written.summary.failure.as_deref() == failure)
+        .unwrap_or_else(|| report(plan, execution, failure, Instant::now(), peak_rss_kib()))
 }
 
 /// Leaves the [`Marker`] of a finished run in the LUKS2 header of every container the plan

@@ -17,8 +17,9 @@ pub mod wipe;
 
 use crate::console;
 use crate::input::config::Step;
+use crate::installer::phone_home::PhoneHome;
 use crate::installer::plan::Plan;
-use crate::installer::report::{Check, StepRecord};
+use crate::installer::report::{Check, Report, StepRecord};
 use crate::installer::way_back::DiskWrites;
 use crate::machine::blockdev::Mount;
 use anyhow::{Context, Result};
@@ -53,6 +54,8 @@ pub struct Execution {
     pub verification: Vec<Check>,
     /// Set by the wipe step right before its first write: whether a failure may reboot.
     pub disk_writes: DiskWrites,
+    /// The report as last written to the target, for the final event to report_url.
+    pub report: Option<Report>,
 }
 
 impl Drop for Execution {
@@ -89,8 +92,9 @@ impl Execution {
     }
 }
 
-/// Runs every planned step; stops at the first failure and returns it.
-pub fn execute(plan: &Plan, execution: &mut Execution) -> Result<()> {
+/// Runs every planned step, each reported to `phone_home` as it ends; stops at the first
+/// failure and returns it.
+pub fn execute(plan: &Plan, execution: &mut Execution, phone_home: &mut PhoneHome) -> Result<()> {
     let total = plan.steps.len();
     for (index, step) in plan.steps.iter().enumerate() {
         console::line(&format!("[{}/{total}] {} ...", index + 1, step.name()));
@@ -99,17 +103,21 @@ pub fn execute(plan: &Plan, execution: &mut Execution) -> Result<()> {
         let result = run_step(*step, plan, execution).with_context(|| format!("step {}", step.name()));
         let seconds = start.elapsed().as_secs_f64();
         execution.current = None;
-        execution.records.push(StepRecord {
+        let record = StepRecord {
             step: *step,
             seconds,
             ok: result.is_ok(),
-        });
+        };
+        if record.ok {
+            console::line(&format!(
+                "[{}/{total}] {} done in {seconds:.1}s",
+                index + 1,
+                step.name()
+            ));
+        }
+        phone_home.step(index + 1, total, &record);
+        execution.records.push(record);
         result?;
-        console::line(&format!(
-            "[{}/{total}] {} done in {seconds:.1}s",
-            index + 1,
-            step.name()
-        ));
     }
     Ok(())
 }
