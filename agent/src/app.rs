@@ -11,6 +11,8 @@ use crate::input::runtime_info::Network;
 use crate::installer::layout::PlanIds;
 use crate::installer::phone_home::PhoneHome;
 use crate::installer::plan::{self, Plan};
+use crate::installer::ssh_server;
+use crate::installer::status::{self, Status, StatusFile};
 use crate::installer::steps::swap_file::TemporarySwap;
 use crate::installer::steps::{self, finish, Execution};
 use crate::installer::storage::MIB;
@@ -56,6 +58,11 @@ impl Input {
 /// it as it is (`nixos-kexec plan` on a running system).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetworkMode {
+    /// The installer that is the machine's init: brings the network up and then opens the
+    /// installer's SSH server to the operator.
+    Installer,
+    /// `nixos-kexec install` on a running system: brings the network up, and leaves the
+    /// system's SSH port alone.
     BringUp,
     AsIs,
 }
@@ -194,16 +201,12 @@ fn describe_nics(names: &[String]) -> String {
 /// - no runtime-info network: DHCP and router advertisements on every NIC with a link (PXE,
 ///   GRUB console). Without a lease the installer goes on, unless config_url needs the
 ///   network; the install step checks again before the disk is wiped.
-/// - a runtime-info network and config_url or report_url: apply it now, the fetch or the
-///   first event needs it.
-/// - a runtime-info network alone: nothing yet; the network step applies it, as before.
+/// - a runtime-info network: apply it now, before planning (which may refuse): the
+///   operator's SSH login, config_url's fetch and report_url's first event need it.
 fn bring_up_network(first: &Config) -> Result<EarlyNetwork> {
     match (first.network(), &first.config_url) {
-        (Some(network), url) if url.is_some() || first.runtime_info.report_url.is_some() => {
-            let needs = url
-                .as_deref()
-                .map_or("report_url".into(), crate::input::http::redact);
-            log::info!("network: applying the runtime info's network now; {needs} needs it");
+        (Some(network), _) => {
+            log::info!("network: applying the runtime info's network before planning");
             let facts = crate::network::apply::apply(network)?;
             Ok(EarlyNetwork {
                 applied: Some(network.clone()),
@@ -211,7 +214,6 @@ fn bring_up_network(first: &Config) -> Result<EarlyNetwork> {
                 dhcp: None,
             })
         }
-        (Some(_), _) => Ok(EarlyNetwork::default()),
         (None, url) => {
             let outcome = match dhcp::bring_up(&dhcp::Options::default()) {
                 Ok(outcome) => outcome,
@@ -305,9 +307,15 @@ pub fn prepare(
     // Everything given locally is checked before the network is touched.
     let first = layers.config(None)?;
     let network = match mode {
-        NetworkMode::BringUp => bring_up_network(&first)?,
+        NetworkMode::Installer | NetworkMode::BringUp => bring_up_network(&first)?,
         NetworkMode::AsIs => EarlyNetwork::default(),
     };
+    // The operator's way in, once the network is up and the authorized keys are known: now,
+    // unless config_url is to bring them.
+    let ssh_now = first.config_url.is_none() || !first.ssh_authorized_keys().is_empty();
+    if mode == NetworkMode::Installer && ssh_now {
+        ssh_server::open(&first, &input.root);
+    }
     let fetched = match &first.config_url {
         Some(url) => Some(fetch::runtime_info(
             url,
@@ -317,8 +325,11 @@ pub fn prepare(
         None => None,
     };
     let mut config = layers.config(fetched)?;
-    if let (NetworkMode::BringUp, Some(url), false) = (mode, &config.runtime_info.report_url, config.dry_run)
-    {
+    if mode == NetworkMode::Installer && !ssh_now {
+        ssh_server::open(&config, &input.root);
+    }
+    let reporting = mode != NetworkMode::AsIs && !config.dry_run;
+    if let Some(url) = config.runtime_info.report_url.as_ref().filter(|_| reporting) {
         // Not fatal: a run that could not name the machine still installs.
         let vars = machine_vars(&config, &network).unwrap_or_else(|e| {
             log::warn!("report_url: {e:#}");
@@ -326,12 +337,13 @@ pub fn prepare(
         });
         *phone_home = PhoneHome::start(url, &vars, config.hostname());
     }
+    // After the SSH server: booted without a host key, it made the one the keys step installs.
     config.find_secrets(&input.root);
     config.find_extra_files(&input.root)?;
     // The links udev would have made: the plan and the installed system's config name disks
     // by them, and grub-install in nixos-install's chroot opens them. Not fatal here: a plan
     // that names /dev/vda works without them, and the partition step makes them again.
-    if mode == NetworkMode::BringUp {
+    if mode != NetworkMode::AsIs {
         if let Err(e) = crate::machine::devlinks::refresh() {
             log::warn!("devices: could not make the /dev/disk links: {e:#}");
         }
@@ -339,7 +351,7 @@ pub fn prepare(
     let mut facts = Facts::gather()?;
     // Mounting (read-only) to look is for the installer; `nixos-kexec plan` on a running
     // system leaves its disks alone.
-    if mode == NetworkMode::BringUp {
+    if mode != NetworkMode::AsIs {
         crate::installer::previous::find_on_disks(&mut facts, Path::new(PROBE_DIR));
     }
     print_facts(&facts);
@@ -437,23 +449,26 @@ impl Failed {
 /// and ends with the result line. It prints its error itself, once, as it happens: install.log
 /// on the target must have it before the failure report is written. Returns what to do with
 /// the machine afterwards; after a failure, what the way back would do, which only PID 1's
-/// installer carries out ([`leave_after_failure`]).
-pub fn install(args: InputArgs) -> Result<Option<After>, AfterFailure> {
+/// installer carries out ([`leave_after_failure`]). `mode` is [`NetworkMode::Installer`] or
+/// [`NetworkMode::BringUp`].
+pub fn install(args: InputArgs, mode: NetworkMode) -> Result<Option<After>, AfterFailure> {
+    status::record(Status::Preparing);
     let mut phone_home = PhoneHome::default();
     let result = Input::from_system(args.params, args.cmdline_file.as_deref())
         .map_err(Failed::from)
-        .and_then(|input| install_inner(&input, &mut phone_home));
-    match result {
-        Ok(after) => {
-            print_result(&Ok(()));
-            Ok(after)
-        }
+        .and_then(|input| install_inner(&input, mode, &mut phone_home));
+    let (outcome, shown) = match result {
+        Ok(after) => (Ok(after), Ok(())),
         Err(failed) => {
             let (error, then) = failed.conclude(&mut phone_home);
-            print_result::<()>(&Err(error));
-            Err(then)
+            (Err(then), Err(error))
         }
-    }
+    };
+    print_result(&shown);
+    status::record(Status::Finished {
+        result: result_text(&shown),
+    });
+    outcome
 }
 
 /// Says what a failed run does with the machine and, when no disk was written, waits out the
@@ -473,11 +488,15 @@ fn leave_after_failure(then: &AfterFailure) {
 /// Runs the install; whatever way it fails, the secrets it was given (host keys, passphrase,
 /// and the extra files, any of which may be one) are wiped from RAM: nothing in this boot will
 /// use them, and a new attempt comes with a new kexec that brings them again.
-fn install_inner(input: &Input, phone_home: &mut PhoneHome) -> Result<Option<After>, Failed> {
+fn install_inner(
+    input: &Input,
+    mode: NetworkMode,
+    phone_home: &mut PhoneHome,
+) -> Result<Option<After>, Failed> {
     let secrets = input
         .root
         .join(crate::input::config::SECRETS_DIR.trim_start_matches('/'));
-    let result = install_with_secrets(input, &secrets, phone_home);
+    let result = install_with_secrets(input, &secrets, mode, phone_home);
     if result.is_err() {
         steps::keys::wipe_dir(&secrets);
         steps::extra_files::wipe_source(
@@ -492,12 +511,13 @@ fn install_inner(input: &Input, phone_home: &mut PhoneHome) -> Result<Option<Aft
 fn install_with_secrets(
     input: &Input,
     secrets: &Path,
+    mode: NetworkMode,
     phone_home: &mut PhoneHome,
 ) -> Result<Option<After>, Failed> {
     let layers = read_layers(input)?;
     let failure_reboot = layers.failure_reboot_after();
     // Every failure from here on gets the operator's choice.
-    install_from(input, &layers, secrets, phone_home).map_err(|failed| Failed {
+    install_from(input, &layers, secrets, mode, phone_home).map_err(|failed| Failed {
         failure_reboot,
         ..failed
     })
@@ -507,6 +527,7 @@ fn install_from(
     input: &Input,
     layers: &Layers,
     secrets: &Path,
+    mode: NetworkMode,
     phone_home: &mut PhoneHome,
 ) -> Result<Option<After>, Failed> {
     let passphrase_file = secrets.join("disk-passphrase");
@@ -514,7 +535,7 @@ fn install_from(
         config,
         plan,
         network,
-    } = prepare(input, layers, NetworkMode::BringUp, phone_home)?;
+    } = prepare(input, layers, mode, phone_home)?;
     print_plan(&plan, "plan")?;
     if config.dry_run {
         console::line("dry run: nothing was written");
@@ -577,9 +598,14 @@ pub fn print_error(error: &anyhow::Error) {
 
 /// The last line of every run.
 pub fn print_result<T>(result: &Result<T>) {
+    console::line(&format!("result: {}", result_text(result)));
+}
+
+/// What the result line says after `result: `.
+fn result_text<T>(result: &Result<T>) -> String {
     match result {
-        Ok(_) => console::line("result: success"),
-        Err(e) => console::line(&format!("result: failure: {}", one_line(e))),
+        Ok(_) => "success".to_string(),
+        Err(e) => format!("failure: {}", one_line(e)),
     }
 }
 
@@ -619,6 +645,11 @@ pub fn init_main() -> ! {
     if let Err(e) = pid1::mount_basics() {
         console::line(&format!("error: {e:#}"));
     }
+    // For the operator logged in over SSH (`nixos-kexec status`).
+    if let Err(e) = console::keep_in_file(Path::new(console::LOG_FILE)) {
+        log::warn!("the console log is not kept in a file: {e:#}");
+    }
+    status::enable(StatusFile::installer());
     console::end_partial_line();
     console::line(&format!(
         "nixos-kexec {} starting as init",
@@ -636,7 +667,7 @@ pub fn init_main() -> ! {
     if let Err(e) = pid1::mount_booted_system_extras() {
         log::warn!("{e:#}");
     }
-    pid1::supervise(|| match install(InputArgs::default()) {
+    pid1::supervise(|| match install(InputArgs::default(), NetworkMode::Installer) {
         Ok(Some(after)) => match finish_machine(after) {
             Ok(()) => 0,
             Err(e) => {

@@ -3,12 +3,20 @@
 //!
 //! There is one path: `log` records, formatted by env_logger and written to stderr (the
 //! console) and the in-memory log at once. [`line`] is a `log::info!` that no level filter
-//! hides.
+//! hides. The installer also appends them to [`LOG_FILE`], which `nixos-kexec status` follows.
 
+use anyhow::{Context, Result};
 use std::io::Write;
+use std::path::Path;
 use std::sync::Mutex;
 
 static LOG: Mutex<String> = Mutex::new(String::new());
+
+/// Where the installer keeps its console lines while it runs (RAM, gone at reboot), for an
+/// operator logged in over SSH.
+pub const LOG_FILE: &str = "/run/nixos-kexec/console.log";
+
+static FILE: Mutex<Option<std::fs::File>> = Mutex::new(None);
 
 /// The target of [`line`]'s records, let through at every `NIXOS_KEXEC_LOG` level: that
 /// variable tunes the diagnostics, not what the operator is told.
@@ -39,6 +47,29 @@ pub fn end_partial_line() {
     let _ = std::io::stderr().write_all(b"\n");
 }
 
+/// From now on every line also goes to `path` (root-only), which gets the lines printed so far
+/// first. Appended, so the processes that share it (init and the agent it forks) both write.
+pub fn keep_in_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // Held through the copy, so no line is written twice or skipped.
+    let mut sink = FILE
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the console log is poisoned"))?;
+    file.write_all(log_text().as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    *sink = Some(file);
+    Ok(())
+}
+
 /// Everything printed so far.
 pub fn log_text() -> String {
     LOG.lock().map(|l| l.clone()).unwrap_or_default()
@@ -59,9 +90,17 @@ impl Write for Tee {
             let mut err = std::io::stderr().lock();
             // A console that went away must not stop the run; the log keeps the line.
             let _ = err.write_all(&lines).and_then(|()| err.flush());
+            // The file first and held until the memory has the line too: [`keep_in_file`] copies
+            // the memory under the same lock, so the file gets each line once.
+            let mut file = FILE.lock();
+            if let Ok(Some(file)) = file.as_mut().map(|f| f.as_mut()) {
+                // Like the console, the file must not stop the run.
+                let _ = file.write_all(&lines);
+            }
             if let Ok(mut log) = LOG.lock() {
                 log.push_str(&String::from_utf8_lossy(&lines));
             }
+            drop(file);
         }
         Ok(bytes.len())
     }
@@ -83,6 +122,26 @@ mod tests {
         let log = log_text();
         assert!(log.contains("nixos-kexec: console test: a line\n"), "{log}");
         assert!(log.contains("nixos-kexec: console test: a warning\n"), "{log}");
+    }
+
+    /// The file gets the lines printed before it was named, then each new one, once.
+    #[test]
+    fn the_log_file_has_every_line_once() {
+        init_logging();
+        line("file test: before");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/console.log");
+        keep_in_file(&path).unwrap();
+        line("file test: after");
+        let text = std::fs::read_to_string(&path).unwrap();
+        for wanted in [
+            "nixos-kexec: file test: before\n",
+            "nixos-kexec: file test: after\n",
+        ] {
+            assert_eq!(text.matches(wanted).count(), 1, "{text}");
+        }
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
     }
 
     #[test]

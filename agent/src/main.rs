@@ -29,6 +29,13 @@ enum Command {
     Gather,
     /// Gather, merge the options below, and kexec into the installer bundle.
     Run(Box<RunOptions>),
+    /// In the installer (logged in over SSH): the current step, then the console log as it
+    /// grows, until the run ends (or Ctrl-C).
+    Status {
+        /// How many earlier console lines to print first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
     /// Diagnostics: the /dev/disk links the installer makes in place of udev.
     #[command(hide = true)]
     Devlinks {
@@ -65,13 +72,14 @@ fn run(command: Command) -> i32 {
             .and_then(|(_, plan)| print_json(&plan)),
         // The installer prints its own error as it happens (install.log on the target must
         // have it) and its result line.
-        Command::Install(args) => return i32::from(app::install(args).is_err()),
+        Command::Install(args) => return i32::from(app::install(args, app::NetworkMode::BringUp).is_err()),
         Command::Facts => Facts::gather().and_then(|facts| print_json(&facts)),
         Command::Gather => Facts::gather().and_then(|facts| print_json(&gather(&facts)?)),
         Command::Run(options) => Facts::gather().and_then(|facts| {
             let gathered = gather(&facts)?;
             nixos_kexec::rescue::run::run(&options, &facts, gathered)
         }),
+        Command::Status { lines } => nixos_kexec::installer::status::show(lines),
         Command::Devlinks { print: true } => {
             devlinks::print_lines().map(|lines| lines.iter().for_each(|l| print_stdout(l)))
         }

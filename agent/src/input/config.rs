@@ -674,10 +674,8 @@ impl Config {
     /// Notes which secrets the initrd carries under `root`, without reading their values.
     pub fn find_secrets(&mut self, root: &Path) {
         let dir = root.join(SECRETS_DIR.trim_start_matches('/'));
-        self.provided_host_keys = HOST_KEY_TYPES
+        self.provided_host_keys = host_key_files(&dir)
             .iter()
-            .map(|kind| dir.join(format!("ssh_host_{kind}_key")))
-            .filter(|path| path.is_file())
             .map(|path| path.to_string_lossy().into_owned())
             .collect();
         self.disk_passphrase_given = dir.join("disk-passphrase").is_file();
@@ -706,6 +704,16 @@ impl Config {
         self.extra_files = Some(tree).filter(|tree| !tree.entries.is_empty());
         Ok(())
     }
+}
+
+/// The host private keys in a secrets directory (`ssh_host_<type>_key`), in [`HOST_KEY_TYPES`]
+/// order.
+pub fn host_key_files(secrets: &Path) -> Vec<std::path::PathBuf> {
+    HOST_KEY_TYPES
+        .iter()
+        .map(|kind| secrets.join(format!("ssh_host_{kind}_key")))
+        .filter(|path| path.is_file())
+        .collect()
 }
 
 /// Settles the layout from the merged runtime info: a declarative `storage`, or a preset with

@@ -8,6 +8,8 @@ pub mod plan;
 pub mod presets;
 pub mod previous;
 pub mod report;
+pub mod ssh_server;
+pub mod status;
 pub mod steps;
 pub mod storage;
 pub mod templates;

@@ -274,7 +274,9 @@ fn reap_forever(agent: Pid) -> ! {
     loop {
         match waitpid(None, None) {
             Ok(WaitStatus::Signaled(pid, signal, _)) if pid == agent => {
-                crate::console::line(&format!("result: failure: the agent was killed by {signal:?}"));
+                let result = format!("failure: the agent was killed by {signal:?}");
+                crate::console::line(&format!("result: {result}"));
+                crate::installer::status::record(crate::installer::status::Status::Finished { result });
             }
             Ok(_) => {}
             Err(_) => std::thread::sleep(Duration::from_secs(3600)),

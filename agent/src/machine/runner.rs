@@ -3,9 +3,18 @@
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Where `program` is on `PATH`, if anywhere.
+pub fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
 
 pub fn describe(command: &Command) -> String {
     let mut words = vec![command.get_program().to_string_lossy().into_owned()];
@@ -159,6 +168,31 @@ fn minutes(duration: Duration) -> String {
         s if s >= 1 => format!("{s} s"),
         _ => format!("{} ms", duration.as_millis()),
     }
+}
+
+/// Starts a server that outlives the agent (the installer's SSH server): stdin from /dev/null,
+/// stdout and stderr appended to `output` (a pipe would close with the agent and kill it), in a
+/// process group of its own, so stopping a command's group never reaches it. The caller owns
+/// the child; when the agent ends first, PID 1 reaps it.
+pub fn spawn_service(command: &mut Command, output: &Path) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let line = describe(command);
+    log::info!("running: {line}");
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(output)
+        .with_context(|| format!("opening {}", output.display()))?;
+    let log_too = log
+        .try_clone()
+        .with_context(|| format!("opening {}", output.display()))?;
+    command
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_too)
+        .spawn()
+        .with_context(|| format!("starting `{line}`"))
 }
 
 /// Runs a long command, handing each line of its stdout and stderr to `on_line` as it comes,

@@ -10,18 +10,11 @@ use crate::input::binary_cache::{
 use crate::input::config::Step;
 use crate::input::http;
 use crate::installer::plan::{BinaryCaches, Plan};
-use crate::machine::runner;
+use crate::machine::runner::{self, find_in_path};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-
-fn find_in_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-}
 
 /// Refuses before the disk is wiped when the install step is planned and is sure to fail for
 /// want of a network: nixos-install downloads nixpkgs and the system's packages.

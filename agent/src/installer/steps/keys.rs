@@ -85,6 +85,11 @@ pub fn check_provided(private_keys: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The fingerprint line of a provided host key, read as the keys step reads it.
+pub fn provided_fingerprint(source: &Path) -> Result<String> {
+    read_provided(source).map(|(_, key)| fingerprint_line(&key))
+}
+
 /// A provided host key file: its bytes (kept from swap, overwritten when dropped) and the key.
 fn read_provided(source: &Path) -> Result<(Secret, PrivateKey)> {
     let data = Secret::read(source)?;

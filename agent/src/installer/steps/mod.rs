@@ -20,6 +20,7 @@ use crate::input::config::Step;
 use crate::installer::phone_home::PhoneHome;
 use crate::installer::plan::Plan;
 use crate::installer::report::{Check, Report, StepRecord};
+use crate::installer::status::{self, Status};
 use crate::installer::way_back::DiskWrites;
 use crate::machine::blockdev::Mount;
 use anyhow::{Context, Result};
@@ -43,7 +44,7 @@ pub struct Execution {
     pub opened: Vec<crypt::Opened>,
     /// The installer's network as the kernel reports it after the network step.
     pub network_facts: Option<crate::network::facts::NetworkFacts>,
-    /// The runtime-info network already applied before planning (config_url needed it).
+    /// The runtime-info network already applied before planning (for SSH and config_url).
     pub network_applied: Option<crate::input::runtime_info::Network>,
     pub records: Vec<StepRecord>,
     /// The step running now, so a report written during it (finish, or after a failure)
@@ -98,6 +99,11 @@ pub fn execute(plan: &Plan, execution: &mut Execution, phone_home: &mut PhoneHom
     let total = plan.steps.len();
     for (index, step) in plan.steps.iter().enumerate() {
         console::line(&format!("[{}/{total}] {} ...", index + 1, step.name()));
+        status::record(Status::Step {
+            step: *step,
+            number: index + 1,
+            total,
+        });
         let start = Instant::now();
         execution.current = Some((*step, start));
         let result = run_step(*step, plan, execution).with_context(|| format!("step {}", step.name()));
@@ -154,7 +160,7 @@ fn network(plan: &Plan, execution: &mut Execution) -> Result<()> {
         return Ok(());
     };
     if execution.network_applied.as_ref() == Some(network) {
-        log::info!("network: already up (applied before fetching nixos_kexec.config_url)");
+        log::info!("network: already up (applied before planning)");
         return Ok(());
     }
     execution.network_facts = Some(crate::network::apply::apply(network)?);
