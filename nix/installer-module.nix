@@ -144,6 +144,7 @@ let
   withNix = cfg.nix != null;
   withInstall = cfg.nixosInstall != null;
   withGit = cfg.git != null;
+  withSshServer = cfg.sshServer != null;
 
   initrd = pkgs.callPackage ./initrd.nix {
     agent = cfg.agent;
@@ -160,6 +161,7 @@ let
       ++ lib.optional withNix cfg.nix
       ++ lib.optional withInstall cfg.nixosInstall
       ++ lib.optional withGit cfg.git
+      ++ lib.optional withSshServer cfg.sshServer
       ++ cfg.extraPackages;
     closurePackages =
       lib.optional withInstall cfg.nixosInstall ++ lib.optional withGit cfg.git ++ cfg.extraStorePaths;
@@ -308,6 +310,20 @@ in
         The git Nix runs to fetch a user's flake given as git+https:// (nixos_kexec.flake=,
         `run --flake`); github:, gitlab: and tarball flakes need none. It comes with its whole
         closure (git-remote-https is in its libexec). null leaves it out.
+      '';
+    };
+
+    sshServer = mkOption {
+      type = types.nullOr types.package;
+      default = pkgs.dropbear;
+      defaultText = lib.literalExpression "pkgs.dropbear";
+      description = ''
+        The installer's SSH server: a package with bin/dropbear (sbin/ is merged into bin/)
+        and bin/dropbearconvert (pkgs/by-name/dr/dropbear; its pass-path.patch gives sessions
+        the agent's PATH). The agent starts it once the network is up, for root with the
+        runtime info's authorized keys and the installed system's host key, no passwords.
+        Dropbear rather than OpenSSH for size: no libcrypto, Kerberos or PAM in the initrd.
+        null leaves it out; the installer then says it has no SSH server.
       '';
     };
 
