@@ -12,6 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 const MAC: &str = "52:54:00:12:34:56";
+/// The way back's announcement after a failure that wrote nothing: a reboot in 10 minutes.
+const WAY_BACK: &str = "nixos-kexec: reboot: no disk was written, so this machine reboots in 10 min";
 
 /// `ssh` to the installer's forwarded port with nothing from the host's own configuration,
 /// checking the host key strictly against `known_hosts`.
@@ -72,9 +74,10 @@ fn sha256_of(line: &str) -> Option<&str> {
     line.split_whitespace().find(|word| word.starts_with("SHA256:"))
 }
 
-/// A run that stops before the wipe (this VM has no disk) leaves the installer up, reachable
-/// over SSH with the key from the runtime info and the host key from the secrets archive, as
-/// `nixos-kexec run` hands them over; the runtime info's network is up before planning.
+/// A run that fails before the wipe (this VM has no disk) keeps the installer up for the way
+/// back's grace period, reachable over SSH with the key from the runtime info and the host key
+/// from the secrets archive, as `nixos-kexec run` hands them over; the runtime info's network
+/// is up before planning.
 #[test]
 fn ssh_into_a_stopped_installer_with_the_pinned_host_key() -> Result<()> {
     let bundle = dev_bundle()?;
@@ -129,6 +132,7 @@ fn ssh_into_a_stopped_installer_with_the_pinned_host_key() -> Result<()> {
             )?;
             printed = console.wait_for("\n", Duration::from_secs(5))?;
             console.wait_for(RESULT_PREFIX, Duration::from_secs(120))?;
+            console.wait_for(WAY_BACK, Duration::from_secs(10))?;
 
             let login = ssh_with_key(port, &known_hosts, &operator, "nixos-kexec status")?;
             ensure!(
@@ -213,8 +217,9 @@ fn ssh_into_a_stopped_installer_with_the_pinned_host_key() -> Result<()> {
                 && l.ends_with(&format!("result: failure: {reason}"))),
         "nixos-kexec status printed:\n{status}"
     );
+    let result_line = format!("nixos-kexec: result: failure: {reason}");
     ensure!(
-        lines.last() == Some(&format!("nixos-kexec: result: failure: {reason}").as_str()),
+        matches!(lines.as_slice(), [.., result, way_back] if *result == result_line && way_back.starts_with(WAY_BACK)),
         "nixos-kexec status ends with the console's last lines:\n{status}"
     );
     Ok(())
