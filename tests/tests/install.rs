@@ -144,6 +144,13 @@ fn check_prepared(out: &RunOutcome, disk: &Path, firmware: &str, hostname: &str)
         "fingerprint `{}` not printed on the console",
         fingerprint.trim()
     );
+    // Booted without a host key: the installer's SSH server made the one the system got.
+    ensure!(
+        out.contains(&format!("never a password; host key {}\n", fingerprint.trim())),
+        "the installer's SSH server had another host key than the installed `{}`:\n{}",
+        fingerprint.trim(),
+        out.tail(60)
+    );
 
     let report: Value = serde_json::from_str(&read("/var/log/nixos-kexec/report.json")?)?;
     ensure!(report["result"] == "success", "report: {report}");

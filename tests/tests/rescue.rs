@@ -250,6 +250,12 @@ fn kexec_with_static_network_restored_by_mac() -> Result<()> {
         "{} vs {fingerprint}",
         printed[0]
     );
+    // The installer's SSH server answered with it too, the operator's pin.
+    let made = printed[0].split_once("host key: ").map_or("", |(_, f)| f);
+    ensure!(
+        after_kexec.contains(&format!("never a password; host key {made}\n")),
+        "the installer's SSH server had another host key than `{made}`"
+    );
     let report = read_root_file(disk, "/var/log/nixos-kexec/report.json")?;
     ensure!(!report.contains(PASSPHRASE), "passphrase in report");
 
