@@ -35,22 +35,25 @@ fn ssh(port: u16, known_hosts: &Path) -> Command {
     command
 }
 
-/// Logging in with `key` (no password, no other key).
-fn ssh_with_key(port: u16, known_hosts: &Path, key: &Path, remote: &str) -> Result<ToolOutput> {
-    run_tool_unchecked(
-        ssh(port, known_hosts)
-            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
-            .args([
-                "-o",
-                "PasswordAuthentication=no",
-                "-o",
-                "KbdInteractiveAuthentication=no",
-            ])
-            .arg("-i")
-            .arg(key)
-            .args(["root@127.0.0.1", remote]),
-    )
+/// Logging in with `key` (no password, no other key); the caller adds more options, then
+/// [`ROOT`] and the command.
+fn ssh_with_key(port: u16, known_hosts: &Path, key: &Path) -> Command {
+    let mut command = ssh(port, known_hosts);
+    command
+        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+        .args([
+            "-o",
+            "PasswordAuthentication=no",
+            "-o",
+            "KbdInteractiveAuthentication=no",
+        ])
+        .arg("-i")
+        .arg(key);
+    command
 }
+
+/// Root on the installer, through QEMU's port forwarding.
+const ROOT: &str = "root@127.0.0.1";
 
 /// The fingerprint the installer's port shows a client, as `ssh-keygen -l` prints it (the
 /// comment is where the key was seen).
@@ -134,7 +137,9 @@ fn ssh_into_a_stopped_installer_with_the_pinned_host_key() -> Result<()> {
             console.wait_for(RESULT_PREFIX, Duration::from_secs(120))?;
             console.wait_for(WAY_BACK, Duration::from_secs(10))?;
 
-            let login = ssh_with_key(port, &known_hosts, &operator, "nixos-kexec status")?;
+            let login = run_tool_unchecked(
+                ssh_with_key(port, &known_hosts, &operator).args([ROOT, "nixos-kexec status"]),
+            )?;
             ensure!(
                 login.status.success(),
                 "login with the authorized key:\n{}",
@@ -142,13 +147,27 @@ fn ssh_into_a_stopped_installer_with_the_pinned_host_key() -> Result<()> {
             );
             status = login.stdout_str();
 
+            // What an operator types: a login shell on a terminal.
+            let shell = run_tool_with_input(
+                ssh_with_key(port, &known_hosts, &operator).args(["-tt", ROOT]),
+                b"tty; echo \"shell $0\"; exit\n",
+            )?;
+            ensure!(
+                shell.status.success()
+                    && shell.stdout_str().contains("/dev/pts/")
+                    && shell.stdout_str().contains("shell -sh"),
+                "an interactive login:\n{}",
+                shell.describe()
+            );
+
             let scanned = scanned_fingerprint(port)?;
             ensure!(
                 sha256_of(&scanned).is_some() && sha256_of(&scanned) == sha256_of(&given),
                 "the port shows {scanned}, the given key is {given}"
             );
 
-            let refused = ssh_with_key(port, &known_hosts, &stranger, "true")?;
+            let refused =
+                run_tool_unchecked(ssh_with_key(port, &known_hosts, &stranger).args([ROOT, "true"]))?;
             ensure!(
                 refused.status.code() == Some(255)
                     && refused.stderr.contains("Permission denied (publickey)"),
@@ -177,7 +196,7 @@ fn ssh_into_a_stopped_installer_with_the_pinned_host_key() -> Result<()> {
                     .args(["-o", "PreferredAuthentications=password,keyboard-interactive"])
                     .env("SSH_ASKPASS", &askpass)
                     .env("SSH_ASKPASS_REQUIRE", "force")
-                    .args(["root@127.0.0.1", "true"]),
+                    .args([ROOT, "true"]),
             )?;
             ensure!(
                 password.status.code() == Some(255)

@@ -132,13 +132,24 @@ const POLL: Duration = Duration::from_millis(250);
 /// new one as it comes, until the run has ended (or Ctrl-C).
 pub fn show(lines: usize) -> Result<()> {
     let out = std::io::stdout();
-    follow(
+    let result = follow(
         &StatusFile::installer(),
         Path::new(crate::console::LOG_FILE),
         lines,
         &mut out.lock(),
         POLL,
-    )
+    );
+    match result {
+        // `nixos-kexec status | head`: the reader has seen enough.
+        Err(e)
+            if e.root_cause()
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// [`show`] for any status file and log, writing to `out`, looking every `poll`.
