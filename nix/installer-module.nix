@@ -302,6 +302,8 @@ in
       '';
     };
 
+    # pkgs.gitMinimal: pkgs/top-level/all-packages.nix (`gitMinimal = git.override { withManual
+    # = false; pythonSupport = false; perlSupport = false; withpcre2 = false; }`, nixos-25.11).
     git = mkOption {
       type = types.nullOr types.package;
       default = pkgs.gitMinimal;
