@@ -12,7 +12,7 @@ use crate::installer::layout::PlanIds;
 use crate::installer::phone_home::PhoneHome;
 use crate::installer::plan::{self, Plan};
 use crate::installer::ssh_server;
-use crate::installer::status::{self, Status, StatusFile};
+use crate::installer::status::{self, RunResult, Status, StatusFile};
 use crate::installer::steps::swap_file::TemporarySwap;
 use crate::installer::steps::{self, finish, Execution};
 use crate::installer::storage::MIB;
@@ -466,7 +466,7 @@ pub fn install(args: InputArgs, mode: NetworkMode) -> Result<Option<After>, Afte
     };
     print_result(&shown);
     status::record(Status::Finished {
-        result: result_text(&shown),
+        result: RunResult::of(&shown).text(),
     });
     outcome
 }
@@ -598,15 +598,7 @@ pub fn print_error(error: &anyhow::Error) {
 
 /// The last line of every run.
 pub fn print_result<T>(result: &Result<T>) {
-    console::line(&format!("result: {}", result_text(result)));
-}
-
-/// What the result line says after `result: `.
-fn result_text<T>(result: &Result<T>) -> String {
-    match result {
-        Ok(_) => "success".to_string(),
-        Err(e) => format!("failure: {}", one_line(e)),
-    }
+    console::line(&RunResult::of(result).line());
 }
 
 /// Powers off, reboots or halts. Only PID 1's installer does this.
@@ -668,13 +660,18 @@ pub fn init_main() -> ! {
         log::warn!("{e:#}");
     }
     pid1::supervise(|| match install(InputArgs::default(), NetworkMode::Installer) {
-        Ok(Some(after)) => match finish_machine(after) {
-            Ok(()) => 0,
-            Err(e) => {
-                print_error(&e);
-                1
+        Ok(Some(after)) => {
+            if ssh_server::is_running() {
+                std::thread::sleep(ssh_server::HOLD_FOR_FOLLOWERS);
             }
-        },
+            match finish_machine(after) {
+                Ok(()) => 0,
+                Err(e) => {
+                    print_error(&e);
+                    1
+                }
+            }
+        }
         Ok(None) => 0,
         Err(then) => {
             leave_after_failure(&then);

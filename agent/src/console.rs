@@ -31,10 +31,14 @@ pub fn init_logging() {
     let _ = env_logger::Builder::new()
         .filter_level(level)
         .filter_module(CONSOLE, log::LevelFilter::Info)
-        .format(|out, record| writeln!(out, "nixos-kexec: {}", record.args()))
+        .format(|out, record| writeln!(out, "{PREFIX}{}", record.args()))
         .target(env_logger::Target::Pipe(Box::new(Tee::default())))
         .try_init();
 }
+
+/// What starts each of our console lines, so a reader (`deploy`, following the installer)
+/// tells them from other output.
+pub const PREFIX: &str = "nixos-kexec: ";
 
 /// Prints one line to the console and keeps it for the log.
 pub fn line(text: &str) {

@@ -2,6 +2,7 @@
 //!
 //! The folders are the stages of the flow, in order:
 //!
+//! - [`deploy`]: on the operator's machine, drive all that follows over SSH (`deploy`).
 //! - [`rescue`]: on the live rescue system, gather runtime info, pack it and kexec (`run`).
 //! - [`input`]: inside the installer, read the kernel command line, runtime info, initrd files
 //!   and `config_url` once, into one [`input::config::Config`].
@@ -16,6 +17,7 @@
 
 pub mod app;
 pub mod console;
+pub mod deploy;
 pub mod error;
 pub mod input;
 pub mod installer;

@@ -1,6 +1,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use nixos_kexec::app::{self, InputArgs};
+use nixos_kexec::deploy::DeployOptions;
 use nixos_kexec::console;
 use nixos_kexec::machine::{devlinks, facts::Facts, pid1};
 use nixos_kexec::rescue::gather::Gathered;
@@ -29,6 +30,12 @@ enum Command {
     Gather,
     /// Gather, merge the options below, and kexec into the installer bundle.
     Run(Box<RunOptions>),
+    /// From your machine: copy the bundle to a rescue system over SSH, show the plan, run it,
+    /// and follow the installer to its result with its host key pinned.
+    Deploy(Box<DeployOptions>),
+    /// The other end of deploy's upload: unpack the archive on stdin into DIR.
+    #[command(hide = true)]
+    Unpack { dir: std::path::PathBuf },
     /// In the installer (logged in over SSH): the current step, then the console log as it
     /// grows, until the run ends (or Ctrl-C).
     Status {
@@ -65,7 +72,7 @@ fn gather(facts: &Facts) -> Result<Gathered> {
 fn run(command: Command) -> i32 {
     // `run` ends with a result line, as the installer does: the last thing an operator reads
     // before the machine goes away.
-    let ends_with_result = matches!(command, Command::Run(_));
+    let ends_with_result = matches!(command, Command::Run(_) | Command::Deploy(_));
     let result = match command {
         Command::Plan(args) => app::Input::from_system(args.params, args.cmdline_file.as_deref())
             .and_then(|input| app::make_plan(&input))
@@ -79,6 +86,8 @@ fn run(command: Command) -> i32 {
             let gathered = gather(&facts)?;
             nixos_kexec::rescue::run::run(&options, &facts, gathered)
         }),
+        Command::Deploy(options) => nixos_kexec::deploy::deploy(&options),
+        Command::Unpack { dir } => nixos_kexec::rescue::cpio::unpack(std::io::stdin().lock(), &dir).map(drop),
         Command::Status { lines } => nixos_kexec::installer::status::show(lines),
         Command::Devlinks { print: true } => {
             devlinks::print_lines().map(|lines| lines.iter().for_each(|l| print_stdout(l)))

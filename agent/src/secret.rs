@@ -46,6 +46,11 @@ impl Secret {
         &self.bytes
     }
 
+    /// For filling a buffer made with [`Secret::new`] in place, without a copy.
+    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+
     pub fn len(&self) -> usize {
         self.bytes.len()
     }

@@ -6,6 +6,7 @@ pub mod authorized_keys;
 pub mod binary_cache;
 pub mod cmdline;
 pub mod config;
+pub mod duration;
 pub mod fetch;
 pub mod flake;
 pub mod http;

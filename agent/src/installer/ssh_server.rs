@@ -30,6 +30,7 @@ const SERVER: &str = "dropbear";
 const CONVERT: &str = "dropbearconvert";
 /// Root-only, in RAM: dropbear's copies of the host keys, its pid file and its log.
 pub const RUN_DIR: &str = "/run/nixos-kexec/ssh";
+const PID_FILE: &str = "dropbear.pid";
 /// Root's home in both bundles' /etc/passwd (nix/passwd): dropbear reads
 /// `.ssh/authorized_keys` there.
 const ROOT_HOME: &str = "/root";
@@ -62,6 +63,19 @@ pub fn open(config: &Config, root: &Path) {
     }
 }
 
+/// Whether the server started here is still serving (its pid file names a live process).
+pub fn is_running() -> bool {
+    std::fs::read_to_string(Path::new(RUN_DIR).join(PID_FILE))
+        .ok()
+        .and_then(|pid| pid.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// How long the installer waits after its result before it reboots or powers off while the
+/// server runs: a session following the log (`nixos-kexec status`, `deploy`) polls it four
+/// times a second and needs the last lines sent before the machine goes away.
+pub const HOLD_FOR_FOLLOWERS: Duration = Duration::from_secs(2);
+
 /// Starts dropbear; returns it and its host keys' fingerprint lines.
 fn start(config: &Config, secrets: &Path, run_dir: &Path) -> Result<(Child, Vec<String>)> {
     if runner::find_in_path(SERVER).is_none() {
@@ -75,7 +89,7 @@ fn start(config: &Config, secrets: &Path, run_dir: &Path) -> Result<(Child, Vec<
         converted.push(convert(&key, run_dir)?);
     }
     write_authorized_keys(Path::new(ROOT_HOME), config.ssh_authorized_keys())?;
-    let pid_file = run_dir.join("dropbear.pid");
+    let pid_file = run_dir.join(PID_FILE);
     let _ = std::fs::remove_file(&pid_file);
     let log = run_dir.join("dropbear.log");
     let mut child = runner::spawn_service(&mut server_command(&converted, &pid_file), &log)?;

@@ -26,6 +26,47 @@ pub enum Status {
     Finished { result: String },
 }
 
+/// How a run ended. Its line, `result: success` or `result: failure: REASON`, is the last
+/// console line of every run; the status file holds its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunResult {
+    Success,
+    Failure(String),
+}
+
+impl RunResult {
+    pub fn of<T>(result: &Result<T>) -> RunResult {
+        match result {
+            Ok(_) => RunResult::Success,
+            Err(e) => RunResult::Failure(crate::error::one_line(e)),
+        }
+    }
+
+    /// What follows `result: `.
+    pub fn text(&self) -> String {
+        match self {
+            RunResult::Success => "success".into(),
+            RunResult::Failure(reason) => format!("failure: {reason}"),
+        }
+    }
+
+    /// The console line (without the console's prefix).
+    pub fn line(&self) -> String {
+        format!("result: {}", self.text())
+    }
+
+    /// A console line as a reader sees it, with or without [`crate::console::PREFIX`].
+    pub fn parse_line(line: &str) -> Option<RunResult> {
+        let line = line.strip_prefix(crate::console::PREFIX).unwrap_or(line);
+        let text = line.strip_prefix("result: ")?;
+        if text == "success" {
+            return Some(RunResult::Success);
+        }
+        text.strip_prefix("failure: ")
+            .map(|reason| RunResult::Failure(reason.to_string()))
+    }
+}
+
 /// What the file holds: the status and since when (seconds since the epoch).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -310,6 +351,17 @@ mod tests {
                 "nixos-kexec: result: failure: test",
             ]
         );
+    }
+
+    #[test]
+    fn the_result_line_reads_back() {
+        for result in [RunResult::Success, RunResult::Failure("no disk: pass one".into())] {
+            let printed = format!("{}{}", crate::console::PREFIX, result.line());
+            assert_eq!(RunResult::parse_line(&printed), Some(result.clone()));
+            assert_eq!(RunResult::parse_line(&result.line()), Some(result));
+        }
+        assert_eq!(RunResult::parse_line("nixos-kexec: [3/9] partition done in 1.0s"), None);
+        assert_eq!(RunResult::parse_line("nixos-kexec: result: maybe"), None);
     }
 
     #[test]

@@ -32,20 +32,8 @@ impl FailureReboot {
         if text == "never" {
             return Ok(FailureReboot::Never);
         }
-        let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-        let (number, unit) = text.split_at(digits);
-        let unit_seconds = match unit {
-            "" | "s" => Some(1),
-            "m" => Some(60),
-            "h" => Some(3600),
-            _ => None,
-        };
-        number
-            .parse::<u64>()
-            .ok()
-            .zip(unit_seconds)
-            .and_then(|(n, unit)| n.checked_mul(unit))
-            .map(|seconds| FailureReboot::After(Duration::from_secs(seconds)))
+        crate::input::duration::parse(text)
+            .map(FailureReboot::After)
             .ok_or_else(|| {
                 user_error(
                     format!("nixos_kexec.failure_reboot_after={text:?} is neither a duration nor never."),

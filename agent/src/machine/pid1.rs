@@ -2,6 +2,7 @@
 //! a console, kernel modules, reaping orphans, and never exiting (an exiting PID 1 panics the
 //! kernel, which would reboot a machine whose install just failed).
 
+use crate::installer::status::RunResult;
 use crate::machine::kmod::{self, ModuleIndex};
 use anyhow::{Context, Result};
 use nix::mount::{mount, MsFlags};
@@ -265,7 +266,7 @@ pub fn supervise(work: impl FnOnce() -> i32) -> ! {
 /// operator has not read yet.
 pub fn stop(why: &str, then: impl FnOnce()) -> ! {
     crate::console::end_partial_line();
-    crate::console::line(&format!("result: failure: {why}"));
+    crate::console::line(&RunResult::Failure(why.to_string()).line());
     then();
     reap_forever(Pid::from_raw(0))
 }
@@ -274,9 +275,11 @@ fn reap_forever(agent: Pid) -> ! {
     loop {
         match waitpid(None, None) {
             Ok(WaitStatus::Signaled(pid, signal, _)) if pid == agent => {
-                let result = format!("failure: the agent was killed by {signal:?}");
-                crate::console::line(&format!("result: {result}"));
-                crate::installer::status::record(crate::installer::status::Status::Finished { result });
+                let result = RunResult::Failure(format!("the agent was killed by {signal:?}"));
+                crate::console::line(&result.line());
+                crate::installer::status::record(crate::installer::status::Status::Finished {
+                    result: result.text(),
+                });
             }
             Ok(_) => {}
             Err(_) => std::thread::sleep(Duration::from_secs(3600)),

@@ -259,6 +259,81 @@ pub fn run_streaming(
     Ok(())
 }
 
+/// Which output of a followed command a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// What [`follow`] does after a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop the command if it has not ended within this long (the other end went away
+    /// without closing the connection: a machine that is rebooting).
+    StopWithin(Duration),
+}
+
+/// Runs `command` with `stdin`, handing each line of its stdout and stderr to `on_line` as it
+/// comes. Returns its exit status, or `None` when `on_line` asked to stop it and it was.
+pub fn follow(
+    command: &mut Command,
+    stdin: Stdio,
+    on_line: &mut dyn FnMut(Stream, &str) -> Flow,
+) -> Result<Option<ExitStatus>> {
+    let line = describe(command);
+    log::info!("running: {line}");
+    let mut child = command
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{line}`"))?;
+    let (sender, lines) = std::sync::mpsc::channel();
+    for (stream, output) in [
+        (Stream::Stdout, child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>)),
+        (Stream::Stderr, child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)),
+    ] {
+        let output = output.context("capturing the output")?;
+        let sender = sender.clone();
+        std::thread::spawn(move || {
+            for text in BufReader::new(output).lines().map_while(Result::ok) {
+                if sender.send((stream, text)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(sender);
+    let mut stop_at: Option<Instant> = None;
+    loop {
+        match lines.recv_timeout(POLL * 10) {
+            Ok((stream, text)) => {
+                if let Flow::StopWithin(within) = on_line(stream, &text) {
+                    let at = Instant::now() + within;
+                    stop_at = Some(stop_at.map_or(at, |earlier| earlier.min(at)));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // Both outputs closed: the command has ended, or is about to.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if stop_at.is_some_and(|at| Instant::now() >= at) {
+            break;
+        }
+    }
+    let deadline = stop_at.unwrap_or_else(Instant::now) + POLL * 50;
+    match wait_until(&mut child, deadline).with_context(|| format!("waiting for `{line}`"))? {
+        Some(status) => Ok(Some(status)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Ok(None)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +420,36 @@ mod tests {
             quiet_for.iter().all(|d| *d >= Duration::from_millis(300)),
             "{quiet_for:?}"
         );
+    }
+
+    #[test]
+    fn a_followed_command_is_stopped_when_asked() {
+        let mut seen = Vec::new();
+        let status = follow(
+            Command::new("sh").args(["-c", "echo one; echo two >&2; sleep 30"]),
+            Stdio::null(),
+            &mut |stream, line| {
+                seen.push((stream, line.to_string()));
+                if line == "two" {
+                    Flow::StopWithin(Duration::from_millis(100))
+                } else {
+                    Flow::Continue
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(status, None);
+        seen.sort_by_key(|(_, line)| line.clone());
+        assert_eq!(
+            seen,
+            [(Stream::Stdout, "one".to_string()), (Stream::Stderr, "two".to_string())]
+        );
+        let status = follow(
+            Command::new("sh").args(["-c", "read x; echo got $x; exit 3"]),
+            Stdio::from(std::fs::File::open("/proc/self/cmdline").unwrap()),
+            &mut |_, _| Flow::Continue,
+        )
+        .unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(3));
     }
 }

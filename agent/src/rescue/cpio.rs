@@ -2,12 +2,16 @@
 //! time (the kernel unpacks concatenated archives; later files win, and it keeps each entry's
 //! mode, owner and link target). Secrets travel only here, so nothing here ever logs file
 //! contents.
+//!
+//! Its reader, [`unpack`], is the other end of `deploy`'s upload: the rescue system may have
+//! neither cpio nor tar, but it has the agent that `deploy` copied there first.
 
 use crate::input::tree::{EntryKind, Tree, TreeEntry, TreeSummary};
 use crate::secret::Secret;
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::path::{Component, Path};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -255,6 +259,115 @@ fn write_entry(out: &mut Vec<u8>, inode: u32, entry: &Entry) {
     pad(out, 4);
 }
 
+/// Unpacks a newc archive as [`Archive::to_bytes`] writes it into `dir` (which must exist),
+/// keeping modes, owners and link targets; returns how many entries it made. Every path stays
+/// inside `dir`: absolute paths, `..`, and a path that passes through a link are refused.
+pub fn unpack(input: impl Read, dir: &Path) -> Result<usize> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut input = std::io::BufReader::new(input);
+    let mut read_so_far = 0usize;
+    let mut made = 0;
+    loop {
+        let mut header = [0u8; 110];
+        input.read_exact(&mut header).context("reading an archive entry's header")?;
+        if &header[..6] != b"070701" {
+            bail!("not a newc cpio archive (magic {:?})", String::from_utf8_lossy(&header[..6]));
+        }
+        let field = |index: usize| -> Result<u32> {
+            let text = std::str::from_utf8(&header[6 + index * 8..14 + index * 8])
+                .context("an archive header field is not ASCII")?;
+            u32::from_str_radix(text, 16).with_context(|| format!("archive header field {text:?}"))
+        };
+        let (mode, uid, gid) = (field(1)?, field(2)?, field(3)?);
+        let (data_size, name_size) = (field(6)? as usize, field(11)? as usize);
+        let mut name = vec![0u8; name_size];
+        input.read_exact(&mut name).context("reading an archive entry's name")?;
+        read_so_far += 110 + name_size;
+        skip_padding(&mut input, &mut read_so_far)?;
+        let name = String::from_utf8(name.strip_suffix(&[0]).unwrap_or(&name).to_vec())
+            .context("an archive entry's name is not UTF-8")?;
+        if data_size > MAX_UNPACKED_ENTRY {
+            bail!("archive entry {name} claims {data_size} bytes, more than an upload holds");
+        }
+        let mut data = Secret::new(vec![0u8; data_size]);
+        input
+            .read_exact(data.as_mut_bytes())
+            .with_context(|| format!("reading {name} from the archive"))?;
+        read_so_far += data_size;
+        skip_padding(&mut input, &mut read_so_far)?;
+        if name == "TRAILER!!!" {
+            return Ok(made);
+        }
+        let target = inside(dir, &name)?;
+        let permissions = std::fs::Permissions::from_mode(mode & 0o7777);
+        match mode & S_IFMT {
+            S_IFDIR => {
+                std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+            }
+            S_IFLNK => {
+                let link = std::str::from_utf8(data.as_bytes())
+                    .with_context(|| format!("the target of link {name} is not UTF-8"))?;
+                std::os::unix::fs::symlink(link, &target)
+                    .with_context(|| format!("creating link {}", target.display()))?;
+            }
+            S_IFREG => {
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&target)
+                    .with_context(|| format!("creating {}", target.display()))?;
+                file.write_all(data.as_bytes())
+                    .with_context(|| format!("writing {}", target.display()))?;
+            }
+            other => bail!("{name}: entries of type {other:o} are not unpacked"),
+        }
+        std::os::unix::fs::lchown(&target, Some(uid), Some(gid))
+            .with_context(|| format!("setting the owner of {}", target.display()))?;
+        // After the owner: chown clears setuid and setgid.
+        if mode & S_IFMT != S_IFLNK {
+            std::fs::set_permissions(&target, permissions)
+                .with_context(|| format!("setting the mode of {}", target.display()))?;
+        }
+        made += 1;
+    }
+}
+
+/// More than any file `deploy` uploads this way (the extra files are at most 64 MiB in all).
+const MAX_UNPACKED_ENTRY: usize = 256 << 20;
+
+/// Reads the zeros that pad what was read so far to 4 bytes.
+fn skip_padding(input: &mut impl Read, read_so_far: &mut usize) -> Result<()> {
+    let padding = read_so_far.next_multiple_of(4) - *read_so_far;
+    let mut zeros = [0u8; 3];
+    input
+        .read_exact(&mut zeros[..padding])
+        .context("reading the archive's padding")?;
+    *read_so_far += padding;
+    Ok(())
+}
+
+/// `name` under `dir`, refused when it would leave `dir` or pass through a link.
+fn inside(dir: &Path, name: &str) -> Result<std::path::PathBuf> {
+    let relative = Path::new(name);
+    if name.is_empty() || !relative.components().all(|c| matches!(c, Component::Normal(_))) {
+        bail!("archive entry {name:?} is not a plain relative path");
+    }
+    let target = dir.join(relative);
+    if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!("archive entry {name:?} passes through the link {}", target.display());
+    }
+    let mut parent = target.parent();
+    while let Some(path) = parent.filter(|p| *p != dir) {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            bail!("archive entry {name:?} passes through the link {}", path.display());
+        }
+        parent = path.parent();
+    }
+    Ok(target)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,7 +375,7 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     /// What GNU cpio unpacks from the archive, as root (so it keeps owners) and with `-m`.
-    fn unpack(archive: &Archive) -> tempfile::TempDir {
+    fn unpack_with_gnu_cpio(archive: &Archive) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let mut child = std::process::Command::new("cpio")
             .args(["-idm", "--quiet"])
@@ -292,7 +405,7 @@ mod tests {
             b"hunter2".to_vec(),
             true,
         );
-        let dir = unpack(&archive);
+        let dir = unpack_with_gnu_cpio(&archive);
         let secret = dir.path().join("etc/nixos-kexec/secrets/disk-passphrase");
         assert_eq!(std::fs::read(&secret).unwrap(), b"hunter2");
         let mode = std::fs::metadata(&secret).unwrap().permissions();
@@ -326,7 +439,7 @@ mod tests {
         );
         let summary = archive.tree(&tree, "/etc/nixos-kexec/extra-files").unwrap();
         assert_eq!(summary, tree.summary());
-        let dir = unpack(&archive);
+        let dir = unpack_with_gnu_cpio(&archive);
         let unpacked_root = dir.path().join("etc/nixos-kexec/extra-files");
         let unpacked = Tree::walk(&unpacked_root, &RULES).unwrap();
         assert_eq!(unpacked.entries, tree.entries);
@@ -356,5 +469,61 @@ mod tests {
         ] {
             assert!(listing.lines().any(|l| l == line), "{line} not in:\n{listing}");
         }
+    }
+
+    /// What `deploy` uploads comes out of [`unpack`] as GNU cpio unpacks it.
+    #[test]
+    fn unpack_reads_back_what_gnu_cpio_reads() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "owners can only be kept as root");
+        let source = tempfile::tempdir().unwrap();
+        sample(source.path());
+        let tree = Tree::walk(source.path(), &RULES).unwrap();
+        let mut archive = Archive::default();
+        archive.file("host-keys/ssh_host_ed25519_key", 0o600, b"key".to_vec(), true);
+        archive.tree(&tree, "extra-files").unwrap();
+        let ours = tempfile::tempdir().unwrap();
+        let made = unpack(archive.to_bytes().as_bytes(), ours.path()).unwrap();
+        assert_eq!(made, archive.entries().len());
+        let gnu = unpack_with_gnu_cpio(&archive);
+        let walk = |root: &Path| Tree::walk(root, &RULES).unwrap().entries;
+        assert_eq!(walk(ours.path()), walk(gnu.path()));
+        assert_eq!(
+            std::fs::read(ours.path().join("host-keys/ssh_host_ed25519_key")).unwrap(),
+            b"key"
+        );
+    }
+
+    #[test]
+    fn unpack_stays_inside_its_directory() {
+        let outside = |path: &str| {
+            let mut archive = Archive::default();
+            archive.push(Entry {
+                path: path.into(),
+                mode: S_IFREG | 0o644,
+                uid: 0,
+                gid: 0,
+                data: Secret::new(b"x".to_vec()),
+                secret: false,
+            });
+            let dir = tempfile::tempdir().unwrap();
+            let error = unpack(archive.to_bytes().as_bytes(), dir.path()).unwrap_err();
+            format!("{error:#}")
+        };
+        assert!(outside("../escape").contains("not a plain relative path"));
+        let mut archive = Archive::default();
+        archive.push(Entry {
+            path: "link".into(),
+            mode: S_IFLNK | 0o777,
+            uid: 0,
+            gid: 0,
+            data: Secret::new(b"/tmp".to_vec()),
+            secret: false,
+        });
+        archive.file("link/through", 0o644, b"x".to_vec(), false);
+        let dir = tempfile::tempdir().unwrap();
+        let error = unpack(archive.to_bytes().as_bytes(), dir.path()).unwrap_err();
+        assert!(format!("{error:#}").contains("passes through the link"), "{error:#}");
+        assert!(unpack(&b"garbage"[..], dir.path()).is_err());
     }
 }

@@ -27,6 +27,11 @@ pub struct PackedFlake {
 
 /// Packs `dir`, the directory of `flake`, into `archive` under [`PACKED_FLAKE_DIR`].
 pub fn pack(flake: &UserFlake, dir: &Path, archive: &mut Archive) -> Result<PackedFlake> {
+    pack_under(flake, dir, archive, PACKED_FLAKE_DIR)
+}
+
+/// [`pack`] under `under` (`deploy` sends the flake to the rescue system so).
+pub fn pack_under(flake: &UserFlake, dir: &Path, archive: &mut Archive, under: &str) -> Result<PackedFlake> {
     crate::installer::steps::flake::check_flake_directory(flake, dir)?;
     let kept = not_ignored(dir)?;
     let name = format!("--flake {}", dir.display());
@@ -50,7 +55,7 @@ pub fn pack(flake: &UserFlake, dir: &Path, archive: &mut Archive) -> Result<Pack
         .map(|entry| entry.path.clone())
         .collect();
     Ok(PackedFlake {
-        summary: archive.tree(&tree, PACKED_FLAKE_DIR)?,
+        summary: archive.tree(&tree, under)?,
         private_files,
     })
 }

@@ -105,6 +105,9 @@ pub struct Handover {
     pub archive: Archive,
 }
 
+/// The last line `run` prints before the machine goes away (`deploy` waits for it).
+pub const LOADED: &str = "installer loaded; rebooting into it now";
+
 /// Every boot recipe of the installer carries it: see where it is pushed.
 pub const ROOTFS_PARAM: &str = "rootfstype=ramfs";
 
@@ -461,23 +464,7 @@ pub fn prepare(
         });
     }
     if let Some(dir) = &options.extra_files {
-        let name = format!("--extra-files {}", dir.display());
-        let tree = Tree::walk(
-            dir,
-            &Walk {
-                name: &name,
-                max_bytes: EXTRA_FILES_MAX_BYTES,
-                why_limited: "the files travel in the installer's RAM, beside the installer itself.",
-                too_large_fix: None,
-                skip: None,
-            },
-        )?;
-        if tree.entries.is_empty() {
-            return Err(user_error(
-                format!("{name}: the directory is empty."),
-                "put the files in it as they should be under / on the target (e.g. DIR/etc/machine-id), or drop --extra-files.",
-            ));
-        }
+        let tree = walk_extra_files(dir)?;
         let summary = archive.tree(&tree, EXTRA_FILES_DIR)?;
         console::line(&format!("extra files from {}: {summary}", dir.display()));
     }
@@ -514,6 +501,28 @@ pub fn prepare(
         console::line(&format!("host key: {fingerprint}"));
     }
     hand_over(&info, &base, archive)
+}
+
+/// The tree of `--extra-files DIR`, refused when it cannot travel or is empty.
+pub fn walk_extra_files(dir: &Path) -> Result<Tree> {
+    let name = format!("--extra-files {}", dir.display());
+    let tree = Tree::walk(
+        dir,
+        &Walk {
+            name: &name,
+            max_bytes: EXTRA_FILES_MAX_BYTES,
+            why_limited: "the files travel in the installer's RAM, beside the installer itself.",
+            too_large_fix: None,
+            skip: None,
+        },
+    )?;
+    if tree.entries.is_empty() {
+        return Err(user_error(
+            format!("{name}: the directory is empty."),
+            "put the files in it as they should be under / on the target (e.g. DIR/etc/machine-id), or drop --extra-files.",
+        ));
+    }
+    Ok(tree)
 }
 
 /// Plans here as the installer will (it sees the disk unmounted), so a layout that does not
@@ -607,7 +616,7 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
         let initrd_path = kexec::path_for_children(&initrd_file);
         kexec::load_with_binary(&kernel, &initrd_path, &handover.cmdline).context(native)?;
     }
-    console::line("installer loaded; rebooting into it now");
+    console::line(LOADED);
     kexec::reboot_into_loaded()
 }
 
