@@ -24,10 +24,16 @@ const CONSOLE: &str = "nixos_kexec::console";
 
 /// Sets up `log` to print whole lines to stderr (the console) and keep them for install.log.
 pub fn init_logging() {
+    init_logging_at(log::LevelFilter::Info);
+}
+
+/// [`init_logging`] with diagnostics at `level` unless `NIXOS_KEXEC_LOG` says otherwise:
+/// `deploy` runs ssh every few seconds while it waits, and its terminal is for the install.
+pub fn init_logging_at(level: log::LevelFilter) {
     let level = std::env::var("NIXOS_KEXEC_LOG")
         .ok()
         .and_then(|l| l.parse().ok())
-        .unwrap_or(log::LevelFilter::Info);
+        .unwrap_or(level);
     let _ = env_logger::Builder::new()
         .filter_level(level)
         .filter_module(CONSOLE, log::LevelFilter::Info)

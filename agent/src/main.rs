@@ -118,7 +118,11 @@ fn main() {
         app::init_main();
     }
     let cli = Cli::parse();
-    console::init_logging();
+    if matches!(cli.command, Some(Command::Deploy(_))) {
+        console::init_logging_at(log::LevelFilter::Warn);
+    } else {
+        console::init_logging();
+    }
     let code = match cli.command {
         Some(command) => run(command),
         None => {

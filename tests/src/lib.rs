@@ -43,6 +43,7 @@ pub mod inspect;
 pub mod loop_mount;
 pub mod nix_cache;
 pub mod rescue;
+pub mod sshd;
 pub mod tls;
 pub mod tool;
 pub mod user_flake;

@@ -361,7 +361,12 @@ fn on_rescue(ssh: &Ssh, run_command: &str, loads: bool) -> Result<RescueRun> {
                     _ => None,
                 });
             match said {
-                Some(reason) => bail!("run refused on the rescue system: {reason}"),
+                Some(reason) => {
+                    let (problem, fix) = reason
+                        .split_once(" Fix: ")
+                        .unwrap_or((reason.as_str(), "see the rescue system's lines above."));
+                    Err(user_error(format!("run refused on the rescue system: {problem}"), fix))
+                }
                 None => bail!(
                     "`{}` on {} failed ({status}): {}",
                     run_command,

@@ -1,0 +1,250 @@
+//! `nixos-kexec deploy` from the operator's machine (issue #13): this host is the laptop, with
+//! Debian's OpenSSH client and an ssh config of its own; a rescue VM runs Debian's sshd,
+//! reached through QEMU's port forwarding, as a rented machine's rescue system is. deploy
+//! copies, shows the plan, runs, reconnects to the installer's SSH (dropbear, behind the same
+//! forwarded port) with the pinned host key, and follows the install to its result.
+//!
+//! TEST DOUBLE: the bundle deploy sends is the one with Debian's Nix, with `nixos-install`'s
+//! stand-in (`tests/stand-in/nixos-install`, see tests/tests/boot.rs) appended to its initrd:
+//! it stands for the one boundary this machine cannot cross, a NixOS closure from nixpkgs. The
+//! real Nix builds the stand-in system, Debian's grub-install writes the boot loader, and the
+//! agent's verification runs, all in the installer that deploy follows.
+
+use anyhow::{ensure, Context, Result};
+use nixos_kexec_tests::rescue::QEMU_USER_NETWORK;
+use nixos_kexec_tests::sshd::{add_sshd, START_SSHD};
+use nixos_kexec_tests::tls::free_port;
+use nixos_kexec_tests::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const MAC: &str = "52:54:00:de:91:01";
+const GIB: u64 = 1 << 30;
+
+/// The rescue system: the network QEMU serves, set statically, and sshd; then it waits.
+fn rescue_init() -> String {
+    format!(
+        r#"#!/bin/busybox sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in virtio_pci virtio_net virtio_blk; do modprobe $m; done
+sleep 1
+{QEMU_USER_NETWORK}
+echo rescue-box > /proc/sys/kernel/hostname
+{START_SSHD}
+while true; do sleep 3600; done
+"#
+    )
+}
+
+/// The bundle directory deploy sends: the Nix bundle's kernel and agent, its initrd with the
+/// stand-in appended (the kernel unpacks concatenated archives).
+fn bundle_with_stand_in(bundle: &Bundle, dir: &Path) -> Result<PathBuf> {
+    let sent = dir.join("bundle");
+    std::fs::create_dir(&sent)?;
+    std::fs::copy(&bundle.bzimage, sent.join("bzImage"))?;
+    std::fs::copy(bundle.dir.join("nixos-kexec"), sent.join("nixos-kexec"))
+        .context("build-dev puts the agent beside the bundle")?;
+    let mut initrd = std::fs::read(&bundle.initrd)?;
+    initrd.resize(initrd.len().next_multiple_of(4), 0);
+    initrd.extend(std::fs::read(bundle.stand_in()?)?);
+    std::fs::write(sent.join("initrd"), initrd)?;
+    Ok(sent)
+}
+
+/// `nixos-kexec deploy ARGS` on this host, as the operator types it; stopped after `limit`.
+fn deploy(agent: &Path, args: &[&str], limit: Duration) -> Result<ToolOutput> {
+    let mut command = Command::new("timeout");
+    command
+        .arg(limit.as_secs().to_string())
+        .arg(agent)
+        .arg("deploy")
+        .args(args)
+        .env_remove("SSH_AUTH_SOCK")
+        .env_remove("NIXOS_KEXEC_LOG");
+    run_tool_unchecked(&mut command)
+}
+
+/// The lines deploy printed (its console lines are on stderr).
+fn lines(out: &ToolOutput) -> Vec<String> {
+    out.combined().lines().map(str::to_string).collect()
+}
+
+fn has(out: &ToolOutput, line_start: &str) -> bool {
+    lines(out).iter().any(|l| l.starts_with(line_start))
+}
+
+/// From a fresh rescue VM: a refused deploy changes nothing and removes its upload; then a
+/// deploy installs, with every stage streamed to this terminal, and exits 0 only after the
+/// installer's verified success.
+#[test]
+fn deploy_from_the_laptop_through_the_rescue_systems_sshd() -> Result<()> {
+    let plain = dev_bundle()?;
+    let with_nix = dev_bundle_with_nix()?;
+    let dir = tempfile::tempdir()?;
+    let sent = bundle_with_stand_in(&with_nix, dir.path())?;
+    let agent = sent.join("nixos-kexec");
+
+    let rescue_key = dir.path().join("rescue_host_key");
+    ssh_keygen_new(&rescue_key, &["ed25519"], "root@rescue-box")?;
+    let operator = dir.path().join("operator");
+    ssh_keygen_new(&operator, &["ed25519"], "operator@laptop")?;
+    let operator_pub = std::fs::read_to_string(operator.with_extension("pub"))?;
+    let rescue = dir.path().join("rescue.cpio");
+    add_sshd(
+        Cpio::new().file("init", 0o755, rescue_init()),
+        &rescue_key,
+        operator_pub.trim(),
+    )?
+    .write_to(&rescue)?;
+
+    // The laptop's ssh config: the rescue system by a name of the operator's, its host key
+    // known (strict checking, as an operator who checked it has it).
+    let port = free_port()?;
+    let known_hosts = dir.path().join("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        format!(
+            "[127.0.0.1]:{port} {}",
+            std::fs::read_to_string(rescue_key.with_extension("pub"))?
+        ),
+    )?;
+    let config = dir.path().join("ssh_config");
+    std::fs::File::create(&config)?.write_all(
+        format!(
+            "Host rescue-vm\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  IdentityAgent none\n  UserKnownHostsFile {}\n  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n",
+            operator.display(),
+            known_hosts.display()
+        )
+        .as_bytes(),
+    )?;
+    let config = config.to_string_lossy().into_owned();
+
+    let mut refused = None;
+    let mut installed = None;
+    let out = Vm::new(&plain)
+        .name("deploy-rescue")
+        .memory_mib(1024)
+        .extra_initrd(&rescue)
+        .nic_with(MAC, &format!("hostfwd=tcp:127.0.0.1:{port}-:22"))
+        .disk(DiskSpec::new(4 * GIB, DiskBus::Virtio).serial("TARGET-DISK"))
+        .timeout(Duration::from_secs(1200))
+        .run_with(|console| {
+            console.wait_for("rescue: sshd started", Duration::from_secs(240))?;
+            // No such disk: refused by the dry run, before anything changed.
+            let bundle = plain.dir.to_string_lossy();
+            let no_disk = deploy(
+                &agent,
+                &["rescue-vm", "-F", &config, "--bundle", &bundle, "--disk", "/dev/vdz"],
+                Duration::from_secs(300),
+            )?;
+            let gone = run_tool_unchecked(Command::new("ssh").args([
+                "-F",
+                &config,
+                "rescue-vm",
+                "test ! -e /run/nixos-kexec-deploy",
+            ]))?;
+            refused = Some((no_disk, gone));
+
+            let bundle = sent.to_string_lossy();
+            installed = Some(deploy(
+                &agent,
+                &[
+                    "rescue-vm",
+                    "-F",
+                    &config,
+                    "--bundle",
+                    &bundle,
+                    "--disk",
+                    "serial:TARGET-DISK",
+                    "--hostname",
+                    "web1",
+                    "--param",
+                    "after=poweroff",
+                ],
+                Duration::from_secs(900),
+            )?);
+            Ok(())
+        })?;
+
+    let (no_disk, gone) = refused.context("the refused deploy did not run")?;
+    ensure!(no_disk.status.code() == Some(1), "a refused deploy exits 1:\n{}", no_disk.describe());
+    for expected in [
+        "nixos-kexec: deploy: [1/4] copy done in ",
+        "nixos-kexec: rescue: error: Disk /dev/vdz is not on this machine.",
+        "nixos-kexec: error: run refused on the rescue system: Disk /dev/vdz is not on this machine.",
+        "nixos-kexec: result: failure: run refused on the rescue system",
+    ] {
+        ensure!(has(&no_disk, expected), "`{expected}` missing:\n{}", no_disk.describe());
+    }
+    ensure!(
+        !has(&no_disk, "nixos-kexec: deploy: [3/4] kexec"),
+        "a refused plan went on:\n{}",
+        no_disk.describe()
+    );
+    ensure!(gone.status.success(), "the refused deploy left its upload (secrets) behind:\n{}", gone.describe());
+
+    let deployed = installed.context("the deploy did not run")?;
+    ensure!(deployed.status.success(), "deploy failed:\n{}", deployed.describe());
+    // Streamed in this order: every stage with its counter and duration, the rescue system's
+    // plan and kexec, then the installer's steps to its verified result.
+    let printed = lines(&deployed);
+    let mut expected_in_order = vec![
+        "nixos-kexec: host key: 256 SHA256:",
+        "nixos-kexec: deploy: [1/4] copy: ",
+        "nixos-kexec: deploy: [1/4] copy done in ",
+        "nixos-kexec: deploy: [2/4] plan: ",
+        "nixos-kexec: rescue: the installer will write layout ",
+        "nixos-kexec: rescue: dry run: nothing was loaded",
+        "nixos-kexec: deploy: [2/4] plan done in ",
+        "nixos-kexec: deploy: [3/4] kexec: ",
+        "nixos-kexec: rescue: installer loaded; rebooting into it now",
+        "nixos-kexec: deploy: [3/4] kexec done in ",
+        "nixos-kexec: deploy: [4/4] install: following the installer over SSH, host key pinned",
+        "nixos-kexec: installer: nixos-kexec ",
+        "nixos-kexec: installer: [1/",
+    ];
+    let verify_done = printed
+        .iter()
+        .find(|l| l.starts_with("nixos-kexec: installer: [") && l.contains("] verify done in "))
+        .cloned()
+        .with_context(|| format!("no verify step streamed:\n{}", deployed.describe()))?;
+    expected_in_order.extend([
+        verify_done.as_str(),
+        "nixos-kexec: installer: result: success",
+        "nixos-kexec: deploy: [4/4] install done in ",
+        "nixos-kexec: result: success",
+    ]);
+    let mut at = 0;
+    for expected in &expected_in_order {
+        let found = printed[at..]
+            .iter()
+            .position(|l| l.starts_with(expected))
+            .with_context(|| format!("`{expected}` missing, or out of order:\n{}", deployed.describe()))?;
+        at += found + 1;
+    }
+    ensure!(
+        printed.last().map(String::as_str) == Some("nixos-kexec: result: success"),
+        "deploy's last line:\n{}",
+        deployed.describe()
+    );
+    // Each of the installer's lines once, though the connection may have been made twice.
+    let results = printed.iter().filter(|l| l.starts_with("nixos-kexec: installer: result:")).count();
+    ensure!(results == 1, "{results} result lines:\n{}", deployed.describe());
+
+    // The key deploy pinned is the one the installer's SSH server had, and the installed one.
+    let pinned = printed
+        .iter()
+        .find_map(|l| l.strip_prefix("nixos-kexec: host key: "))
+        .context("no host key line")?;
+    ensure!(
+        out.contains(&format!("never a password; host key {pinned}\n")),
+        "the installer's SSH server had another host key than the pinned `{pinned}`"
+    );
+    ensure!(out.exited_by_itself, "the installed machine should have powered off");
+    ensure!(!out.contains("verify: FAILED"), "a verification failed");
+    sgdisk_verify(&out.disks[0])?;
+    Ok(())
+}
