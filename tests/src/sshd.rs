@@ -42,7 +42,7 @@ fn openssh_server_deb() -> Result<PathBuf> {
                     .filter(|p| {
                         p.file_name()
                             .and_then(|n| n.to_str())
-                            .is_some_and(|n| n.starts_with("openssh-server_") && n.ends_with(".deb"))
+                            .is_some_and(|n| n.starts_with("openssh-server_") && n.ends_with("_amd64.deb"))
                     })
                     .collect()
             })
@@ -56,7 +56,7 @@ fn openssh_server_deb() -> Result<PathBuf> {
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     run_tool(
         Command::new("apt-get")
-            .args(["download", "-q", "-o", "APT::Sandbox::User=root", "openssh-server"])
+            .args(["download", "-q", "-o", "APT::Sandbox::User=root", "openssh-server:amd64"])
             .current_dir(&cache),
     )?;
     find()?.context("apt-get download openssh-server left no .deb")
