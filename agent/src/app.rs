@@ -477,7 +477,11 @@ pub fn install(args: InputArgs, mode: NetworkMode) -> Result<Option<After>, Afte
 fn leave_after_failure(then: &AfterFailure) {
     console::line(&then.announcement());
     if let AfterFailure::Reboot(grace) = then {
-        way_back::count_down(*grace);
+        let stay_file = Path::new(way_back::STAY_FILE);
+        if way_back::count_down(*grace, stay_file) == way_back::CountDown::StayAsked {
+            console::line("reboot: cancelled from an SSH session (nixos-kexec stay); the installer stays up");
+            return;
+        }
         console::line("reboot: now");
         if let Err(e) = finish_machine(After::Reboot) {
             print_error(&e);

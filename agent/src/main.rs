@@ -43,6 +43,9 @@ enum Command {
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
     },
+    /// In the installer (logged in over SSH): stay up after a failure, instead of rebooting
+    /// when the way back's grace period ends.
+    Stay,
     /// Diagnostics: the /dev/disk links the installer makes in place of udev.
     #[command(hide = true)]
     Devlinks {
@@ -88,6 +91,9 @@ fn run(command: Command) -> i32 {
         }),
         Command::Deploy(options) => nixos_kexec::deploy::deploy(&options),
         Command::Unpack { dir } => nixos_kexec::rescue::cpio::unpack(std::io::stdin().lock(), &dir).map(drop),
+        Command::Stay => nixos_kexec::installer::way_back::ask_to_stay(std::path::Path::new(
+            nixos_kexec::installer::way_back::STAY_FILE,
+        )),
         Command::Status { lines } => nixos_kexec::installer::status::show(lines),
         Command::Devlinks { print: true } => {
             devlinks::print_lines().map(|lines| lines.iter().for_each(|l| print_stdout(l)))

@@ -1,5 +1,6 @@
 //! Fuzzing in CI-sized form: every parser of outside input (HTTP answers, the kernel command
-//! line, runtime info, declarative storage down to the partition layout, netlink replies) gets
+//! line, runtime info, declarative storage down to the partition layout, netlink replies, the
+//! archive `deploy` uploads) gets
 //! random bytes and random input of the right shape, and must answer with a value or an error,
 //! never a panic. Tests build in debug mode, so an arithmetic overflow is a panic too.
 //!
@@ -570,4 +571,48 @@ proptest! {
     fn netlink_shaped(datagram in netlink_datagram()) {
         read_netlink(&datagram);
     }
+
+    /// A real upload with bytes overwritten: unpacked or refused, never a panic, and nothing
+    /// written outside the directory.
+    #[test]
+    fn deploy_upload_damaged(edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8)) {
+        let mut bytes = upload_sample().to_vec();
+        for (at, byte) in edits {
+            let at = at % bytes.len();
+            bytes[at] = byte;
+        }
+        let dir = scratch();
+        let inside = dir.path().join("inside");
+        std::fs::create_dir(&inside).unwrap();
+        let _ = nixos_kexec::rescue::cpio::unpack(&bytes[..], &inside);
+        let beside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        prop_assert_eq!(beside.len(), 1);
+    }
+}
+
+/// An archive as `deploy` uploads it: a directory, files, a secret and a link.
+fn upload_sample() -> &'static [u8] {
+    static SAMPLE: OnceLock<Vec<u8>> = OnceLock::new();
+    SAMPLE.get_or_init(|| {
+        let mut archive = nixos_kexec::rescue::cpio::Archive::default();
+        archive.file("ssh-keys/0.pub", 0o644, b"ssh-ed25519 AAAA me".to_vec(), false);
+        archive.file("host-keys/ssh_host_ed25519_key", 0o600, b"KEY".to_vec(), true);
+        let source = tempfile::tempdir().unwrap();
+        std::fs::create_dir(source.path().join("etc")).unwrap();
+        std::fs::write(source.path().join("etc/motd"), b"hi").unwrap();
+        std::os::unix::fs::symlink("motd", source.path().join("etc/issue")).unwrap();
+        let tree = nixos_kexec::input::tree::Tree::walk(
+            source.path(),
+            &nixos_kexec::input::tree::Walk {
+                name: "sample",
+                max_bytes: 1 << 20,
+                why_limited: "",
+                too_large_fix: None,
+                skip: None,
+            },
+        )
+        .unwrap();
+        archive.tree(&tree, "extra-files").unwrap();
+        archive.to_bytes().as_bytes().to_vec()
+    })
 }

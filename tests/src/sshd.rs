@@ -8,9 +8,15 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The lines of a rescue system's `/init` that start sshd (after the network is up).
+/// The lines of a rescue system's `/init` that start sshd (after the network is up). sshd
+/// forks before it listens, and writes its pid file once it does: "started" is said then.
 pub const START_SSHD: &str = r#"mkdir -p /run/sshd /var/empty; chmod 755 /run/sshd
-if /usr/sbin/sshd -E /run/sshd.log; then echo "rescue: sshd started"; else echo "rescue: sshd did not start"; cat /run/sshd.log; fi"#;
+if /usr/sbin/sshd -E /run/sshd.log; then
+    while [ ! -s /run/sshd.pid ]; do sleep 0.2; done
+    echo "rescue: sshd started"
+else
+    echo "rescue: sshd did not start"; cat /run/sshd.log
+fi"#;
 
 const SSHD_CONFIG: &str = "Port 22
 HostKey /etc/ssh/ssh_host_ed25519_key

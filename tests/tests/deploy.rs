@@ -246,5 +246,6 @@ fn deploy_from_the_laptop_through_the_rescue_systems_sshd() -> Result<()> {
     ensure!(out.exited_by_itself, "the installed machine should have powered off");
     ensure!(!out.contains("verify: FAILED"), "a verification failed");
     sgdisk_verify(&out.disks[0])?;
+    eprintln!("deploy printed:\n{}", deployed.combined());
     Ok(())
 }

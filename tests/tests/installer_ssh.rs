@@ -1,6 +1,7 @@
 //! SSH into the installer (issue #13): the operator's authorized key logs in and
 //! `nixos-kexec status` shows where the run is; the host key is the one the operator gave, so
-//! its fingerprint is the one printed; a wrong key and a password are refused. Debian's ssh,
+//! its fingerprint is the one printed; a wrong key and a password are refused; `nixos-kexec
+//! stay` there cancels the way back's reboot. Debian's ssh,
 //! ssh-keyscan and ssh-keygen on the host, dropbear in the dev bundle, QEMU's port forwarding
 //! between them.
 
@@ -209,6 +210,16 @@ fn ssh_into_a_stopped_installer_with_the_pinned_host_key() -> Result<()> {
                 "a password login:\n{}",
                 password.describe()
             );
+
+            // The operator keeps the installer for a closer look: the way back stands down.
+            let stay = run_tool_unchecked(
+                ssh_with_key(port, &known_hosts, &operator).args([ROOT, "nixos-kexec stay"]),
+            )?;
+            ensure!(stay.status.success(), "nixos-kexec stay:\n{}", stay.describe());
+            console.wait_for(
+                "nixos-kexec: reboot: cancelled from an SSH session (nixos-kexec stay); the installer stays up",
+                Duration::from_secs(30),
+            )?;
             Ok(())
         })?;
     let reason = out.expect_failure()?;

@@ -6,7 +6,8 @@
 
 use crate::console;
 use crate::error::user_error;
-use anyhow::Result;
+use anyhow::{Context, Result};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -102,22 +103,60 @@ impl AfterFailure {
     }
 }
 
+/// Where an operator logged in over SSH asks the installer to stay (`nixos-kexec stay`): the
+/// count-down looks for it every second.
+pub const STAY_FILE: &str = "/run/nixos-kexec/stay";
+
+/// How the grace period ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountDown {
+    /// The time is up: reboot.
+    Elapsed,
+    /// `nixos-kexec stay` asked the installer to stay up.
+    StayAsked,
+}
+
 /// Waits out `grace`, saying the time left once a minute in whole lines (serial consoles are
-/// not terminals). The installer's SSH server, once it has one (issue #13), keeps running
+/// not terminals), unless `stay_file` appears first. The installer's SSH server keeps running
 /// through this wait: it is the operator's window to log in and look before the reboot.
-pub fn count_down(grace: Duration) {
-    let start = Instant::now();
+pub fn count_down(grace: Duration, stay_file: &Path) -> CountDown {
+    let end = Instant::now() + grace;
+    let (wait, mut left_then) = next_reminder(grace);
+    let mut reminder = Instant::now() + wait;
     loop {
-        let left = grace.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            return;
+        if stay_file.exists() {
+            return CountDown::StayAsked;
         }
-        let (wait, left_then) = next_reminder(left);
-        std::thread::sleep(wait);
-        if !left_then.is_zero() {
+        let now = Instant::now();
+        if now >= end {
+            return CountDown::Elapsed;
+        }
+        if now >= reminder && !left_then.is_zero() {
             console::line(&format!("reboot: in {}", human(left_then)));
+            let (wait, then) = next_reminder(left_then);
+            reminder += wait;
+            left_then = then;
         }
+        std::thread::sleep(end.saturating_duration_since(now).min(STAY_POLL));
     }
+}
+
+const STAY_POLL: Duration = Duration::from_secs(1);
+
+/// `nixos-kexec stay`, in the installer: cancels the way back's reboot.
+pub fn ask_to_stay(stay_file: &Path) -> Result<()> {
+    if crate::installer::status::StatusFile::installer().read()?.is_none() {
+        return Err(user_error(
+            "no installer runs here, so nothing would reboot.",
+            "run nixos-kexec stay on the installer, logged in as root over SSH.",
+        ));
+    }
+    if let Some(dir) = stay_file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(stay_file, b"").with_context(|| format!("writing {}", stay_file.display()))?;
+    console::line("stay: the installer will not reboot after a failure; reboot it yourself when done (reboot -f)");
+    Ok(())
 }
 
 /// With `left` (not zero) to go, how long to wait for the next reminder and how much is left
@@ -245,5 +284,22 @@ mod tests {
         let (wait, _) = next_reminder(Duration::from_secs(u64::MAX));
         assert!(wait <= MINUTE);
         assert_eq!(human(Duration::from_secs(90)), "1 min 30 s");
+    }
+
+    #[test]
+    fn the_count_down_ends_or_is_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let stay = dir.path().join("stay");
+        let started = Instant::now();
+        assert_eq!(count_down(Duration::from_millis(300), &stay), CountDown::Elapsed);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let marker = stay.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            std::fs::write(marker, b"").unwrap();
+        });
+        let started = Instant::now();
+        assert_eq!(count_down(Duration::from_secs(60), &stay), CountDown::StayAsked);
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     }
 }

@@ -280,6 +280,9 @@ pub fn unpack(input: impl Read, dir: &Path) -> Result<usize> {
         };
         let (mode, uid, gid) = (field(1)?, field(2)?, field(3)?);
         let (data_size, name_size) = (field(6)? as usize, field(11)? as usize);
+        if name_size > MAX_NAME {
+            bail!("an archive entry's name claims {name_size} bytes");
+        }
         let mut name = vec![0u8; name_size];
         input.read_exact(&mut name).context("reading an archive entry's name")?;
         read_so_far += 110 + name_size;
@@ -334,8 +337,10 @@ pub fn unpack(input: impl Read, dir: &Path) -> Result<usize> {
     }
 }
 
-/// More than any file `deploy` uploads this way (the extra files are at most 64 MiB in all).
-const MAX_UNPACKED_ENTRY: usize = 256 << 20;
+/// Any file `deploy` uploads this way (the extra files are at most 64 MiB in all).
+const MAX_UNPACKED_ENTRY: usize = 64 << 20;
+/// Longer than any path Linux takes (PATH_MAX).
+const MAX_NAME: usize = 4096;
 
 /// Reads the zeros that pad what was read so far to 4 bytes.
 fn skip_padding(input: &mut impl Read, read_so_far: &mut usize) -> Result<()> {
