@@ -76,6 +76,76 @@ fn has(out: &ToolOutput, line_start: &str) -> bool {
     lines(out).iter().any(|l| l.starts_with(line_start))
 }
 
+/// This host as the operator's laptop: keys, an ssh config naming the rescue system
+/// `rescue-vm`, and the rescue VM's extra initrd.
+struct Laptop {
+    dir: tempfile::TempDir,
+    port: u16,
+    config: String,
+    rescue: PathBuf,
+}
+
+impl Laptop {
+    fn new() -> Result<Laptop> {
+        let dir = tempfile::tempdir()?;
+        let rescue_key = dir.path().join("rescue_host_key");
+        ssh_keygen_new(&rescue_key, &["ed25519"], "root@rescue-box")?;
+        let operator = dir.path().join("operator");
+        ssh_keygen_new(&operator, &["ed25519"], "operator@laptop")?;
+        let operator_pub = std::fs::read_to_string(operator.with_extension("pub"))?;
+        let rescue = dir.path().join("rescue.cpio");
+        add_sshd(
+            Cpio::new().file("init", 0o755, rescue_init()),
+            &rescue_key,
+            operator_pub.trim(),
+        )?
+        .write_to(&rescue)?;
+        // The rescue system by a name of the operator's, its host key known (strict checking,
+        // as an operator who checked it has it).
+        let port = free_port()?;
+        let known_hosts = dir.path().join("known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!(
+                "[127.0.0.1]:{port} {}",
+                std::fs::read_to_string(rescue_key.with_extension("pub"))?
+            ),
+        )?;
+        let config = dir.path().join("ssh_config");
+        std::fs::File::create(&config)?.write_all(
+            format!(
+                "Host rescue-vm\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  IdentityAgent none\n  UserKnownHostsFile {}\n  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n",
+                operator.display(),
+                known_hosts.display()
+            )
+            .as_bytes(),
+        )?;
+        Ok(Laptop {
+            config: config.to_string_lossy().into_owned(),
+            dir,
+            port,
+            rescue,
+        })
+    }
+
+    /// The rescue VM, its port 22 forwarded to [`Laptop::port`], and a blank target disk.
+    fn rescue_vm(&self, bundle: &Bundle, name: &str) -> Vm {
+        Vm::new(bundle)
+            .name(name)
+            .memory_mib(1024)
+            .extra_initrd(&self.rescue)
+            .nic_with(MAC, &format!("hostfwd=tcp:127.0.0.1:{}-:22", self.port))
+            .disk(DiskSpec::new(4 * GIB, DiskBus::Virtio).serial("TARGET-DISK"))
+    }
+
+    /// `deploy rescue-vm -F CONFIG ARGS`.
+    fn deploy(&self, agent: &Path, args: &[&str], limit: Duration) -> Result<ToolOutput> {
+        let mut all = vec!["rescue-vm", "-F", &self.config];
+        all.extend(args);
+        deploy(agent, &all, limit)
+    }
+}
+
 /// From a fresh rescue VM: a refused deploy changes nothing and removes its upload; then a
 /// deploy installs, with every stage streamed to this terminal, and exits 0 only after the
 /// installer's verified success.
@@ -83,61 +153,23 @@ fn has(out: &ToolOutput, line_start: &str) -> bool {
 fn deploy_from_the_laptop_through_the_rescue_systems_sshd() -> Result<()> {
     let plain = dev_bundle()?;
     let with_nix = dev_bundle_with_nix()?;
-    let dir = tempfile::tempdir()?;
-    let sent = bundle_with_stand_in(&with_nix, dir.path())?;
+    let laptop = Laptop::new()?;
+    let sent = bundle_with_stand_in(&with_nix, laptop.dir.path())?;
     let agent = sent.join("nixos-kexec");
-
-    let rescue_key = dir.path().join("rescue_host_key");
-    ssh_keygen_new(&rescue_key, &["ed25519"], "root@rescue-box")?;
-    let operator = dir.path().join("operator");
-    ssh_keygen_new(&operator, &["ed25519"], "operator@laptop")?;
-    let operator_pub = std::fs::read_to_string(operator.with_extension("pub"))?;
-    let rescue = dir.path().join("rescue.cpio");
-    add_sshd(
-        Cpio::new().file("init", 0o755, rescue_init()),
-        &rescue_key,
-        operator_pub.trim(),
-    )?
-    .write_to(&rescue)?;
-
-    // The laptop's ssh config: the rescue system by a name of the operator's, its host key
-    // known (strict checking, as an operator who checked it has it).
-    let port = free_port()?;
-    let known_hosts = dir.path().join("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        format!(
-            "[127.0.0.1]:{port} {}",
-            std::fs::read_to_string(rescue_key.with_extension("pub"))?
-        ),
-    )?;
-    let config = dir.path().join("ssh_config");
-    std::fs::File::create(&config)?.write_all(
-        format!(
-            "Host rescue-vm\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  IdentityAgent none\n  UserKnownHostsFile {}\n  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n",
-            operator.display(),
-            known_hosts.display()
-        )
-        .as_bytes(),
-    )?;
-    let config = config.to_string_lossy().into_owned();
+    let config = laptop.config.clone();
 
     let mut refused = None;
     let mut installed = None;
-    let out = Vm::new(&plain)
-        .name("deploy-rescue")
-        .memory_mib(1024)
-        .extra_initrd(&rescue)
-        .nic_with(MAC, &format!("hostfwd=tcp:127.0.0.1:{port}-:22"))
-        .disk(DiskSpec::new(4 * GIB, DiskBus::Virtio).serial("TARGET-DISK"))
+    let out = laptop
+        .rescue_vm(&plain, "deploy-rescue")
         .timeout(Duration::from_secs(1200))
         .run_with(|console| {
             console.wait_for("rescue: sshd started", Duration::from_secs(240))?;
             // No such disk: refused by the dry run, before anything changed.
             let bundle = plain.dir.to_string_lossy();
-            let no_disk = deploy(
+            let no_disk = laptop.deploy(
                 &agent,
-                &["rescue-vm", "-F", &config, "--bundle", &bundle, "--disk", "/dev/vdz"],
+                &["--bundle", &bundle, "--disk", "/dev/vdz"],
                 Duration::from_secs(300),
             )?;
             let gone = run_tool_unchecked(Command::new("ssh").args([
@@ -149,12 +181,9 @@ fn deploy_from_the_laptop_through_the_rescue_systems_sshd() -> Result<()> {
             refused = Some((no_disk, gone));
 
             let bundle = sent.to_string_lossy();
-            installed = Some(deploy(
+            installed = Some(laptop.deploy(
                 &agent,
                 &[
-                    "rescue-vm",
-                    "-F",
-                    &config,
                     "--bundle",
                     &bundle,
                     "--disk",
@@ -247,5 +276,67 @@ fn deploy_from_the_laptop_through_the_rescue_systems_sshd() -> Result<()> {
     ensure!(!out.contains("verify: FAILED"), "a verification failed");
     sgdisk_verify(&out.disks[0])?;
     eprintln!("deploy printed:\n{}", deployed.combined());
+    Ok(())
+}
+
+/// The installer fails after the kexec (the plain bundle has no nixos-install, so the install
+/// step fails, after the wipe): deploy exits 1 with the installer's reason and last lines, and
+/// the ssh command it prints reaches the installer, with the pinned key, for a look.
+#[test]
+fn a_failed_install_ends_deploy_with_the_last_lines_and_the_way_in() -> Result<()> {
+    let plain = dev_bundle()?;
+    let laptop = Laptop::new()?;
+    let agent = plain.dir.join("nixos-kexec");
+    let bundle = plain.dir.to_string_lossy().into_owned();
+    let mut failed = None;
+    let mut looked = None;
+    let out = laptop
+        .rescue_vm(&plain, "deploy-failure")
+        .timeout(Duration::from_secs(600))
+        .grace(Duration::from_secs(1))
+        .run_with(|console| {
+            console.wait_for("rescue: sshd started", Duration::from_secs(240))?;
+            let deployed = laptop.deploy(
+                &agent,
+                &["--bundle", &bundle, "--disk", "serial:TARGET-DISK", "--hostname", "web1"],
+                Duration::from_secs(500),
+            )?;
+            let way_in = lines(&deployed).iter().find_map(|l| {
+                l.split_once("; log in with: ").map(|(_, command)| command.to_string())
+            });
+            if let Some(command) = way_in {
+                looked = Some(run_tool_unchecked(Command::new("sh").args(["-c", &command]))?);
+            }
+            failed = Some(deployed);
+            Ok(())
+        })?;
+    let failed = failed.context("deploy did not run")?;
+    ensure!(failed.status.code() == Some(1), "a failed install exits 1:\n{}", failed.describe());
+    for expected in [
+        "nixos-kexec: deploy: [3/4] kexec done in ",
+        "nixos-kexec: installer: [8/10] install ...",
+        "nixos-kexec: deploy: the installer failed; its last 25 lines:",
+        "nixos-kexec: deploy: | result: failure: ",
+        "nixos-kexec: error: the installer failed: ",
+        "nixos-kexec: result: failure: the installer failed: ",
+    ] {
+        ensure!(has(&failed, expected), "`{expected}` missing:\n{}", failed.describe());
+    }
+    ensure!(
+        failed.combined().contains("nixos-install is not in this installer bundle"),
+        "the installer's reason is not shown:\n{}",
+        failed.describe()
+    );
+    let looked = looked.with_context(|| format!("deploy printed no way in:\n{}", failed.describe()))?;
+    ensure!(
+        looked.status.success() && looked.stdout_str().starts_with("nixos-kexec status: finished "),
+        "the printed ssh command did not reach the installer:\n{}",
+        looked.describe()
+    );
+    ensure!(
+        out.contains("nixos-kexec: no reboot: /dev/vda may be half-written"),
+        "the installer should stay up after the wipe:\n{}",
+        out.tail(20)
+    );
     Ok(())
 }

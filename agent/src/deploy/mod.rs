@@ -396,7 +396,7 @@ fn remove_upload(ssh: &Ssh) {
 fn stranded(ssh: &Ssh, pin: PinnedHostKeys) {
     let reach = ssh.command(Some(&pin), "nixos-kexec status");
     console::line(&format!(
-        "deploy: the installer stays reachable until its way back reboots it: {}",
+        "deploy: the installer keeps its SSH server up (until the way back reboots it, when no disk was written); log in with: {}",
         runner::describe(&reach)
     ));
     std::mem::forget(pin);
