@@ -5,7 +5,6 @@
 use super::ssh::command_line;
 use crate::console;
 use crate::error::user_error;
-use crate::input::config::HOST_KEY_TYPES;
 use crate::input::flake::FlakeSource;
 use crate::installer::steps::keys;
 use crate::rescue::cpio::Archive;
@@ -182,27 +181,10 @@ fn public_line(key: &ssh_key::PrivateKey) -> Result<String> {
 /// The `ssh_host_<type>_key` files in `dir`, as `run --host-keys` reads them.
 fn given_host_keys(dir: &Path, archive: &mut Archive) -> Result<(Vec<String>, Vec<String>)> {
     let (mut public, mut fingerprints) = (Vec::new(), Vec::new());
-    for kind in HOST_KEY_TYPES {
-        let name = format!("ssh_host_{kind}_key");
-        let path = dir.join(&name);
-        if !path.exists() {
-            continue;
-        }
-        let data = Secret::read(&path)?;
-        let key = keys::parse_host_key(
-            &path,
-            data.as_bytes(),
-            "pass a directory with ssh_host_<type>_key files as ssh-keygen writes them, unencrypted.",
-        )?;
-        public.push(public_line(&key)?);
-        fingerprints.push(keys::fingerprint_line(&key));
-        archive.file(&format!("host-keys/{name}"), 0o600, data, true);
-    }
-    if public.is_empty() {
-        return Err(user_error(
-            format!("{} holds no ssh_host_<type>_key file.", dir.display()),
-            "pass the directory that holds ssh_host_ed25519_key (and .pub).",
-        ));
+    for given in crate::rescue::run::host_keys_in(dir)? {
+        public.push(public_line(&given.key)?);
+        fingerprints.push(keys::fingerprint_line(&given.key));
+        archive.file(&format!("host-keys/{}", given.name), 0o600, given.data, true);
     }
     Ok((public, fingerprints))
 }

@@ -416,30 +416,12 @@ pub fn prepare(
         );
     }
     if let Some(dir) = &options.host_keys {
-        let mut found = 0;
-        for kind in HOST_KEY_TYPES {
-            let private = dir.join(format!("ssh_host_{kind}_key"));
-            if !private.exists() {
-                continue;
-            }
-            let data = read_secret(&private, "host key")?;
-            let key = crate::installer::steps::keys::parse_host_key(
-                &private,
-                data.as_bytes(),
-                "pass a directory with ssh_host_<type>_key files as ssh-keygen writes them, unencrypted.",
-            )?;
+        for given in host_keys_in(dir)? {
             console::line(&format!(
                 "host key: {}",
-                crate::installer::steps::keys::fingerprint_line(&key)
+                crate::installer::steps::keys::fingerprint_line(&given.key)
             ));
-            archive.file(&format!("{SECRETS_DIR}/ssh_host_{kind}_key"), 0o600, data, true);
-            found += 1;
-        }
-        if found == 0 {
-            return Err(user_error(
-                format!("{} holds no ssh_host_<type>_key file.", dir.display()),
-                "pass the directory that holds ssh_host_ed25519_key (and .pub).",
-            ));
+            archive.file(&format!("{SECRETS_DIR}/{}", given.name), 0o600, given.data, true);
         }
     }
     if let Some(flake) = &options.flake {
@@ -501,6 +483,41 @@ pub fn prepare(
         console::line(&format!("host key: {fingerprint}"));
     }
     hand_over(&info, &base, archive)
+}
+
+/// One `ssh_host_<type>_key` of `--host-keys DIR`.
+pub struct GivenHostKey {
+    /// The file's name, `ssh_host_ed25519_key`.
+    pub name: String,
+    pub data: Secret,
+    pub key: ssh_key::PrivateKey,
+}
+
+/// The `ssh_host_<type>_key` files in `dir`, each an unencrypted OpenSSH private key; refused
+/// when there is none.
+pub fn host_keys_in(dir: &Path) -> Result<Vec<GivenHostKey>> {
+    let mut found = Vec::new();
+    for kind in HOST_KEY_TYPES {
+        let name = format!("ssh_host_{kind}_key");
+        let path = dir.join(&name);
+        if !path.exists() {
+            continue;
+        }
+        let data = read_secret(&path, "host key")?;
+        let key = crate::installer::steps::keys::parse_host_key(
+            &path,
+            data.as_bytes(),
+            "pass a directory with ssh_host_<type>_key files as ssh-keygen writes them, unencrypted.",
+        )?;
+        found.push(GivenHostKey { name, data, key });
+    }
+    if found.is_empty() {
+        return Err(user_error(
+            format!("{} holds no ssh_host_<type>_key file.", dir.display()),
+            "pass the directory that holds ssh_host_ed25519_key (and .pub).",
+        ));
+    }
+    Ok(found)
 }
 
 /// The tree of `--extra-files DIR`, refused when it cannot travel or is empty.
