@@ -325,6 +325,9 @@ fn send(ssh: &Ssh, script: &str, file: &Path) -> Result<String> {
     Ok(output)
 }
 
+/// ssh's exit status when the connection failed or was lost (the remote command's otherwise).
+const SSH_CONNECTION_LOST: i32 = 255;
+
 enum RescueRun {
     /// `run` ended (the dry run, or a refusal, which is an error).
     Ended,
@@ -348,6 +351,15 @@ fn on_rescue(ssh: &Ssh, run_command: &str, loads: bool) -> Result<RescueRun> {
         Flow::Continue
     })?;
     if loaded {
+        return Ok(RescueRun::Loaded);
+    }
+    // The machine can reboot before run's last line crosses the link: ssh then reports the
+    // connection lost (255) after run had begun, without the result line every refusal ends
+    // with. Whether the installer came up, the pinned connection tells.
+    let result_seen = last.iter().any(|l| RunResult::parse_line(l).is_some());
+    let connection_lost = status.is_none_or(|s| s.code() == Some(SSH_CONNECTION_LOST));
+    if loads && !last.is_empty() && !result_seen && connection_lost {
+        console::line("deploy: the connection to the rescue system ended before run's last line; it is probably rebooting into the installer");
         return Ok(RescueRun::Loaded);
     }
     match status {

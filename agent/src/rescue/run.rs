@@ -634,6 +634,8 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
         kexec::load_with_binary(&kernel, &initrd_path, &handover.cmdline).context(native)?;
     }
     console::line(LOADED);
+    // An operator following over SSH (`deploy`) gets the line before the machine goes away.
+    std::thread::sleep(std::time::Duration::from_secs(1));
     kexec::reboot_into_loaded()
 }
 
