@@ -85,7 +85,7 @@ proptest! {
         // Real disks are a whole number of sectors.
         let size = size / sector as u64 * sector as u64;
         let table = if mbr { Table::Mbr } else { Table::Gpt };
-        let storage = storage_for(layout, table, swap_mib * MIB).unwrap();
+        let storage = storage_for(layout, table, swap_mib * MIB, false).unwrap();
         let placed = match place(&storage, &common::disk(size, sector), Firmware::Bios, 1 << 30, &PlanIds::random()) {
             Ok(placed) => placed,
             Err(e) => {

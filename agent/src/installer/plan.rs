@@ -192,20 +192,42 @@ impl Plan {
     }
 }
 
-/// The declarative layout the config asks for: its own `storage`, or a preset's.
-pub fn storage_of(config: &Config) -> Result<Storage> {
+/// The declarative layout the config asks for: its own `storage`, or a preset's for the Nix
+/// `system` it installs.
+pub fn storage_of(config: &Config, system: &str) -> Result<Storage> {
     match (config.storage(), config.layout) {
         (Some(storage), _) => Ok(storage.clone()),
         (None, Layout::Custom) => Err(user_error(
             "Layout custom needs the partitions described as \"storage\" in the runtime info.",
             "add a \"storage\" object to the runtime info (see the README), or choose a preset layout.",
         )),
-        (None, layout) => crate::installer::presets::storage_for(layout, config.table, config.swap_bytes),
+        (None, layout) => crate::installer::presets::storage_for(
+            layout,
+            config.table,
+            config.swap_bytes,
+            system == "aarch64-linux",
+        ),
     }
+}
+
+/// arm64 servers and clouds boot through UEFI only: an aarch64 machine without
+/// /sys/firmware/efi was started some other way (a bootloader handing over a device tree, or
+/// an installer kexec'd from such a system), and nothing here can make a disk it boots from.
+/// Refused before the disk is chosen, so no preset plans a BIOS boot partition or GRUB for
+/// i386-pc on ARM.
+fn refuse_bios_on_arm(system: &str, firmware: Firmware) -> Result<()> {
+    if system == "aarch64-linux" && firmware == Firmware::Bios {
+        return Err(user_error(
+            "This aarch64 machine did not boot through UEFI (no /sys/firmware/efi), and nixos-kexec installs aarch64 machines with systemd-boot on UEFI only.",
+            "boot the rescue system (or the installer, from GRUB or iPXE) through the machine's UEFI firmware, e.g. QEMU's virt machine with AAVMF (-bios /usr/share/AAVMF/AAVMF_CODE.fd); a device-tree boot (U-Boot without EFI, QEMU -kernel without firmware) cannot be installed to.",
+        ));
+    }
+    Ok(())
 }
 
 pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
     let system = facts.machine.nix_system()?;
+    refuse_bios_on_arm(&system, facts.firmware)?;
     let disk = select_disk(config, facts)?;
     // A machine that PXE-boots the installer again after a finished install must not lose it.
     let replaces = facts.previous_install(&disk.dev_path).cloned();
@@ -215,7 +237,7 @@ pub fn make(config: &Config, facts: &Facts, ids: &PlanIds) -> Result<Plan> {
             "boot the installed system from its disk (fix the boot order, or the PXE entry of this machine), or add nixos_kexec.reinstall to wipe it and install again.",
         ));
     }
-    let storage = storage_of(config)?;
+    let storage = storage_of(config, &system)?;
     let placed = crate::installer::layout::place(&storage, disk, facts.firmware, facts.ram_bytes, ids)?;
     if !placed.luks.is_empty() && !config.disk_passphrase_given {
         return Err(user_error(
@@ -964,6 +986,7 @@ pub mod tests {
             virtualisation: Virtualisation::None,
             cpu_vendor: Some(CpuVendor::Amd),
         };
+        f.firmware = Firmware::Uefi;
         let plan = make(&config, &f, &ids()).unwrap();
         assert_eq!(plan.system, "aarch64-linux");
         assert_eq!(plan.microcode, Some(CpuVendor::Amd));
@@ -971,6 +994,26 @@ pub mod tests {
         f.machine.arch = "riscv64".into();
         let err = make(&config, &f, &ids()).unwrap_err();
         assert!(crate::error::one_line(&err).contains("riscv64"), "{err}");
+    }
+
+    #[test]
+    fn aarch64_without_uefi_is_refused_before_any_disk_is_chosen() {
+        // No disk named and none present: the firmware refusal must come first.
+        let config = choose(None, None);
+        let mut f = facts(vec![]);
+        f.machine.arch = "aarch64".into();
+        f.firmware = Firmware::Bios;
+        let err = make(&config, &f, &ids()).unwrap_err();
+        let user = crate::error::as_user_error(&err).expect("a user error");
+        assert!(user.problem.contains("UEFI"), "{user}");
+        assert!(user.fix.contains("AAVMF"), "{user}");
+
+        f.disks = vec![disk("vda", 4 * GIB, 512, "A")];
+        f.firmware = Firmware::Uefi;
+        let plan = make(&choose(Some("/dev/vda"), None), &f, &ids()).unwrap();
+        let json = serde_json::to_string(&plan).unwrap();
+        assert!(!json.contains("bios"), "an aarch64 UEFI plan has no BIOS boot partition: {json}");
+        assert_eq!(plan.partitions[0].name, "ESP", "the ESP comes first");
     }
 
     /// An ECDSA host key made for this test (`ssh-keygen -t ecdsa -b 256`), fixed rather than

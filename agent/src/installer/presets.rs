@@ -89,21 +89,25 @@ fn root_content(layout: Layout) -> Result<(FsSpec, bool)> {
     })
 }
 
-/// The declarative storage of a preset: `swap_bytes` 0 for none.
-pub fn storage_for(layout: Layout, table: Table, swap_bytes: u64) -> Result<Storage> {
+/// The declarative storage of a preset: `swap_bytes` 0 for none. `uefi_only`: the machine's
+/// architecture boots through UEFI only (aarch64), so GPT disks get no BIOS boot partition.
+pub fn storage_for(layout: Layout, table: Table, swap_bytes: u64, uefi_only: bool) -> Result<Storage> {
     let (root, tmpfs_root) = root_content(layout)?;
     let encrypted = matches!(root.kind, FsType::Luks { .. });
     let mut partitions = Vec::new();
     match table {
         Table::Gpt => {
-            // Both boot paths on every GPT disk: GRUB embeds itself in the BIOS boot partition,
-            // UEFI firmware reads the ESP, and the disk stays bootable if moved between the two.
-            partitions.push(PartitionSpec {
-                name: Some("bios-boot".into()),
-                size: "1M".into(),
-                part_type: Some("bios-boot".into()),
-                ..PartitionSpec::default()
-            });
+            // Both boot paths on every x86 GPT disk: GRUB embeds itself in the BIOS boot
+            // partition, UEFI firmware reads the ESP, and the disk stays bootable if moved
+            // between the two. ARM servers have no BIOS to move to.
+            if !uefi_only {
+                partitions.push(PartitionSpec {
+                    name: Some("bios-boot".into()),
+                    size: "1M".into(),
+                    part_type: Some("bios-boot".into()),
+                    ..PartitionSpec::default()
+                });
+            }
             partitions.push(PartitionSpec {
                 name: Some("ESP".into()),
                 size: "512M".into(),

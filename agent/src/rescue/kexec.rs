@@ -37,6 +37,30 @@ pub fn pad4(mut initrd: Vec<u8>) -> Vec<u8> {
     initrd
 }
 
+/// The bundle's kernel file: what kexec_file_load takes on this architecture. x86_64 loads a
+/// bzImage; arm64 loads only an uncompressed `Image` (arch/arm64/kernel/kexec_image.c checks
+/// its header), and its distribution kernels are gzipped, so bundles carry it unpacked under
+/// this name (kexec-bundle/build-dev, nix/bundle.nix).
+#[cfg(target_arch = "aarch64")]
+pub const KERNEL_FILE: &str = "Image";
+#[cfg(not(target_arch = "aarch64"))]
+pub const KERNEL_FILE: &str = "bzImage";
+
+/// The serial console this architecture's machines have when the running kernel names none:
+/// the 8250 UART's ttyS0 on x86, the PL011's ttyAMA0 on arm64 (QEMU's virt machine, most
+/// arm64 servers and clouds).
+#[cfg(target_arch = "aarch64")]
+pub const DEFAULT_SERIAL: &str = "ttyAMA0";
+#[cfg(not(target_arch = "aarch64"))]
+pub const DEFAULT_SERIAL: &str = "ttyS0";
+
+/// kexec_file_load's number. The libc crate names it for x86_64 but not for musl on aarch64,
+/// where it is 294 in the kernel's generic table (include/uapi/asm-generic/unistd.h).
+#[cfg(target_arch = "aarch64")]
+const SYS_KEXEC_FILE_LOAD: libc::c_long = 294;
+#[cfg(not(target_arch = "aarch64"))]
+const SYS_KEXEC_FILE_LOAD: libc::c_long = libc::SYS_kexec_file_load;
+
 /// Loads kernel + initrd + command line with kexec_file_load. The kernel copies everything,
 /// so the files can be closed afterwards.
 pub fn load(kernel: &Path, initrd: &File, cmdline: &str) -> Result<()> {
@@ -47,7 +71,7 @@ pub fn load(kernel: &Path, initrd: &File, cmdline: &str) -> Result<()> {
     // SAFETY: the syscall reads the two descriptors and `len` bytes of the NUL-terminated line.
     let rc = unsafe {
         libc::syscall(
-            libc::SYS_kexec_file_load,
+            SYS_KEXEC_FILE_LOAD,
             kernel_file.as_raw_fd(),
             initrd.as_raw_fd(),
             len as libc::c_ulong,

@@ -32,7 +32,7 @@ pub const EXTRA_FILES_MAX_BYTES: u64 = 64 * MIB;
 /// `nixos-kexec run`'s options; the doc comments are its `--help`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunOptions {
-    /// Directory holding the installer's bzImage and initrd.
+    /// Directory holding the installer's kernel (bzImage; Image on aarch64) and initrd.
     #[arg(long)]
     pub bundle: PathBuf,
     /// Target disk: /dev/disk/by-id/..., /dev/sdX, or serial:SERIAL.
@@ -121,7 +121,10 @@ fn console_params(running_cmdline: &str) -> Vec<String> {
         .cloned()
         .collect();
     if params.is_empty() {
-        params = vec!["console=tty0".into(), "console=ttyS0,115200".into()];
+        params = vec![
+            "console=tty0".into(),
+            format!("console={},115200", kexec::DEFAULT_SERIAL),
+        ];
     }
     params.extend(
         words
@@ -567,7 +570,7 @@ pub fn plan_as_installer(options: &RunOptions, facts: &Facts, handover: &Handove
 
 pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()> {
     let running_cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let kernel = options.bundle.join("bzImage");
+    let kernel = options.bundle.join(kexec::KERNEL_FILE);
     let initrd_path = options.bundle.join("initrd");
     let kernel_bytes = std::fs::metadata(&kernel)
         .with_context(|| format!("reading the bundle's kernel {}", kernel.display()))?

@@ -277,7 +277,7 @@ mod tests {
         sector: u32,
         firmware: Firmware,
     ) -> Result<Placed> {
-        let storage = storage_for(layout, table, swap)?;
+        let storage = storage_for(layout, table, swap, false)?;
         place(&storage, &disk("vda", size, sector, "S"), firmware, GIB, &ids())
     }
 
@@ -316,7 +316,7 @@ mod tests {
 
     #[test]
     fn presets_and_their_declarative_form_plan_alike() {
-        let storage = storage_for(Layout::LuksBtrfs, Table::Gpt, GIB).unwrap();
+        let storage = storage_for(Layout::LuksBtrfs, Table::Gpt, GIB, false).unwrap();
         let json = serde_json::to_value(&storage).unwrap();
         let again: Storage = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(again, storage);
