@@ -23,6 +23,7 @@
 //! Environment:
 //! - `NIXOS_KEXEC_BUNDLE=DIR`: use the bzImage/initrd in DIR as they are (no build).
 //! - `NIXOS_KEXEC_BUNDLE_NIX=DIR`: the same for the bundle with Nix ([`dev_bundle_with_nix`]).
+//! - `NIXOS_KEXEC_BUNDLE_AARCH64=DIR`: the same for the aarch64 bundle ([`dev_bundle_aarch64`]).
 //! - `NIXOS_KEXEC_KEEP_VM=1`: keep each VM's temp dir (disk images, `serial.log`,
 //!   `qemu-command`) instead of deleting it.
 //! - `NIXOS_KEXEC_ECHO_INSPECT=1`: echo the console of the helper VM used to inspect
@@ -37,6 +38,7 @@ use anyhow::{bail, Context, Result};
 pub mod config_server;
 pub mod cpio;
 pub mod fake_github;
+pub mod grub_console;
 pub mod http_server;
 pub mod images;
 pub mod inspect;
@@ -51,6 +53,7 @@ pub mod vm;
 
 pub use config_server::{ConfigServer, Routes};
 pub use cpio::{cpio_from_dir, Cpio};
+pub use grub_console::{boot_grub_console, grub_console_iso};
 pub use http_server::{FileServer, HttpRequest};
 pub use images::{blank_disk, used_disk};
 pub use inspect::*;
@@ -61,27 +64,68 @@ pub use vm::{
     AttachedDisk, Console, DiskBus, DiskSpec, Firmware, RunOutcome, Vm, BASE_CMDLINE, RESULT_PREFIX,
 };
 
+/// The architecture a bundle is for: it picks QEMU, its machine, firmware and serial console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    /// The bundle's kernel file, as `nixos-kexec run` looks for it: kexec_file_load on arm64
+    /// takes only an uncompressed `Image`.
+    pub fn kernel_file(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "bzImage",
+            Arch::Aarch64 => "Image",
+        }
+    }
+
+    /// The serial console the VM's kernel prints to: the 8250's ttyS0 on q35/pc, the PL011's
+    /// ttyAMA0 on QEMU's virt machine.
+    pub fn serial_console(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "ttyS0",
+            Arch::Aarch64 => "ttyAMA0",
+        }
+    }
+
+    /// `uname -m`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+}
+
 /// A kernel + initrd to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
+    /// The kernel: `bzImage` on x86_64, `Image` on aarch64 ([`Arch::kernel_file`]).
     pub bzimage: PathBuf,
     pub initrd: PathBuf,
     /// The directory holding them (and `run-installer`, `inspect-tools.cpio` when present).
     pub dir: PathBuf,
+    /// Which kernel file the directory holds.
+    pub arch: Arch,
 }
 
 impl Bundle {
-    /// The bundle in `dir` (`bzImage` and `initrd` must exist).
+    /// The bundle in `dir` (`initrd` and a kernel, `bzImage` or arm64's `Image`, must exist).
     pub fn from_dir(dir: &Path) -> Result<Bundle> {
+        let arch = [Arch::X86_64, Arch::Aarch64]
+            .into_iter()
+            .find(|a| dir.join(a.kernel_file()).is_file())
+            .with_context(|| format!("no bundle kernel (bzImage or Image) in {}", dir.display()))?;
         let b = Bundle {
-            bzimage: dir.join("bzImage"),
+            bzimage: dir.join(arch.kernel_file()),
             initrd: dir.join("initrd"),
             dir: dir.to_path_buf(),
+            arch,
         };
-        for f in [&b.bzimage, &b.initrd] {
-            if !f.is_file() {
-                bail!("bundle file {} does not exist", f.display());
-            }
+        if !b.initrd.is_file() {
+            bail!("bundle file {} does not exist", b.initrd.display());
         }
         Ok(b)
     }
@@ -141,11 +185,21 @@ pub fn dev_bundle_with_nix() -> Result<Bundle> {
     DevBundle::WithNix.get(&BUNDLE)
 }
 
-/// The two flavours of `kexec-bundle/build-dev`'s bundle.
+/// The development bundle for aarch64 (`build-dev --arch aarch64`: Debian's arm64 kernel and
+/// tools, the agent cross-built for aarch64-unknown-linux-musl), for QEMU's virt machine: with
+/// `NIXOS_KEXEC_BUNDLE_AARCH64=DIR` that directory as is; otherwise built into
+/// `<target>/dev-bundle-aarch64` as [`dev_bundle`] builds its own, under the same lock.
+pub fn dev_bundle_aarch64() -> Result<Bundle> {
+    static BUNDLE: OnceLock<std::result::Result<Bundle, String>> = OnceLock::new();
+    DevBundle::Aarch64.get(&BUNDLE)
+}
+
+/// The flavours of `kexec-bundle/build-dev`'s bundle.
 #[derive(Debug, Clone, Copy)]
 enum DevBundle {
     Plain,
     WithNix,
+    Aarch64,
 }
 
 impl DevBundle {
@@ -154,6 +208,7 @@ impl DevBundle {
         match self {
             DevBundle::Plain => "NIXOS_KEXEC_BUNDLE",
             DevBundle::WithNix => "NIXOS_KEXEC_BUNDLE_NIX",
+            DevBundle::Aarch64 => "NIXOS_KEXEC_BUNDLE_AARCH64",
         }
     }
 
@@ -162,6 +217,7 @@ impl DevBundle {
         match self {
             DevBundle::Plain => "dev-bundle",
             DevBundle::WithNix => "dev-bundle-nix",
+            DevBundle::Aarch64 => "dev-bundle-aarch64",
         }
     }
 
@@ -169,6 +225,7 @@ impl DevBundle {
         match self {
             DevBundle::Plain => &[],
             DevBundle::WithNix => &["--with-nix"],
+            DevBundle::Aarch64 => &["--arch", "aarch64"],
         }
     }
 

@@ -92,7 +92,11 @@ pub fn rescue_cpio_with(
     }
     let mut cpio = Cpio::new()
         .file("init", 0o755, init)
-        .file("bundle/bzImage", 0o644, std::fs::read(&bundle.bzimage)?)
+        .file(
+            &format!("bundle/{}", bundle.arch.kernel_file()),
+            0o644,
+            std::fs::read(&bundle.bzimage)?,
+        )
         .file("bundle/initrd", 0o644, initrd)
         .file("root/.ssh/authorized_keys", 0o600, format!("{authorized_key}\n"));
     for (path, mode, data) in extra {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use crate::tool::command_line;
-use crate::Bundle;
+use crate::{Arch, Bundle};
 
 /// The line prefix the agent prints last.
 pub const RESULT_PREFIX: &str = "nixos-kexec: result:";
@@ -26,15 +26,19 @@ pub const COMMAND_LINE_SIZE: usize = 2048;
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// EDK2 for QEMU's arm64 virt machine (Debian's qemu-efi-aarch64), 64 MiB pflash images.
+const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
 
 /// The console log in the VM's temp dir.
 const SERIAL_LOG: &str = "serial.log";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Firmware {
-    /// SeaBIOS.
+    /// SeaBIOS (x86_64 only).
     Bios,
-    /// OVMF (`/usr/share/OVMF/OVMF_CODE_4M.fd` + a private copy of `OVMF_VARS_4M.fd`).
+    /// OVMF (`/usr/share/OVMF/OVMF_CODE_4M.fd` + a private copy of `OVMF_VARS_4M.fd`); on
+    /// aarch64 AAVMF (`/usr/share/AAVMF/AAVMF_CODE.fd` + a copy of `AAVMF_VARS.fd`).
     Uefi,
 }
 
@@ -127,6 +131,7 @@ enum DiskSource {
 #[derive(Debug, Clone)]
 pub struct Vm {
     name: String,
+    arch: Arch,
     kernel: PathBuf,
     initrd: PathBuf,
     firmware: Firmware,
@@ -154,30 +159,42 @@ impl Vm {
     /// A VM that boots `bundle`'s bzImage and initrd directly (`-kernel`/`-initrd`), BIOS,
     /// 1024 MiB, one vCPU, q35, no NIC, no disks, 300 s timeout. Its name (used as the
     /// prefix of echoed lines and of its temp dir) defaults to the current thread's name,
-    /// which in `cargo test` is the test's name.
+    /// which in `cargo test` is the test's name. An aarch64 bundle boots in
+    /// `qemu-system-aarch64` on the `virt` machine with a Cortex-A57 under AAVMF (UEFI: arm64
+    /// servers have no BIOS), its console on ttyAMA0.
     pub fn new(bundle: &Bundle) -> Self {
         let name = thread::current()
             .name()
             .map(|n| n.rsplit("::").next().unwrap_or(n).to_string())
             .filter(|n| n != "main")
             .unwrap_or_else(|| "vm".to_string());
+        let (firmware, machine, cpu) = match bundle.arch {
+            Arch::X86_64 => (Firmware::Bios, "q35", "max"),
+            // Not `max`: under TCG its pointer authentication (QARMA) is emulated at a great
+            // cost on every function return; the A57 has none.
+            Arch::Aarch64 => (Firmware::Uefi, "virt", "cortex-a57"),
+        };
         Vm {
             name,
+            arch: bundle.arch,
             kernel: bundle.bzimage.clone(),
             initrd: bundle.initrd.clone(),
-            firmware: Firmware::Bios,
+            firmware,
             memory_mib: 1024,
             cpus: 1,
-            machine: "q35".to_string(),
+            machine: machine.to_string(),
             disks: Vec::new(),
             params: Vec::new(),
-            base_cmdline: BASE_CMDLINE.to_string(),
+            base_cmdline: BASE_CMDLINE.replace(
+                "console=ttyS0",
+                &format!("console={}", bundle.arch.serial_console()),
+            ),
             extra_initrds: Vec::new(),
             nics: Vec::new(),
             uefi_vars: None,
             qemu_args: Vec::new(),
             direct_boot: true,
-            cpu: Some("max".to_string()),
+            cpu: Some(cpu.to_string()),
             stop_after_interaction: false,
             timeout: Duration::from_secs(300),
             grace: Duration::from_secs(20),
@@ -185,6 +202,10 @@ impl Vm {
         }
     }
 
+    /// The architecture of the bundle it boots.
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
     /// Name used in echoed lines (`[name +12.3s] ...`) and the temp dir.
     pub fn name(mut self, name: &str) -> Self {
         self.name = name.to_string();
@@ -431,14 +452,15 @@ impl Vm {
         cmdline: &str,
         attached: &[AttachedDisk],
     ) -> Result<(Command, Option<PathBuf>)> {
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = Command::new(self.qemu_binary());
         cmd.args(["-name", &sanitize(&self.name)])
             .args(["-accel", "tcg", "-machine", &self.machine])
             .args(["-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()])
             .args(["-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot"]);
-        let uefi_vars = match self.firmware {
-            Firmware::Uefi => Some(self.add_uefi_firmware(&mut cmd, dir)?),
-            Firmware::Bios => None,
+        let uefi_vars = match (self.firmware, self.arch) {
+            (Firmware::Uefi, _) => Some(self.add_uefi_firmware(&mut cmd, dir)?),
+            (Firmware::Bios, Arch::X86_64) => None,
+            (Firmware::Bios, Arch::Aarch64) => bail!("aarch64 VMs boot through UEFI (AAVMF) only"),
         };
         if let Some(cpu) = &self.cpu {
             cmd.args(["-cpu", cpu]);
@@ -457,11 +479,23 @@ impl Vm {
         Ok((cmd, uefi_vars))
     }
 
-    /// OVMF's code and a variable store (a fresh copy in `dir` unless [`Vm::uefi_vars`] named
-    /// one) as pflash drives; returns the variable store.
+    /// `qemu-system-*` for the bundle's architecture.
+    fn qemu_binary(&self) -> &'static str {
+        match self.arch {
+            Arch::X86_64 => "qemu-system-x86_64",
+            Arch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+
+    /// OVMF's (AAVMF's) code and a variable store (a fresh copy in `dir` unless
+    /// [`Vm::uefi_vars`] named one) as pflash drives; returns the variable store.
     fn add_uefi_firmware(&self, cmd: &mut Command, dir: &Path) -> Result<PathBuf> {
-        for f in [OVMF_CODE, OVMF_VARS] {
-            ensure!(Path::new(f).is_file(), "{f} not found (apt-get install ovmf)");
+        let (code, vars_template, package) = match self.arch {
+            Arch::X86_64 => (OVMF_CODE, OVMF_VARS, "ovmf"),
+            Arch::Aarch64 => (AAVMF_CODE, AAVMF_VARS, "qemu-efi-aarch64"),
+        };
+        for f in [code, vars_template] {
+            ensure!(Path::new(f).is_file(), "{f} not found (apt-get install {package})");
         }
         let vars = match &self.uefi_vars {
             Some(v) => {
@@ -470,14 +504,14 @@ impl Vm {
             }
             None => {
                 let vars = dir.join("OVMF_VARS.fd");
-                fs::copy(OVMF_VARS, &vars)
-                    .with_context(|| format!("copying {OVMF_VARS} to {}", vars.display()))?;
+                fs::copy(vars_template, &vars)
+                    .with_context(|| format!("copying {vars_template} to {}", vars.display()))?;
                 vars
             }
         };
         cmd.arg("-drive").arg(format!(
             "if=pflash,format=raw,unit=0,readonly=on,file={}",
-            qemu_path(Path::new(OVMF_CODE))
+            qemu_path(Path::new(code))
         ));
         cmd.arg("-drive")
             .arg(format!("if=pflash,format=raw,unit=1,file={}", qemu_path(&vars)));
@@ -515,7 +549,13 @@ impl Vm {
         let start = Instant::now();
         let child = cmd
             .spawn()
-            .with_context(|| format!("cannot start `{command}` (apt-get install qemu-system-x86)"))?;
+            .with_context(|| {
+                let package = match self.arch {
+                    Arch::X86_64 => "qemu-system-x86",
+                    Arch::Aarch64 => "qemu-system-arm",
+                };
+                format!("cannot start `{command}` (apt-get install {package})")
+            })?;
         // From here on, dropping `running` stops QEMU.
         let mut running = Running {
             child,
@@ -783,7 +823,7 @@ fn validate_disk(i: usize, d: &AttachedDisk) -> Result<()> {
 }
 
 /// QEMU option values separate on commas; a comma in a path is doubled.
-fn qemu_path(p: &Path) -> String {
+pub(crate) fn qemu_path(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 

@@ -6,10 +6,10 @@
 //!
 //! cargo test -p nixos-kexec-tests --test netboot -- --nocapture
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use nixos_kexec_tests::*;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const KEY: &str =
@@ -220,68 +220,6 @@ fn uefi_pxe_boot_fetches_runtime_info_per_mac_and_installs() -> Result<()> {
         out.time_to_result.unwrap_or_default().as_secs_f64()
     );
     Ok(())
-}
-
-/// GRUB writes to COM1 itself. Under SeaBIOS it reads COM1 too; under OVMF the firmware's
-/// own console driver polls the same UART on a timer and takes typed bytes before GRUB's
-/// serial driver sees them (lines arrive with letters missing), so there GRUB reads the EFI
-/// console, which is that UART through OVMF.
-const GRUB_CFG: &str = "\
-serial --unit=0 --speed=115200
-terminal_output serial
-if [ \"$grub_platform\" = efi ]; then
-  terminal_input console
-else
-  terminal_input serial
-fi
-";
-
-/// An ISO made with grub-mkrescue (hybrid: SeaBIOS boots its El Torito image, OVMF its EFI
-/// system partition) holding the bundle's kernel and initrd, whose grub.cfg only sets up the
-/// serial terminal ([`GRUB_CFG`]), so GRUB stops at `grub>`.
-fn grub_console_iso(bundle: &Bundle, dir: &Path) -> Result<PathBuf> {
-    let iso_root = dir.join("iso");
-    std::fs::create_dir_all(iso_root.join("boot/grub"))?;
-    std::fs::copy(&bundle.bzimage, iso_root.join("bzImage"))?;
-    std::fs::copy(&bundle.initrd, iso_root.join("initrd"))?;
-    std::fs::write(iso_root.join("boot/grub/grub.cfg"), GRUB_CFG)?;
-    let iso = dir.join("grub.iso");
-    tool(
-        "grub-mkrescue",
-        [std::ffi::OsStr::new("-o"), iso.as_os_str(), iso_root.as_os_str()],
-    )?;
-    Ok(iso)
-}
-
-/// Boots `vm` from `iso` (see [`grub_console_iso`]) and types `linux_line`, `initrd /initrd`
-/// and `boot` at `grub>` as a person would; fails if GRUB answers a line with an error.
-fn boot_grub_console(vm: Vm, iso: &Path, linux_line: String) -> Result<RunOutcome> {
-    vm.direct_boot(false)
-        .qemu_args(["-boot", "d", "-cdrom"])
-        .qemu_args([iso.to_string_lossy().into_owned()])
-        .run_with(move |console| {
-            // GRUB polls the UART; one byte every few milliseconds is what a person manages.
-            let delay = Duration::from_millis(5);
-            console.wait_for("grub> ", Duration::from_secs(60))?;
-            for line in [linux_line.as_str(), "initrd /initrd"] {
-                console.send_slowly(line, delay)?;
-                // Enter only once GRUB has echoed the end of the line, so the prompt waited for
-                // next is the one after the command, not a redraw of the line being edited.
-                let tail: String = line
-                    .chars()
-                    .skip(line.chars().count().saturating_sub(8))
-                    .collect();
-                console.wait_for(&tail, Duration::from_secs(30))?;
-                console.send("\r")?;
-                let seen = console.wait_for("grub> ", Duration::from_secs(120))?;
-                if seen.contains("error:") {
-                    bail!("GRUB refused {line:?}:\n{seen}");
-                }
-            }
-            console.send_slowly("boot", delay)?;
-            console.send("\r")?;
-            Ok(())
-        })
 }
 
 /// A GRUB console under SeaBIOS: the test types the lines a person would, with `${mac}`
