@@ -32,10 +32,10 @@
         {
           # The agent alone: static (musl), bin/nixos-kexec.
           nixos-kexec = installer.agent;
-          # bzImage, initrd, nixos-kexec, run-installer, kernel-params and
+          # bzImage (Image on aarch64), initrd, nixos-kexec, run-installer, kernel-params and
           # nixos-kexec-bundle-<system>.tar.gz
           kexec-bundle = installer.bundle;
-          # bzImage, initrd, netboot.ipxe
+          # bzImage (Image on aarch64), initrd, netboot.ipxe
           netboot = installer.netboot;
           # The initrd alone (directory with `initrd`).
           initrd = installer.initrd;

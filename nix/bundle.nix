@@ -1,6 +1,8 @@
 # The kexec bundle: what an operator copies to a rescue system and runs there.
 #
-#   $out/bzImage                                   the kernel (on aarch64 the `Image`, same name)
+#   $out/bzImage                                   the kernel; on aarch64 $out/Image (uncompressed:
+#                                                  kexec_file_load on arm64 takes nothing else),
+#                                                  the name `nixos-kexec run` looks for there
 #   $out/initrd                                    the installer initrd (nix/initrd.nix)
 #   $out/nixos-kexec                               the static agent, run on the rescue system
 #   $out/run-installer                             kexec-bundle/run-installer: runs
@@ -23,6 +25,8 @@
 
 let
   tarballName = "nixos-kexec-bundle-${stdenv.hostPlatform.system}.tar.gz";
+  # agent/src/rescue/kexec.rs, KERNEL_FILE.
+  kernelFile = if stdenv.hostPlatform.isAarch64 then "Image" else "bzImage";
 in
 runCommand "nixos-kexec-bundle-${stdenv.hostPlatform.system}"
   {
@@ -38,20 +42,20 @@ runCommand "nixos-kexec-bundle-${stdenv.hostPlatform.system}"
   ''
     set -euo pipefail
     mkdir -p "$out"
-    cp ${kernelImage} "$out/bzImage"
+    cp ${kernelImage} "$out/${kernelFile}"
     cp ${initrd}/initrd "$out/initrd"
     cp ${agent}/bin/nixos-kexec "$out/nixos-kexec"
     cp ${runInstaller} "$out/run-installer"
     printf '%s\n' "$kernelParams" > "$out/kernel-params"
-    chmod 0644 "$out/bzImage" "$out/initrd" "$out/kernel-params"
+    chmod 0644 "$out/${kernelFile}" "$out/initrd" "$out/kernel-params"
     chmod 0755 "$out/nixos-kexec" "$out/run-installer"
 
     mkdir -p stage/nixos-kexec-bundle
-    cp -p "$out/bzImage" "$out/initrd" "$out/nixos-kexec" "$out/run-installer" "$out/kernel-params" \
+    cp -p "$out/${kernelFile}" "$out/initrd" "$out/nixos-kexec" "$out/run-installer" "$out/kernel-params" \
       stage/nixos-kexec-bundle/
     tar -C stage --sort=name --mtime=@1 --owner=0 --group=0 --numeric-owner \
       -cf - nixos-kexec-bundle | gzip -9n > "$out/${tarballName}"
 
     echo "bundle sizes (bytes):"
-    (cd "$out" && stat -c '%s %n' bzImage initrd nixos-kexec ${tarballName})
+    (cd "$out" && stat -c '%s %n' ${kernelFile} initrd nixos-kexec ${tarballName})
   ''

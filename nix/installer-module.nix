@@ -419,8 +419,8 @@ in
       type = types.lazyAttrsOf types.raw;
       readOnly = true;
       description = ''
-        The results: `bundle` (directory with bzImage, initrd, nixos-kexec, run-installer,
-        kernel-params and the tarball), `netboot` (bzImage, initrd, netboot.ipxe), and the
+        The results: `bundle` (directory with bzImage (Image on aarch64), initrd, nixos-kexec, run-installer,
+        kernel-params and the tarball), `netboot` (bzImage or Image, initrd, netboot.ipxe), and the
         pieces `initrd`, `kernel` (the image file), `kernelModules`, `agent`.
       '';
     };

@@ -1,6 +1,6 @@
 # Netboot files: serve this directory over HTTP or TFTP and boot it from iPXE.
 #
-#   $out/bzImage        the kernel (on aarch64 the `Image`, same name)
+#   $out/bzImage        the kernel (on aarch64 $out/Image, as the kexec bundle names it)
 #   $out/initrd         the installer initrd (the same as in the kexec bundle)
 #   $out/netboot.ipxe   iPXE script
 #
@@ -15,6 +15,7 @@
 {
   lib,
   runCommand,
+  stdenv,
   writeText,
   kernelImage,
   initrd,
@@ -22,10 +23,11 @@
 }:
 
 let
+  kernelFile = if stdenv.hostPlatform.isAarch64 then "Image" else "bzImage";
   ipxe = writeText "netboot.ipxe" ''
     #!ipxe
     # nixos-kexec installer. Extra kernel parameters: `set cmdline ...` before chaining this script.
-    kernel bzImage initrd=initrd ${lib.concatStringsSep " " kernelParams} ''${cmdline}
+    kernel ${kernelFile} initrd=initrd ${lib.concatStringsSep " " kernelParams} ''${cmdline}
     initrd initrd
     boot
   '';
@@ -37,12 +39,12 @@ runCommand "nixos-kexec-netboot"
       kernel = kernelImage;
       ipxeScript = ipxe;
     };
-    meta.description = "nixos-kexec netboot files (bzImage, initrd, netboot.ipxe)";
+    meta.description = "nixos-kexec netboot files (${kernelFile}, initrd, netboot.ipxe)";
   }
   ''
     mkdir -p "$out"
-    cp ${kernelImage} "$out/bzImage"
+    cp ${kernelImage} "$out/${kernelFile}"
     cp ${initrd}/initrd "$out/initrd"
     cp ${ipxe} "$out/netboot.ipxe"
-    chmod 0644 "$out/bzImage" "$out/initrd" "$out/netboot.ipxe"
+    chmod 0644 "$out/${kernelFile}" "$out/initrd" "$out/netboot.ipxe"
   ''
