@@ -38,6 +38,10 @@ fn install_run(bundle: &Bundle, memory: u32) -> Result<RunOutcome> {
 }
 
 fn main() -> Result<()> {
+    // `NIXOS_KEXEC_BENCH_ONLY=aarch64`: only the aarch64 rows (a few minutes, not ~20).
+    if std::env::var("NIXOS_KEXEC_BENCH_ONLY").is_ok_and(|v| v == "aarch64") {
+        return print_rows(aarch64_rows()?);
+    }
     let bundle = dev_bundle()?;
     let agent = target_dir().join("x86_64-unknown-linux-musl/release/nixos-kexec");
     let mut rows = vec![
@@ -122,15 +126,79 @@ fn main() -> Result<()> {
         |memory| install_run(&bundle, memory),
     ));
 
+    rows.extend(aarch64_rows()?);
     rows.extend(prebuilt_system_rows()?);
     rows.push(fuzz_round()?);
+    print_rows(rows)
+}
 
+fn print_rows(rows: Vec<(String, String, String)>) -> Result<()> {
     println!("| measurement | value | budget |");
     println!("|---|---|---|");
     for (what, value, budget) in rows {
         println!("| {what} | {value} | {budget} |");
     }
     Ok(())
+}
+
+/// aarch64 under TCG (`-machine virt`, Cortex-A57, AAVMF): the cross-built agent's and the
+/// arm64 dev bundle's sizes, `nixos-kexec run` to the installer's first line (through Debian's
+/// kexec-tools: the arm64 kernel has no kexec_file_load), and the prepare run of
+/// [`install_run`] from the firmware's start to the result line.
+fn aarch64_rows() -> Result<Vec<(String, String, String)>> {
+    let bundle = dev_bundle_aarch64()?;
+    let agent = target_dir().join("aarch64-unknown-linux-musl/release/nixos-kexec");
+    let mut rows = vec![
+        (
+            "aarch64 agent binary (static musl, stripped)".to_string(),
+            mib(size(&agent)?),
+            "<= 4 MiB".to_string(),
+        ),
+        (
+            "aarch64 dev bundle Image (Debian 6.1, uncompressed)".into(),
+            mib(size(&bundle.bzimage)?),
+            String::new(),
+        ),
+        (
+            "aarch64 dev bundle initrd (zstd)".into(),
+            mib(size(&bundle.initrd)?),
+            String::new(),
+        ),
+    ];
+    let scratch = tempfile::tempdir()?;
+    let run_args =
+        format!("--disk serial:{TARGET_SERIAL} --param stop_before=install --param after=poweroff");
+    let cpio = rescue_cpio(&bundle, scratch.path(), &run_args, KEY, &[])?;
+    let mut to_installer = None;
+    let out = rescue_vm(&bundle, &cpio)
+        .name("bench-rescue-aarch64")
+        .echo(false)
+        .extra_initrd(bundle.dir.join("rescue-kexec.cpio"))
+        .run_with(|console| {
+            console.wait_for("rescue: running nixos-kexec run", Duration::from_secs(180))?;
+            let start = Instant::now();
+            console.wait_for("starting as init", Duration::from_secs(180))?;
+            to_installer = Some(start.elapsed());
+            Ok(())
+        })?;
+    out.expect_success()?;
+    if let Some(t) = to_installer {
+        rows.push((
+            "aarch64: `nixos-kexec run` to the installer's first line (TCG, kexec-tools)".into(),
+            format!("{:.1} s", t.as_secs_f64()),
+            String::new(),
+        ));
+    }
+    let out = install_run(&bundle, 256)?;
+    out.expect_success()?;
+    rows.push((
+        "aarch64: firmware start to result line, prepare run in 256 MiB (TCG)".into(),
+        out.time_to_result
+            .map(|t| format!("{:.1} s", t.as_secs_f64()))
+            .unwrap_or_default(),
+        String::new(),
+    ));
+    Ok(rows)
 }
 
 /// The row for the smallest of `sizes` (MiB, largest first) that `run` passes with: it stops
