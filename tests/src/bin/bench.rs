@@ -43,49 +43,12 @@ fn main() -> Result<()> {
         return print_rows(aarch64_rows()?);
     }
     let bundle = dev_bundle()?;
-    let agent = target_dir().join("x86_64-unknown-linux-musl/release/nixos-kexec");
-    let mut rows = vec![
-        (
-            "agent binary (static musl, stripped)".to_string(),
-            mib(size(&agent)?),
-            "<= 4 MiB".to_string(),
-        ),
-        (
-            "dev bundle bzImage (Debian 6.1)".into(),
-            mib(size(&bundle.bzimage)?),
-            String::new(),
-        ),
-        (
-            "dev bundle initrd (zstd)".into(),
-            mib(size(&bundle.initrd)?),
-            String::new(),
-        ),
-    ];
-
-    // The rescue path: time from `nixos-kexec run` to the installer's first line.
-    let scratch = tempfile::tempdir()?;
-    let run_args =
-        format!("--disk serial:{TARGET_SERIAL} --param stop_before=install --param after=poweroff");
-    let cpio = rescue_cpio(&bundle, scratch.path(), &run_args, KEY, &[])?;
-    let mut to_installer = None;
-    let out = rescue_vm(&bundle, &cpio)
-        .name("bench-rescue")
-        .echo(false)
-        .run_with(|console| {
-            console.wait_for("rescue: running nixos-kexec run", Duration::from_secs(180))?;
-            let start = Instant::now();
-            console.wait_for("starting as init", Duration::from_secs(180))?;
-            to_installer = Some(start.elapsed());
-            Ok(())
-        })?;
-    out.expect_success()?;
-    if let Some(t) = to_installer {
-        rows.push((
-            "`nixos-kexec run` to the installer's first line (TCG)".into(),
-            format!("{:.1} s", t.as_secs_f64()),
-            String::new(),
-        ));
-    }
+    let mut rows = size_rows(&bundle, "", "bzImage (Debian 6.1)")?;
+    rows.push((
+        "`nixos-kexec run` to the installer's first line (TCG)".into(),
+        seconds(run_to_installer(&bundle, &[])?),
+        String::new(),
+    ));
 
     // Steps and peak RSS of a plain install run at 256 MiB.
     let out = install_run(&bundle, 256)?;
@@ -147,58 +110,74 @@ fn print_rows(rows: Vec<(String, String, String)>) -> Result<()> {
 /// [`install_run`] from the firmware's start to the result line.
 fn aarch64_rows() -> Result<Vec<(String, String, String)>> {
     let bundle = dev_bundle_aarch64()?;
-    let agent = target_dir().join("aarch64-unknown-linux-musl/release/nixos-kexec");
-    let mut rows = vec![
-        (
-            "aarch64 agent binary (static musl, stripped)".to_string(),
-            mib(size(&agent)?),
-            "<= 4 MiB".to_string(),
-        ),
-        (
-            "aarch64 dev bundle Image (Debian 6.1, uncompressed)".into(),
-            mib(size(&bundle.bzimage)?),
-            String::new(),
-        ),
-        (
-            "aarch64 dev bundle initrd (zstd)".into(),
-            mib(size(&bundle.initrd)?),
-            String::new(),
-        ),
-    ];
-    let scratch = tempfile::tempdir()?;
-    let run_args =
-        format!("--disk serial:{TARGET_SERIAL} --param stop_before=install --param after=poweroff");
-    let cpio = rescue_cpio(&bundle, scratch.path(), &run_args, KEY, &[])?;
-    let mut to_installer = None;
-    let out = rescue_vm(&bundle, &cpio)
-        .name("bench-rescue-aarch64")
-        .echo(false)
-        .extra_initrd(bundle.dir.join("rescue-kexec.cpio"))
-        .run_with(|console| {
-            console.wait_for("rescue: running nixos-kexec run", Duration::from_secs(180))?;
-            let start = Instant::now();
-            console.wait_for("starting as init", Duration::from_secs(180))?;
-            to_installer = Some(start.elapsed());
-            Ok(())
-        })?;
-    out.expect_success()?;
-    if let Some(t) = to_installer {
-        rows.push((
-            "aarch64: `nixos-kexec run` to the installer's first line (TCG, kexec-tools)".into(),
-            format!("{:.1} s", t.as_secs_f64()),
-            String::new(),
-        ));
-    }
+    let mut rows = size_rows(&bundle, "aarch64 ", "Image (Debian 6.1, uncompressed)")?;
+    rows.push((
+        "aarch64: `nixos-kexec run` to the installer's first line (TCG, kexec-tools)".into(),
+        seconds(run_to_installer(&bundle, &[bundle.dir.join("rescue-kexec.cpio")])?),
+        String::new(),
+    ));
     let out = install_run(&bundle, 256)?;
     out.expect_success()?;
     rows.push((
         "aarch64: firmware start to result line, prepare run in 256 MiB (TCG)".into(),
-        out.time_to_result
-            .map(|t| format!("{:.1} s", t.as_secs_f64()))
-            .unwrap_or_default(),
+        seconds(out.time_to_result.context("no result line")?),
         String::new(),
     ));
     Ok(rows)
+}
+
+/// The sizes of `bundle`'s agent (as build-dev built it for the bundle's architecture), kernel
+/// (`kernel` names it) and initrd; `prefix` starts each row.
+fn size_rows(bundle: &Bundle, prefix: &str, kernel: &str) -> Result<Vec<(String, String, String)>> {
+    let agent = target_dir()
+        .join(format!("{}-unknown-linux-musl", bundle.arch.name()))
+        .join("release/nixos-kexec");
+    Ok(vec![
+        (
+            format!("{prefix}agent binary (static musl, stripped)"),
+            mib(size(&agent)?),
+            "<= 4 MiB".to_string(),
+        ),
+        (
+            format!("{prefix}dev bundle {kernel}"),
+            mib(size(&bundle.bzimage)?),
+            String::new(),
+        ),
+        (
+            format!("{prefix}dev bundle initrd (zstd)"),
+            mib(size(&bundle.initrd)?),
+            String::new(),
+        ),
+    ])
+}
+
+/// The rescue path: the time from `nixos-kexec run` to the installer's first line, in a rescue
+/// VM with `rescue_extra` archives (tools of the rescue system) appended.
+fn run_to_installer(bundle: &Bundle, rescue_extra: &[std::path::PathBuf]) -> Result<Duration> {
+    let scratch = tempfile::tempdir()?;
+    let run_args =
+        format!("--disk serial:{TARGET_SERIAL} --param stop_before=install --param after=poweroff");
+    let cpio = rescue_cpio(bundle, scratch.path(), &run_args, KEY, &[])?;
+    let mut vm = rescue_vm(bundle, &cpio)
+        .name(&format!("bench-rescue-{}", bundle.arch.name()))
+        .echo(false);
+    for archive in rescue_extra {
+        vm = vm.extra_initrd(archive);
+    }
+    let mut to_installer = None;
+    let out = vm.run_with(|console| {
+        console.wait_for("rescue: running nixos-kexec run", Duration::from_secs(180))?;
+        let start = Instant::now();
+        console.wait_for("starting as init", Duration::from_secs(180))?;
+        to_installer = Some(start.elapsed());
+        Ok(())
+    })?;
+    out.expect_success()?;
+    to_installer.context("the installer never started")
+}
+
+fn seconds(t: Duration) -> String {
+    format!("{:.1} s", t.as_secs_f64())
 }
 
 /// The row for the smallest of `sizes` (MiB, largest first) that `run` passes with: it stops
