@@ -606,6 +606,10 @@ mod tests {
         ] {
             let mut f = facts(vec![disk("vda", 8 << 30, 512, "A")]);
             f.machine = machine.clone();
+            if machine.arch == "aarch64" {
+                // arm64 machines are installed through UEFI only.
+                f.firmware = Firmware::Uefi;
+            }
             let plan = crate::installer::plan::make(&config, &f, &ids()).unwrap();
             let dir = tempfile::tempdir().unwrap();
             write_all(dir.path(), &plan, &config.runtime_info, None).unwrap();
