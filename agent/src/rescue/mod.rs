@@ -3,5 +3,6 @@
 pub mod cpio;
 pub mod gather;
 pub mod kexec;
+pub mod kexec_arm64;
 pub mod local_flake;
 pub mod run;

@@ -629,17 +629,47 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
     // locked in RAM.
     let archive = handover.archive.to_bytes();
     let initrd_file = kexec::memfd_with(&[&initrd, archive.as_bytes()])?;
+    if let Err(native) = kexec::load(&kernel, &initrd_file, &handover.cmdline) {
+        load_without_kexec_file_load(&kernel, &initrd, &archive, &initrd_file, &handover.cmdline, native)?;
+    }
     drop(archive);
     drop(initrd);
-    if let Err(native) = kexec::load(&kernel, &initrd_file, &handover.cmdline) {
-        console::line(&format!("{native:#}; trying a kexec binary"));
-        let initrd_path = kexec::path_for_children(&initrd_file);
-        kexec::load_with_binary(&kernel, &initrd_path, &handover.cmdline).context(native)?;
-    }
     console::line(LOADED);
     // An operator following over SSH (`deploy`) gets the line before the machine goes away.
     std::thread::sleep(std::time::Duration::from_secs(1));
     kexec::reboot_into_loaded()
+}
+
+/// When kexec_file_load refused: on arm64, kexec_load natively (Debian's arm64 kernels have
+/// no kexec_file_load); then, or elsewhere, a `kexec` binary.
+fn load_without_kexec_file_load(
+    kernel: &Path,
+    initrd: &[u8],
+    archive: &Secret,
+    initrd_file: &std::fs::File,
+    cmdline: &str,
+    native: anyhow::Error,
+) -> Result<()> {
+    #[cfg(target_arch = "aarch64")]
+    let native = {
+        // The refusal's problem only: its fix (kexec-tools) is what comes next if this fails.
+        let problem = crate::error::as_user_error(&native)
+            .map(|u| u.problem.clone())
+            .unwrap_or_else(|| format!("{native:#}"));
+        console::line(&format!("{problem} Loading it with kexec_load instead."));
+        let image = std::fs::read(kernel).with_context(|| format!("reading {}", kernel.display()))?;
+        // One contiguous initrd, the secrets in it locked and wiped like the archive.
+        let whole = Secret::new([initrd, archive.as_bytes()].concat());
+        match super::kexec_arm64::load(&image, whole.as_bytes(), cmdline) {
+            Ok(()) => return Ok(()),
+            Err(e) => e.context(format!("{native:#}")),
+        }
+    };
+    #[cfg(not(target_arch = "aarch64"))]
+    let _ = (initrd, archive);
+    console::line(&format!("{native:#}; trying a kexec binary"));
+    let initrd_path = kexec::path_for_children(initrd_file);
+    kexec::load_with_binary(kernel, &initrd_path, cmdline).context(native)
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ fn main() -> Result<()> {
     let mut rows = size_rows(&bundle, "", "bzImage (Debian 6.1)")?;
     rows.push((
         "`nixos-kexec run` to the installer's first line (TCG)".into(),
-        seconds(run_to_installer(&bundle, &[])?),
+        seconds(run_to_installer(&bundle)?),
         String::new(),
     ));
 
@@ -105,15 +105,15 @@ fn print_rows(rows: Vec<(String, String, String)>) -> Result<()> {
 }
 
 /// aarch64 under TCG (`-machine virt`, Cortex-A57, AAVMF): the cross-built agent's and the
-/// arm64 dev bundle's sizes, `nixos-kexec run` to the installer's first line (through Debian's
-/// kexec-tools: the arm64 kernel has no kexec_file_load), and the prepare run of
+/// arm64 dev bundle's sizes, `nixos-kexec run` to the installer's first line (through the
+/// agent's kexec_load: the arm64 kernel has no kexec_file_load), and the prepare run of
 /// [`install_run`] from the firmware's start to the result line.
 fn aarch64_rows() -> Result<Vec<(String, String, String)>> {
     let bundle = dev_bundle_aarch64()?;
     let mut rows = size_rows(&bundle, "aarch64 ", "Image (Debian 6.1, uncompressed)")?;
     rows.push((
-        "aarch64: `nixos-kexec run` to the installer's first line (TCG, kexec-tools)".into(),
-        seconds(run_to_installer(&bundle, &[bundle.dir.join("rescue-kexec.cpio")])?),
+        "aarch64: `nixos-kexec run` to the installer's first line (TCG, kexec_load)".into(),
+        seconds(run_to_installer(&bundle)?),
         String::new(),
     ));
     let out = install_run(&bundle, 256)?;
@@ -151,19 +151,15 @@ fn size_rows(bundle: &Bundle, prefix: &str, kernel: &str) -> Result<Vec<(String,
     ])
 }
 
-/// The rescue path: the time from `nixos-kexec run` to the installer's first line, in a rescue
-/// VM with `rescue_extra` archives (tools of the rescue system) appended.
-fn run_to_installer(bundle: &Bundle, rescue_extra: &[std::path::PathBuf]) -> Result<Duration> {
+/// The rescue path: the time from `nixos-kexec run` to the installer's first line.
+fn run_to_installer(bundle: &Bundle) -> Result<Duration> {
     let scratch = tempfile::tempdir()?;
     let run_args =
         format!("--disk serial:{TARGET_SERIAL} --param stop_before=install --param after=poweroff");
     let cpio = rescue_cpio(bundle, scratch.path(), &run_args, KEY, &[])?;
-    let mut vm = rescue_vm(bundle, &cpio)
+    let vm = rescue_vm(bundle, &cpio)
         .name(&format!("bench-rescue-{}", bundle.arch.name()))
         .echo(false);
-    for archive in rescue_extra {
-        vm = vm.extra_initrd(archive);
-    }
     let mut to_installer = None;
     let out = vm.run_with(|console| {
         console.wait_for("rescue: running nixos-kexec run", Duration::from_secs(180))?;
