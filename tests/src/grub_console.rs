@@ -59,38 +59,38 @@ pub fn boot_grub_console(vm: Vm, iso: &Path, linux_line: String) -> Result<RunOu
         ],
         Arch::Aarch64 => vec![
             "-drive".to_string(),
-            format!("if=none,id=grubcd,media=cdrom,readonly=on,file={}", qemu_path(iso)),
+            format!(
+                "if=none,id=grubcd,media=cdrom,readonly=on,file={}",
+                qemu_path(iso)
+            ),
             "-device".into(),
             "virtio-scsi-pci,id=cdscsi".into(),
             "-device".into(),
             "scsi-cd,drive=grubcd,bus=cdscsi.0,bootindex=0".into(),
         ],
     };
-    vm.direct_boot(false)
-        .qemu_args(cd_args)
-        .run_with(move |console| {
-            // GRUB polls the UART; one byte every few milliseconds is what a person manages.
-            let delay = Duration::from_millis(5);
-            // Under TCG, AAVMF takes a minute or two before GRUB starts.
-            console.wait_for("grub> ", Duration::from_secs(240))?;
-            for line in [linux_line.as_str(), "initrd /initrd"] {
-                console.send_slowly(line, delay)?;
-                // Enter only once GRUB has echoed the end of the line, so the prompt waited for
-                // next is the one after the command, not a redraw of the line being edited.
-                let tail: String = line
-                    .chars()
-                    .skip(line.chars().count().saturating_sub(8))
-                    .collect();
-                console.wait_for(&tail, Duration::from_secs(30))?;
-                console.send("\r")?;
-                let seen = console.wait_for("grub> ", Duration::from_secs(120))?;
-                if seen.contains("error:") {
-                    bail!("GRUB refused {line:?}:\n{seen}");
-                }
-            }
-            console.send_slowly("boot", delay)?;
+    vm.direct_boot(false).qemu_args(cd_args).run_with(move |console| {
+        // GRUB polls the UART; one byte every few milliseconds is what a person manages.
+        let delay = Duration::from_millis(5);
+        // Under TCG, AAVMF takes a minute or two before GRUB starts.
+        console.wait_for("grub> ", Duration::from_secs(240))?;
+        for line in [linux_line.as_str(), "initrd /initrd"] {
+            console.send_slowly(line, delay)?;
+            // Enter only once GRUB has echoed the end of the line, so the prompt waited for
+            // next is the one after the command, not a redraw of the line being edited.
+            let tail: String = line
+                .chars()
+                .skip(line.chars().count().saturating_sub(8))
+                .collect();
+            console.wait_for(&tail, Duration::from_secs(30))?;
             console.send("\r")?;
-            Ok(())
-        })
+            let seen = console.wait_for("grub> ", Duration::from_secs(120))?;
+            if seen.contains("error:") {
+                bail!("GRUB refused {line:?}:\n{seen}");
+            }
+        }
+        console.send_slowly("boot", delay)?;
+        console.send("\r")?;
+        Ok(())
+    })
 }
-

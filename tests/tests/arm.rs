@@ -111,11 +111,23 @@ fn aarch64_rescue_kexec_luks_ext4_with_network_by_mac() -> Result<()> {
         !after_kexec.contains("EFI stub: Booting Linux Kernel"),
         "the installer kernel came through the firmware, not kexec"
     );
-    ensure!(!out.log.contains(PASSPHRASE), "the passphrase appeared on the console");
+    ensure!(
+        !out.log.contains(PASSPHRASE),
+        "the passphrase appeared on the console"
+    );
     // The installer's view after its network step: the rescue system's addresses on the NICs
     // with the same MACs (the rescue system had renamed them wan0 and lan0).
-    for expected in ["203.0.113.10/32", "2001:db8:c0de:1::1/64", "10.0.0.5/24", WAN_MAC, LAN_MAC] {
-        ensure!(after_kexec.contains(expected), "installer output lacks {expected}");
+    for expected in [
+        "203.0.113.10/32",
+        "2001:db8:c0de:1::1/64",
+        "10.0.0.5/24",
+        WAN_MAC,
+        LAN_MAC,
+    ] {
+        ensure!(
+            after_kexec.contains(expected),
+            "installer output lacks {expected}"
+        );
     }
     ensure!(
         after_kexec.contains("nixos-kexec: firmware Uefi"),
@@ -127,7 +139,8 @@ fn aarch64_rescue_kexec_luks_ext4_with_network_by_mac() -> Result<()> {
     let luks = extract_partition(disk, 2)?;
     let dump = luks_dump(&luks)?;
     ensure!(
-        dump.lines().any(|l| l.starts_with("Version:") && l.trim_end().ends_with('2')),
+        dump.lines()
+            .any(|l| l.starts_with("Version:") && l.trim_end().ends_with('2')),
         "not LUKS2:\n{dump}"
     );
     ensure!(
@@ -155,7 +168,13 @@ umount /m
 cryptsetup close t
 "#,
     )?;
-    for file in ["flake.nix", "configuration.nix", "hardware-configuration.nix", "network.nix", "initrd-ssh.nix"] {
+    for file in [
+        "flake.nix",
+        "configuration.nix",
+        "hardware-configuration.nix",
+        "network.nix",
+        "initrd-ssh.nix",
+    ] {
         nix_parse_str(section(&guest, file)?).with_context(|| format!("parsing {file}"))?;
     }
     check_arm_configuration(section(&guest, "hardware-configuration.nix")?)?;
@@ -167,7 +186,10 @@ cryptsetup close t
         "Gateway = \"172.31.1.1\"",
         "GatewayOnLink = true",
     ] {
-        ensure!(network.contains(expected), "network.nix lacks {expected}:\n{network}");
+        ensure!(
+            network.contains(expected),
+            "network.nix lacks {expected}:\n{network}"
+        );
     }
     let report: Value = serde_json::from_str(section(&guest, "report")?)?;
     ensure!(report["result"] == "success", "report: {report}");
@@ -208,9 +230,15 @@ fn aarch64_grub_console_installs_btrfs() -> Result<()> {
     check_uefi_only_table(&target)?;
     let root = extract_partition(&target, 2)?;
     btrfs_check(&root)?;
-    let subvolumes: Vec<String> = btrfs_subvolumes(&root)?.into_iter().map(|(_, name)| name).collect();
+    let subvolumes: Vec<String> = btrfs_subvolumes(&root)?
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
     for name in ["@", "@nix", "@home", "@log"] {
-        ensure!(subvolumes.iter().any(|s| s == name), "no subvolume {name}: {subvolumes:?}");
+        ensure!(
+            subvolumes.iter().any(|s| s == name),
+            "no subvolume {name}: {subvolumes:?}"
+        );
     }
     let files = scratch.path().join("root");
     btrfs_restore(&root, "@", &files)?;

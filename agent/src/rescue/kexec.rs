@@ -39,8 +39,8 @@ pub fn pad4(mut initrd: Vec<u8>) -> Vec<u8> {
 
 /// The bundle's kernel file: what kexec_file_load takes on this architecture. x86_64 loads a
 /// bzImage; arm64 loads only an uncompressed `Image` (arch/arm64/kernel/kexec_image.c checks
-/// its header), and its distribution kernels are gzipped, so bundles carry it unpacked under
-/// this name (kexec-bundle/build-dev, nix/bundle.nix).
+/// its header; so does [`crate::rescue::kexec_arm64`]), which some distributions ship gzipped,
+/// so bundles carry it unpacked under this name (kexec-bundle/build-dev, nix/bundle.nix).
 #[cfg(target_arch = "aarch64")]
 pub const KERNEL_FILE: &str = "Image";
 #[cfg(not(target_arch = "aarch64"))]

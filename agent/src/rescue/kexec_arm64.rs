@@ -47,7 +47,10 @@ impl ImageHeader {
         );
         let field = |at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap_or_default());
         let flags = field(24);
-        ensure!(flags & 1 == 0, "the Image is big-endian; this machine is little-endian");
+        ensure!(
+            flags & 1 == 0,
+            "the Image is big-endian; this machine is little-endian"
+        );
         Ok(ImageHeader {
             text_offset: field(8),
             image_size: field(16),
@@ -189,7 +192,10 @@ impl Node {
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.props.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+        self.props
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
     }
 
     /// The child of that name, made when missing.
@@ -223,13 +229,21 @@ fn be32(bytes: &[u8], at: usize) -> Result<u32> {
 
 impl Fdt {
     pub fn parse(blob: &[u8]) -> Result<Fdt> {
-        ensure!(be32(blob, 0)? == FDT_MAGIC, "not a flattened device tree (bad magic)");
+        ensure!(
+            be32(blob, 0)? == FDT_MAGIC,
+            "not a flattened device tree (bad magic)"
+        );
         let off_struct = be32(blob, 8)? as usize;
         let off_strings = be32(blob, 12)? as usize;
         let off_rsvmap = be32(blob, 16)? as usize;
-        ensure!(be32(blob, 24)? <= 17, "device tree versions after 17 are not known here");
+        ensure!(
+            be32(blob, 24)? <= 17,
+            "device tree versions after 17 are not known here"
+        );
         let boot_cpuid = be32(blob, 28)?;
-        let strings = blob.get(off_strings..).context("device tree strings out of range")?;
+        let strings = blob
+            .get(off_strings..)
+            .context("device tree strings out of range")?;
         let mut reservations = Vec::new();
         let mut at = off_rsvmap;
         loop {
@@ -250,7 +264,10 @@ impl Fdt {
             match token {
                 FDT_BEGIN_NODE => {
                     let rest = blob.get(at..).context("device tree node out of range")?;
-                    let len = rest.iter().position(|&b| b == 0).context("unterminated node name")?;
+                    let len = rest
+                        .iter()
+                        .position(|&b| b == 0)
+                        .context("unterminated node name")?;
                     let name = String::from_utf8_lossy(&rest[..len]).into_owned();
                     at = align_up((at + len + 1) as u64, 4) as usize;
                     stack.push(Node {
@@ -269,10 +286,16 @@ impl Fdt {
                     let len = be32(blob, at)? as usize;
                     let name_off = be32(blob, at + 4)? as usize;
                     at += 8;
-                    let value = blob.get(at..at + len).context("device tree property out of range")?.to_vec();
+                    let value = blob
+                        .get(at..at + len)
+                        .context("device tree property out of range")?
+                        .to_vec();
                     at = align_up((at + len) as u64, 4) as usize;
                     let name_bytes = strings.get(name_off..).context("property name out of range")?;
-                    let name_len = name_bytes.iter().position(|&b| b == 0).context("unterminated property name")?;
+                    let name_len = name_bytes
+                        .iter()
+                        .position(|&b| b == 0)
+                        .context("unterminated property name")?;
                     let name = String::from_utf8_lossy(&name_bytes[..name_len]).into_owned();
                     stack
                         .last_mut()
@@ -302,12 +325,7 @@ impl Fdt {
                 out.push(0);
             }
         }
-        fn node(
-            n: &Node,
-            out: &mut Vec<u8>,
-            strings: &mut Vec<u8>,
-            offsets: &mut BTreeMap<String, u32>,
-        ) {
+        fn node(n: &Node, out: &mut Vec<u8>, strings: &mut Vec<u8>, offsets: &mut BTreeMap<String, u32>) {
             out.extend(FDT_BEGIN_NODE.to_be_bytes());
             out.extend(n.name.as_bytes());
             out.push(0);
@@ -403,10 +421,18 @@ pub fn load(kernel: &[u8], initrd: &[u8], cmdline: &str) -> Result<()> {
         .context("reading the running kernel's device tree /sys/firmware/fdt")?;
     // The device tree grows by the command line and a few properties.
     let dtb_room = running.len() as u64 + cmdline.len() as u64 + 4096;
-    let placed = place(&usable, header, kernel.len() as u64, &[initrd.len() as u64, dtb_room, PAGE])?;
+    let placed = place(
+        &usable,
+        header,
+        kernel.len() as u64,
+        &[initrd.len() as u64, dtb_room, PAGE],
+    )?;
     let (kernel_at, initrd_at, dtb_at, purgatory_at) = (&placed[0], &placed[1], &placed[2], &placed[3]);
     let dtb = installer_fdt(&running, cmdline, (initrd_at.dest, initrd.len() as u64))?;
-    ensure!(dtb.len() as u64 <= dtb_at.mem_size, "the device tree outgrew its room");
+    ensure!(
+        dtb.len() as u64 <= dtb_at.mem_size,
+        "the device tree outgrew its room"
+    );
     let code = purgatory(dtb_at.dest, kernel_at.dest);
     let segment = |bytes: &[u8], at: &Placed| KexecSegment {
         buf: bytes.as_ptr().cast(),
@@ -500,7 +526,9 @@ mod tests {
             assert_eq!(p.mem_size % PAGE, 0);
             assert!(p.dest >= previous_end, "{placed:?}");
             assert!(
-                usable.iter().any(|&(s, e)| p.dest >= s && p.dest + p.mem_size <= e),
+                usable
+                    .iter()
+                    .any(|&(s, e)| p.dest >= s && p.dest + p.mem_size <= e),
                 "{p:?} outside usable RAM"
             );
             previous_end = p.dest + p.mem_size;
@@ -508,7 +536,16 @@ mod tests {
         // 34 MiB do not fit below the reservation at 0x41890000: the kernel goes after it, at
         // the next 2 MiB boundary.
         assert_eq!(placed[0].dest, 0x41e0_0000);
-        assert!(place(&usable, ImageHeader { text_offset: 0, image_size: 4 << 30 }, 1, &[]).is_err());
+        assert!(place(
+            &usable,
+            ImageHeader {
+                text_offset: 0,
+                image_size: 4 << 30
+            },
+            1,
+            &[]
+        )
+        .is_err());
     }
 
     #[test]
@@ -529,7 +566,10 @@ mod tests {
                 children: vec![Node {
                     name: "chosen".into(),
                     props: vec![
-                        ("linux,uefi-system-table".into(), 0xbf6f_0018u64.to_be_bytes().to_vec()),
+                        (
+                            "linux,uefi-system-table".into(),
+                            0xbf6f_0018u64.to_be_bytes().to_vec(),
+                        ),
                         ("bootargs".into(), b"console=ttyAMA0\0".to_vec()),
                         ("linux,elfcorehdr".into(), vec![0; 16]),
                     ],
@@ -547,13 +587,30 @@ mod tests {
 
     #[test]
     fn installer_device_tree_names_the_command_line_and_initrd_and_keeps_uefi() {
-        let blob = installer_fdt(&sample_fdt().to_bytes(), "console=ttyAMA0 nixos_kexec.info=x", (0x4400_0000, 0x10_0000)).unwrap();
+        let blob = installer_fdt(
+            &sample_fdt().to_bytes(),
+            "console=ttyAMA0 nixos_kexec.info=x",
+            (0x4400_0000, 0x10_0000),
+        )
+        .unwrap();
         let fdt = Fdt::parse(&blob).unwrap();
         let chosen = fdt.root.children.iter().find(|c| c.name == "chosen").unwrap();
-        assert_eq!(chosen.get("bootargs").unwrap(), b"console=ttyAMA0 nixos_kexec.info=x\0");
-        assert_eq!(chosen.get("linux,initrd-start").unwrap(), 0x4400_0000u64.to_be_bytes());
-        assert_eq!(chosen.get("linux,initrd-end").unwrap(), 0x4410_0000u64.to_be_bytes());
-        assert_eq!(chosen.get("linux,uefi-system-table").unwrap(), 0xbf6f_0018u64.to_be_bytes());
+        assert_eq!(
+            chosen.get("bootargs").unwrap(),
+            b"console=ttyAMA0 nixos_kexec.info=x\0"
+        );
+        assert_eq!(
+            chosen.get("linux,initrd-start").unwrap(),
+            0x4400_0000u64.to_be_bytes()
+        );
+        assert_eq!(
+            chosen.get("linux,initrd-end").unwrap(),
+            0x4410_0000u64.to_be_bytes()
+        );
+        assert_eq!(
+            chosen.get("linux,uefi-system-table").unwrap(),
+            0xbf6f_0018u64.to_be_bytes()
+        );
         assert!(chosen.get("linux,elfcorehdr").is_none());
         assert_eq!(fdt.reservations, [(0x4800_0000, 0x1000)]);
         // A tree without /chosen gets one.
