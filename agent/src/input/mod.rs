@@ -9,6 +9,7 @@ pub mod config;
 pub mod duration;
 pub mod fetch;
 pub mod flake;
+pub mod gitignore;
 pub mod http;
 pub mod report_url;
 pub mod runtime_info;

@@ -107,8 +107,10 @@ pub struct Walk<'a> {
     pub skip: Option<Skip<'a>>,
 }
 
-/// Whether to leave an entry out, by its relative path and whether it is a directory.
-pub type Skip<'a> = &'a dyn Fn(&str, bool) -> bool;
+/// Whether to leave an entry out, by its relative path and whether it is a directory. It is
+/// asked about a directory before anything in it, and never about what a left-out directory
+/// holds.
+pub type Skip<'a> = &'a dyn Fn(&str, bool) -> Result<bool>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tree {
@@ -186,11 +188,12 @@ impl Tree {
             };
             let meta = std::fs::symlink_metadata(&path).map_err(|e| unreadable(&path, e))?;
             let file_type = meta.file_type();
-            if rules
-                .skip
-                .is_some_and(|skip| skip(&entry_path, file_type.is_dir()))
-            {
-                continue;
+            if let Some(skip) = rules.skip {
+                if skip(&entry_path, file_type.is_dir())
+                    .with_context(|| format!("{name}: deciding whether to leave out {entry_path}"))?
+                {
+                    continue;
+                }
             }
             let kind = if file_type.is_dir() {
                 EntryKind::Dir
@@ -460,7 +463,7 @@ pub mod tests {
         let refused = refusal(&fifo, &RULES);
         assert!(refused.problem.contains("run/pipe is a FIFO"), "{refused}");
         // A tree that leaves it out is fine.
-        let skip_pipes = |path: &str, _dir: bool| path.ends_with("pipe");
+        let skip_pipes = |path: &str, _dir: bool| Ok(path.ends_with("pipe"));
         let skipping = Walk {
             skip: Some(&skip_pipes),
             ..RULES

@@ -5,11 +5,12 @@
 //! `./configuration`.
 
 use super::cpio::Archive;
+use crate::error::user_error;
 use crate::input::flake::{UserFlake, PACKED_FLAKE_DIR};
+use crate::input::gitignore::GitIgnore;
 use crate::input::tree::{Tree, TreeSummary, Walk};
 use crate::installer::storage::MIB;
-use anyhow::{Context, Result};
-use std::collections::BTreeSet;
+use anyhow::Result;
 use std::path::Path;
 
 /// The archive is unpacked into the installer's RAM, next to the whole bundle: a configuration
@@ -33,9 +34,9 @@ pub fn pack(flake: &UserFlake, dir: &Path, archive: &mut Archive) -> Result<Pack
 /// [`pack`] under `under` (`deploy` sends the flake to the rescue system so).
 pub fn pack_under(flake: &UserFlake, dir: &Path, archive: &mut Archive, under: &str) -> Result<PackedFlake> {
     crate::installer::steps::flake::check_flake_directory(flake, dir)?;
-    let kept = not_ignored(dir)?;
+    let gitignore = GitIgnore::new(dir)?;
     let name = format!("--flake {}", dir.display());
-    let keep = |path: &str, _dir: bool| !kept.contains(path);
+    let ignored = |path: &str, is_dir: bool| gitignore.is_ignored(path, is_dir);
     let tree = Tree::walk(
         dir,
         &Walk {
@@ -45,9 +46,15 @@ pub fn pack_under(flake: &UserFlake, dir: &Path, archive: &mut Archive, under: &
             too_large_fix: Some(
                 "add what the configuration does not need (build results, images) to .gitignore, or push the flake to a repository and pass --flake github:OWNER/REPO#NAME.",
             ),
-            skip: Some(&keep),
+            skip: Some(&ignored),
         },
     )?;
+    if !tree.entries.iter().any(|entry| entry.path == "flake.nix") {
+        return Err(user_error(
+            format!("{name}: its flake.nix is left out by a .gitignore (of the directory, a directory above it in the same git repository, or .git/info/exclude), so the installer would get no flake."),
+            "take flake.nix out of that .gitignore (`git check-ignore -v flake.nix` names the line).",
+        ));
+    }
     let private_files = tree
         .entries
         .iter()
@@ -58,32 +65,6 @@ pub fn pack_under(flake: &UserFlake, dir: &Path, archive: &mut Archive, under: &
         summary: archive.tree(&tree, under)?,
         private_files,
     })
-}
-
-/// The relative paths under `dir` that git would not ignore, `.git` left out.
-fn not_ignored(dir: &Path) -> Result<BTreeSet<String>> {
-    let walk = ignore::WalkBuilder::new(dir)
-        .hidden(false)
-        .ignore(false)
-        .git_global(false)
-        .git_ignore(true)
-        .git_exclude(true)
-        .require_git(false)
-        .follow_links(false)
-        .filter_entry(|entry| entry.file_name() != ".git")
-        .build();
-    let mut kept = BTreeSet::new();
-    for entry in walk {
-        let entry = entry.with_context(|| format!("reading the flake directory {}", dir.display()))?;
-        let relative = entry
-            .path()
-            .strip_prefix(dir)
-            .with_context(|| format!("{} is outside {}", entry.path().display(), dir.display()))?;
-        if let Some(relative) = relative.to_str().filter(|r| !r.is_empty()) {
-            kept.insert(relative.to_string());
-        }
-    }
-    Ok(kept)
 }
 
 #[cfg(test)]
