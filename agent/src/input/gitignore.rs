@@ -66,7 +66,10 @@ impl GitIgnore {
             dir.push_str(name);
             // A directory above `root` that git ignores is not held against it: the operator
             // named `root` on purpose.
-            dirs.insert(dir.clone(), Dir::Entered(Rc::new(read_gitignore(&top.join(&dir))?)));
+            dirs.insert(
+                dir.clone(),
+                Dir::Entered(Rc::new(read_gitignore(&top.join(&dir))?)),
+            );
         }
         let prefix = if dir.is_empty() { dir } else { format!("{dir}/") };
         Ok(GitIgnore {
@@ -151,7 +154,10 @@ fn read_gitignore(dir: &Path) -> Result<Vec<Pattern>> {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            log::warn!("{} is a symbolic link, which git does not follow either: not read", path.display());
+            log::warn!(
+                "{} is a symbolic link, which git does not follow either: not read",
+                path.display()
+            );
             return Ok(Vec::new());
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
@@ -175,8 +181,8 @@ fn read_exclude(top: &Path) -> Result<Vec<Pattern>> {
     let git_dir = if dot_git.is_dir() {
         dot_git
     } else {
-        let link = std::fs::read_to_string(&dot_git)
-            .with_context(|| format!("reading {}", dot_git.display()))?;
+        let link =
+            std::fs::read_to_string(&dot_git).with_context(|| format!("reading {}", dot_git.display()))?;
         let Some(target) = link.trim_end().strip_prefix("gitdir: ") else {
             // Not a repository after all (git would not take it for one either).
             return Ok(Vec::new());
@@ -500,6 +506,11 @@ fn skip_empty(glob: &[Token], places: &mut [bool]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::input::tree::tests::RULES;
+    use crate::input::tree::{EntryKind, Tree, Walk};
+    use crate::machine::runner;
+    use std::collections::BTreeSet;
+    use std::process::Command;
 
     /// Whether the patterns of one `.gitignore` at the top leave out `path`.
     fn ignored(gitignore: &str, path: &str, is_dir: bool) -> bool {
@@ -641,7 +652,193 @@ mod tests {
             matcher.is_ignored("build/x", false).unwrap(),
             "a file in a left-out directory cannot be taken back in"
         );
-        assert!(!matcher.is_ignored("build", false).unwrap(), "a file named build is kept");
+        assert!(
+            !matcher.is_ignored("build", false).unwrap(),
+            "a file named build is kept"
+        );
+    }
+
+    /// What `git ls-files --others --exclude-standard` run in `dir` lists (the files git would
+    /// add; no global excludes file), and the files and links a walk of `dir` keeps with the
+    /// matcher as its skip.
+    fn git_and_ours(dir: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
+        let listed = runner::run(
+            Command::new("git")
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .arg("-C")
+                .arg(dir)
+                .args(["-c", "core.excludesFile=/dev/null"])
+                .args(["ls-files", "-z", "--others", "--exclude-standard", "-c"]),
+        )
+        .unwrap();
+        let git = listed
+            .split('\0')
+            .filter(|path| !path.is_empty())
+            .map(str::to_string)
+            .collect();
+        let matcher = GitIgnore::new(dir).unwrap();
+        let skip = |path: &str, is_dir: bool| matcher.is_ignored(path, is_dir);
+        let walk = Walk {
+            skip: Some(&skip),
+            ..RULES
+        };
+        let ours = Tree::walk(dir, &walk)
+            .unwrap()
+            .entries
+            .into_iter()
+            .filter(|entry| entry.kind != EntryKind::Dir)
+            .map(|entry| entry.path)
+            .collect();
+        (git, ours)
+    }
+
+    fn git(dir: &Path, args: &[&str]) {
+        runner::run(Command::new("git").arg("-C").arg(dir).args(args)).unwrap();
+    }
+
+    #[test]
+    fn keeps_what_git_would_add() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        std::fs::create_dir(&root).unwrap();
+        git(&root, &["init", "-q"]);
+        let mut gitignore = b"# a comment\n\\#hash.txt\n\\!bang.txt\n*.log\n!important.log\n\
+/anchored.txt\nbuild/\n!build/keep.txt\ndocs/*.md\n!docs/README.md\n**/cache\nlogs/**\n\
+!logs/keep/\n!logs/keep/**\na/**/z.txt\n[abc]x.bin\n[!abc]y.bin\n[a-c0-9]r.dat\n\
+trailing.txt   \nspace\\ \n?.one\nlinkdir/\nfoo/*/bar\n\\*star\n[[:digit:]]num\n!neg.cfg\n"
+            .to_vec();
+        gitignore.extend_from_slice(b"caf\xe9\n");
+        std::fs::write(root.join(".gitignore"), gitignore).unwrap();
+        write(
+            &root,
+            &[
+                (".git/info/exclude", "*.tmp\nneg.cfg\n"),
+                (
+                    "sub/.gitignore",
+                    "\u{feff}*.txt\r\n!/keep.txt\r\ndeep/\r\n/only-here.md\r\n",
+                ),
+                ("sub/inner/.gitignore", "!*.txt\n"),
+            ],
+        );
+        let files = [
+            "#hash.txt",
+            "#other.txt",
+            "!bang.txt",
+            "bang.txt",
+            "x.log",
+            "q/y.log",
+            "important.log",
+            "q/important.log",
+            "anchored.txt",
+            "q/anchored.txt",
+            "build/keep.txt",
+            "build/x",
+            "q/build/y",
+            "docs/a.md",
+            "docs/README.md",
+            "docs/deep/b.md",
+            "cache/c",
+            "x/y/cache/d",
+            "cachex/e",
+            "logs/a",
+            "logs/keep/b",
+            "logs/keep/deep/c",
+            "logs/other/d",
+            "a/z.txt",
+            "a/q/r/z.txt",
+            "b/a/z.txt",
+            "ax.bin",
+            "dx.bin",
+            "ay.bin",
+            "dy.bin",
+            "7r.dat",
+            "dr.dat",
+            "trailing.txt",
+            "space ",
+            "space",
+            "x.one",
+            "xy.one",
+            "é.one",
+            "real/f",
+            "foo/q/bar",
+            "foo/bar",
+            "foo/q/r/bar",
+            "*star",
+            "xstar",
+            "5num",
+            "xnum",
+            "neg.cfg",
+            "excluded.tmp",
+            "café",
+            "sub/a.txt",
+            "sub/keep.txt",
+            "sub/x/keep.txt",
+            "sub/deep/f",
+            "sub/only-here.md",
+            "sub/x/only-here.md",
+            "sub/inner/b.txt",
+            "sub/z.log",
+            "sub/t.tmp",
+        ];
+        write(&root, &files.map(|name| (name, "x")));
+        std::os::unix::fs::symlink("real", root.join("linkdir")).unwrap();
+
+        let (git_adds, ours) = git_and_ours(&root);
+        assert_eq!(ours, git_adds);
+        // The patterns did leave out and take back in (the Latin-1 `caf\xe9` line is not `café`).
+        for kept in [
+            "important.log",
+            "docs/README.md",
+            "logs/keep/deep/c",
+            "sub/inner/b.txt",
+            "linkdir",
+            "neg.cfg",
+            "space",
+            "café",
+        ] {
+            assert!(ours.contains(kept), "{kept}");
+        }
+        for left_out in [
+            "build/keep.txt",
+            "a/q/r/z.txt",
+            "sub/x/keep.txt",
+            "excluded.tmp",
+            "space ",
+            "x.one",
+        ] {
+            assert!(!ours.contains(left_out), "{left_out}");
+        }
+
+        // A directory inside the repository: the top's .gitignore and info/exclude count too.
+        let (git_adds, ours) = git_and_ours(&root.join("sub"));
+        assert_eq!(ours, git_adds);
+        assert!(!ours.contains("z.log") && !ours.contains("t.tmp") && ours.contains("keep.txt"));
+
+        // A worktree, whose .git is a file: info/exclude is the repository's.
+        git(
+            &root,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-q",
+                "--allow-empty",
+                "-m",
+                "x",
+            ],
+        );
+        let worktree = dir.path().join("worktree");
+        git(&root, &["worktree", "add", "-q", worktree.to_str().unwrap()]);
+        write(
+            &worktree,
+            &[("w.tmp", "x"), ("w.txt", "x"), (".gitignore", "*.txt\n")],
+        );
+        let (git_adds, ours) = git_and_ours(&worktree);
+        assert_eq!(ours, git_adds);
+        assert_eq!(ours, BTreeSet::from([".gitignore".to_string()]));
     }
 
     #[test]
@@ -660,7 +857,7 @@ mod tests {
         std::fs::write(root.join("closed/.gitignore"), "x\n").unwrap();
         std::fs::set_permissions(
             root.join("closed/.gitignore"),
-            std::os::unix::fs::PermissionsExt::from_mode(0),
+            std::os::unix::fs::PermissionsExt::from_mode(0o000),
         )
         .unwrap();
         // Root reads anything: read on a thread whose filesystem uid is nobody's (setfsuid(2) is

@@ -153,6 +153,18 @@ mod tests {
     }
 
     #[test]
+    fn a_flake_nix_left_out_by_gitignore_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("flake.nix"), "{ }").unwrap();
+        // As a home directory kept in git does: everything left out, then taken back in.
+        std::fs::write(dir.path().join(".gitignore"), "*\n!.gitignore\n").unwrap();
+        let err = pack(&flake(), dir.path(), &mut Archive::default()).unwrap_err();
+        let user = crate::error::as_user_error(&err).unwrap();
+        assert!(user.problem.contains("flake.nix is left out by a .gitignore"), "{}", user.problem);
+        assert!(user.fix.contains("git check-ignore -v flake.nix"), "{}", user.fix);
+    }
+
+    #[test]
     fn no_flake_nix_and_too_large_are_refused_with_a_fix() {
         let dir = tempfile::tempdir().unwrap();
         let err = pack(&flake(), dir.path(), &mut Archive::default()).unwrap_err();
