@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 pub struct GitIgnore {
     /// The repository's work tree holding the directory asked about, or that directory itself
@@ -34,7 +33,7 @@ enum Dir {
     /// Left out with all it holds: nothing in it can be taken back in, so its `.gitignore` is
     /// never read (git does not read it either).
     Ignored,
-    Entered(Rc<Vec<Pattern>>),
+    Entered(Vec<Pattern>),
 }
 
 impl GitIgnore {
@@ -58,7 +57,7 @@ impl GitIgnore {
         };
         let mut dirs = HashMap::new();
         let mut dir = String::new();
-        dirs.insert(dir.clone(), Dir::Entered(Rc::new(read_gitignore(&top)?)));
+        dirs.insert(dir.clone(), Dir::Entered(read_gitignore(&top)?));
         for name in below.split('/').filter(|name| !name.is_empty()) {
             if !dir.is_empty() {
                 dir.push('/');
@@ -66,10 +65,7 @@ impl GitIgnore {
             dir.push_str(name);
             // A directory above `root` that git ignores is not held against it: the operator
             // named `root` on purpose.
-            dirs.insert(
-                dir.clone(),
-                Dir::Entered(Rc::new(read_gitignore(&top.join(&dir))?)),
-            );
+            dirs.insert(dir.clone(), Dir::Entered(read_gitignore(&top.join(&dir))?));
         }
         let prefix = if dir.is_empty() { dir } else { format!("{dir}/") };
         Ok(GitIgnore {
@@ -108,7 +104,7 @@ impl GitIgnore {
         let entry = if ignored {
             Dir::Ignored
         } else {
-            Dir::Entered(Rc::new(read_gitignore(&self.top.join(dir))?))
+            Dir::Entered(read_gitignore(&self.top.join(dir))?)
         };
         self.dirs.borrow_mut().insert(dir.to_string(), entry);
         Ok(ignored)
@@ -189,9 +185,11 @@ fn read_exclude(top: &Path) -> Result<Vec<Pattern>> {
         };
         top.join(target)
     };
+    // Only a worktree's has a `commondir`.
     let common = match std::fs::read_to_string(git_dir.join("commondir")) {
         Ok(common) => git_dir.join(common.trim_end()),
-        Err(_) => git_dir,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => git_dir,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", git_dir.join("commondir").display())),
     };
     let path = common.join("info/exclude");
     match std::fs::read(&path) {
