@@ -160,7 +160,11 @@ mod tests {
         std::fs::write(dir.path().join(".gitignore"), "*\n!.gitignore\n").unwrap();
         let err = pack(&flake(), dir.path(), &mut Archive::default()).unwrap_err();
         let user = crate::error::as_user_error(&err).unwrap();
-        assert!(user.problem.contains("flake.nix is left out by a .gitignore"), "{}", user.problem);
+        assert!(
+            user.problem.contains("flake.nix is left out by a .gitignore"),
+            "{}",
+            user.problem
+        );
         assert!(user.fix.contains("git check-ignore -v flake.nix"), "{}", user.fix);
     }
 
