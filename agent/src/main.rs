@@ -1,8 +1,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use nixos_kexec::app::{self, InputArgs};
-use nixos_kexec::deploy::DeployOptions;
 use nixos_kexec::console;
+use nixos_kexec::deploy::DeployOptions;
 use nixos_kexec::machine::{devlinks, facts::Facts, pid1};
 use nixos_kexec::rescue::gather::Gathered;
 use nixos_kexec::rescue::run::RunOptions;

@@ -62,7 +62,13 @@ fn openssh_server_deb() -> Result<PathBuf> {
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     run_tool(
         Command::new("apt-get")
-            .args(["download", "-q", "-o", "APT::Sandbox::User=root", "openssh-server:amd64"])
+            .args([
+                "download",
+                "-q",
+                "-o",
+                "APT::Sandbox::User=root",
+                "openssh-server:amd64",
+            ])
             .current_dir(&cache),
     )?;
     find()?.context("apt-get download openssh-server left no .deb")
@@ -91,7 +97,12 @@ fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
 /// `authorized_key` only, and the server's host key is `host_key` (an OpenSSH private key).
 pub fn add_sshd(mut cpio: Cpio, host_key: &Path, authorized_key: &str) -> Result<Cpio> {
     let unpacked = tempfile::tempdir()?;
-    run_tool(Command::new("dpkg-deb").arg("-x").arg(openssh_server_deb()?).arg(unpacked.path()))?;
+    run_tool(
+        Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(openssh_server_deb()?)
+            .arg(unpacked.path()),
+    )?;
     let sshd = unpacked.path().join("usr/sbin/sshd");
     cpio = cpio.file("usr/sbin/sshd", 0o755, std::fs::read(&sshd)?);
     for library in libraries(&sshd)? {

@@ -495,7 +495,10 @@ impl Vm {
             Arch::Aarch64 => (AAVMF_CODE, AAVMF_VARS, "qemu-efi-aarch64"),
         };
         for f in [code, vars_template] {
-            ensure!(Path::new(f).is_file(), "{f} not found (apt-get install {package})");
+            ensure!(
+                Path::new(f).is_file(),
+                "{f} not found (apt-get install {package})"
+            );
         }
         let vars = match &self.uefi_vars {
             Some(v) => {
@@ -547,15 +550,13 @@ impl Vm {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let start = Instant::now();
-        let child = cmd
-            .spawn()
-            .with_context(|| {
-                let package = match self.arch {
-                    Arch::X86_64 => "qemu-system-x86",
-                    Arch::Aarch64 => "qemu-system-arm",
-                };
-                format!("cannot start `{command}` (apt-get install {package})")
-            })?;
+        let child = cmd.spawn().with_context(|| {
+            let package = match self.arch {
+                Arch::X86_64 => "qemu-system-x86",
+                Arch::Aarch64 => "qemu-system-arm",
+            };
+            format!("cannot start `{command}` (apt-get install {package})")
+        })?;
         // From here on, dropping `running` stops QEMU.
         let mut running = Running {
             child,

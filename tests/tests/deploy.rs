@@ -199,24 +199,40 @@ fn deploy_from_the_laptop_through_the_rescue_systems_sshd() -> Result<()> {
         })?;
 
     let (no_disk, gone) = refused.context("the refused deploy did not run")?;
-    ensure!(no_disk.status.code() == Some(1), "a refused deploy exits 1:\n{}", no_disk.describe());
+    ensure!(
+        no_disk.status.code() == Some(1),
+        "a refused deploy exits 1:\n{}",
+        no_disk.describe()
+    );
     for expected in [
         "nixos-kexec: deploy: [1/4] copy done in ",
         "nixos-kexec: rescue: error: Disk /dev/vdz is not on this machine.",
         "nixos-kexec: error: run refused on the rescue system: Disk /dev/vdz is not on this machine.",
         "nixos-kexec: result: failure: run refused on the rescue system",
     ] {
-        ensure!(has(&no_disk, expected), "`{expected}` missing:\n{}", no_disk.describe());
+        ensure!(
+            has(&no_disk, expected),
+            "`{expected}` missing:\n{}",
+            no_disk.describe()
+        );
     }
     ensure!(
         !has(&no_disk, "nixos-kexec: deploy: [3/4] kexec"),
         "a refused plan went on:\n{}",
         no_disk.describe()
     );
-    ensure!(gone.status.success(), "the refused deploy left its upload (secrets) behind:\n{}", gone.describe());
+    ensure!(
+        gone.status.success(),
+        "the refused deploy left its upload (secrets) behind:\n{}",
+        gone.describe()
+    );
 
     let deployed = installed.context("the deploy did not run")?;
-    ensure!(deployed.status.success(), "deploy failed:\n{}", deployed.describe());
+    ensure!(
+        deployed.status.success(),
+        "deploy failed:\n{}",
+        deployed.describe()
+    );
     // Streamed in this order: every stage with its counter and duration, the rescue system's
     // plan and kexec, then the installer's steps to its verified result.
     let printed = lines(&deployed);
@@ -260,7 +276,10 @@ fn deploy_from_the_laptop_through_the_rescue_systems_sshd() -> Result<()> {
         deployed.describe()
     );
     // Each of the installer's lines once, though the connection may have been made twice.
-    let results = printed.iter().filter(|l| l.starts_with("nixos-kexec: installer: result:")).count();
+    let results = printed
+        .iter()
+        .filter(|l| l.starts_with("nixos-kexec: installer: result:"))
+        .count();
     ensure!(results == 1, "{results} result lines:\n{}", deployed.describe());
 
     // The key deploy pinned is the one the installer's SSH server had, and the installed one.
@@ -272,7 +291,10 @@ fn deploy_from_the_laptop_through_the_rescue_systems_sshd() -> Result<()> {
         out.contains(&format!("never a password; host key {pinned}\n")),
         "the installer's SSH server had another host key than the pinned `{pinned}`"
     );
-    ensure!(out.exited_by_itself, "the installed machine should have powered off");
+    ensure!(
+        out.exited_by_itself,
+        "the installed machine should have powered off"
+    );
     ensure!(!out.contains("verify: FAILED"), "a verification failed");
     sgdisk_verify(&out.disks[0])?;
     eprintln!("deploy printed:\n{}", deployed.combined());
@@ -298,11 +320,19 @@ fn a_failed_install_ends_deploy_with_the_last_lines_and_the_way_in() -> Result<(
             console.wait_for("rescue: sshd started", Duration::from_secs(240))?;
             let deployed = laptop.deploy(
                 &agent,
-                &["--bundle", &bundle, "--disk", "serial:TARGET-DISK", "--hostname", "web1"],
+                &[
+                    "--bundle",
+                    &bundle,
+                    "--disk",
+                    "serial:TARGET-DISK",
+                    "--hostname",
+                    "web1",
+                ],
                 Duration::from_secs(500),
             )?;
             let way_in = lines(&deployed).iter().find_map(|l| {
-                l.split_once("; log in with: ").map(|(_, command)| command.to_string())
+                l.split_once("; log in with: ")
+                    .map(|(_, command)| command.to_string())
             });
             if let Some(command) = way_in {
                 looked = Some(run_tool_unchecked(Command::new("sh").args(["-c", &command]))?);
@@ -311,7 +341,11 @@ fn a_failed_install_ends_deploy_with_the_last_lines_and_the_way_in() -> Result<(
             Ok(())
         })?;
     let failed = failed.context("deploy did not run")?;
-    ensure!(failed.status.code() == Some(1), "a failed install exits 1:\n{}", failed.describe());
+    ensure!(
+        failed.status.code() == Some(1),
+        "a failed install exits 1:\n{}",
+        failed.describe()
+    );
     for expected in [
         "nixos-kexec: deploy: [3/4] kexec done in ",
         "nixos-kexec: installer: [8/10] install ...",
@@ -320,10 +354,16 @@ fn a_failed_install_ends_deploy_with_the_last_lines_and_the_way_in() -> Result<(
         "nixos-kexec: error: the installer failed: ",
         "nixos-kexec: result: failure: the installer failed: ",
     ] {
-        ensure!(has(&failed, expected), "`{expected}` missing:\n{}", failed.describe());
+        ensure!(
+            has(&failed, expected),
+            "`{expected}` missing:\n{}",
+            failed.describe()
+        );
     }
     ensure!(
-        failed.combined().contains("nixos-install is not in this installer bundle"),
+        failed
+            .combined()
+            .contains("nixos-install is not in this installer bundle"),
         "the installer's reason is not shown:\n{}",
         failed.describe()
     );

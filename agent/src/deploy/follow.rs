@@ -178,6 +178,9 @@ mod tests {
             Some(RunResult::Failure("the disk went away".into()))
         );
         assert_eq!(transcript.last_lines(2).len(), 2);
-        assert_eq!(strip(&transcript.last_lines(1)[0]), "result: failure: the disk went away");
+        assert_eq!(
+            strip(&transcript.last_lines(1)[0]),
+            "result: failure: the disk went away"
+        );
     }
 }

@@ -85,7 +85,10 @@ impl Stages {
         self.number += 1;
         self.name = name;
         self.started = Instant::now();
-        console::line(&format!("deploy: [{}/{}] {name}: {what}", self.number, self.total));
+        console::line(&format!(
+            "deploy: [{}/{}] {name}: {what}",
+            self.number, self.total
+        ));
     }
 
     fn done(&self) {
@@ -121,7 +124,13 @@ pub fn deploy(options: &DeployOptions) -> Result<()> {
         (false, true) => 5,
     });
 
-    stages.begin("copy", &format!("the agent, the bundle and your files to {}:{REMOTE_DIR}", ssh.destination));
+    stages.begin(
+        "copy",
+        &format!(
+            "the agent, the bundle and your files to {}:{REMOTE_DIR}",
+            ssh.destination
+        ),
+    );
     copy(&ssh, &agent, &bundle, &upload)?;
     stages.done();
 
@@ -139,7 +148,10 @@ pub fn deploy(options: &DeployOptions) -> Result<()> {
         return Ok(());
     }
 
-    stages.begin("kexec", "nixos-kexec run on the rescue system, which reboots into the installer");
+    stages.begin(
+        "kexec",
+        "nixos-kexec run on the rescue system, which reboots into the installer",
+    );
     match on_rescue(&ssh, &upload.run_command(false), true) {
         Ok(RescueRun::Loaded) => stages.done(),
         Ok(RescueRun::Ended) => {
@@ -155,7 +167,10 @@ pub fn deploy(options: &DeployOptions) -> Result<()> {
     let pin = PinnedHostKeys::new(&upload.host_keys)?;
     stages.begin(
         "install",
-        &format!("following the installer over SSH, host key pinned ({})", upload.fingerprints.join("; ")),
+        &format!(
+            "following the installer over SSH, host key pinned ({})",
+            upload.fingerprints.join("; ")
+        ),
     );
     let transcript = match follow::installer(&ssh, &pin, options.ssh_timeout) {
         Ok(transcript) => transcript,
@@ -190,7 +205,10 @@ pub fn deploy(options: &DeployOptions) -> Result<()> {
     }
 
     if options.wait_for_boot {
-        stages.begin("boot", "waiting for the installed system to answer SSH with the pinned host key");
+        stages.begin(
+            "boot",
+            "waiting for the installed system to answer SSH with the pinned host key",
+        );
         let answer = wait_for_boot(&ssh, &pin, options.ssh_timeout)?;
         console::line(&format!("deploy: the installed system answers: {answer}"));
         stages.done();
@@ -210,7 +228,10 @@ fn refuse_what_cannot_work(options: &DeployOptions) -> Result<()> {
         .map(|(_, value)| value.as_str());
     if options.wait_for_boot && matches!(after, Some("poweroff" | "halt")) {
         return Err(user_error(
-            format!("--wait-for-boot with --param after={} : the installed system would never boot.", after.unwrap_or_default()),
+            format!(
+                "--wait-for-boot with --param after={} : the installed system would never boot.",
+                after.unwrap_or_default()
+            ),
             "drop --wait-for-boot, or let the installer reboot (the default).",
         ));
     }
@@ -340,16 +361,20 @@ enum RescueRun {
 fn on_rescue(ssh: &Ssh, run_command: &str, loads: bool) -> Result<RescueRun> {
     let mut loaded = false;
     let mut last = Vec::new();
-    let status = runner::follow(&mut ssh.command(None, run_command), Stdio::null(), &mut |_, line| {
-        let line = follow::strip(line);
-        console::line(&format!("rescue: {line}"));
-        last.push(line.to_string());
-        if loads && line == crate::rescue::run::LOADED {
-            loaded = true;
-            return Flow::StopWithin(Duration::from_secs(5));
-        }
-        Flow::Continue
-    })?;
+    let status = runner::follow(
+        &mut ssh.command(None, run_command),
+        Stdio::null(),
+        &mut |_, line| {
+            let line = follow::strip(line);
+            console::line(&format!("rescue: {line}"));
+            last.push(line.to_string());
+            if loads && line == crate::rescue::run::LOADED {
+                loaded = true;
+                return Flow::StopWithin(Duration::from_secs(5));
+            }
+            Flow::Continue
+        },
+    )?;
     if loaded {
         return Ok(RescueRun::Loaded);
     }
@@ -365,19 +390,19 @@ fn on_rescue(ssh: &Ssh, run_command: &str, loads: bool) -> Result<RescueRun> {
     match status {
         Some(status) if status.success() => Ok(RescueRun::Ended),
         Some(status) => {
-            let said = last
-                .iter()
-                .rev()
-                .find_map(|l| match RunResult::parse_line(l) {
-                    Some(RunResult::Failure(reason)) => Some(reason),
-                    _ => None,
-                });
+            let said = last.iter().rev().find_map(|l| match RunResult::parse_line(l) {
+                Some(RunResult::Failure(reason)) => Some(reason),
+                _ => None,
+            });
             match said {
                 Some(reason) => {
                     let (problem, fix) = reason
                         .split_once(" Fix: ")
                         .unwrap_or((reason.as_str(), "see the rescue system's lines above."));
-                    Err(user_error(format!("run refused on the rescue system: {problem}"), fix))
+                    Err(user_error(
+                        format!("run refused on the rescue system: {problem}"),
+                        fix,
+                    ))
                 }
                 None => bail!(
                     "`{}` on {} failed ({status}): {}",

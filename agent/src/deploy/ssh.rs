@@ -172,9 +172,15 @@ mod tests {
 
     #[test]
     fn destinations() {
-        assert_eq!(Destination::parse("root@203.0.113.10").unwrap().host(), "203.0.113.10");
+        assert_eq!(
+            Destination::parse("root@203.0.113.10").unwrap().host(),
+            "203.0.113.10"
+        );
         assert_eq!(Destination::parse("rescue-box").unwrap().host(), "rescue-box");
-        assert_eq!(Destination::parse("root@[2001:db8::1]").unwrap().host(), "[2001:db8::1]");
+        assert_eq!(
+            Destination::parse("root@[2001:db8::1]").unwrap().host(),
+            "[2001:db8::1]"
+        );
         for bad in ["", "root@", "-oProxyCommand=x", "root@a b"] {
             assert!(Destination::parse(bad).is_err(), "{bad}");
         }
@@ -183,7 +189,17 @@ mod tests {
     /// What the remote shell makes of a quoted line is the words we started from.
     #[test]
     fn quoted_words_survive_a_shell() {
-        let words = ["run", "--param", "hostname=web1", "it's", "a b", "$HOME", "", "*", "x;y"];
+        let words = [
+            "run",
+            "--param",
+            "hostname=web1",
+            "it's",
+            "a b",
+            "$HOME",
+            "",
+            "*",
+            "x;y",
+        ];
         let line = command_line(&words);
         let out = Command::new("sh")
             .args(["-c", &format!("printf '%s\\n' {line}")])

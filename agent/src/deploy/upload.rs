@@ -313,6 +313,9 @@ mod tests {
         ]))
         .err()
         .unwrap();
-        assert!(format!("{error:#}").contains("holds no SSH public key"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("holds no SSH public key"),
+            "{error:#}"
+        );
     }
 }

@@ -1012,7 +1012,10 @@ pub mod tests {
         f.firmware = Firmware::Uefi;
         let plan = make(&choose(Some("/dev/vda"), None), &f, &ids()).unwrap();
         let json = serde_json::to_string(&plan).unwrap();
-        assert!(!json.contains("bios"), "an aarch64 UEFI plan has no BIOS boot partition: {json}");
+        assert!(
+            !json.contains("bios"),
+            "an aarch64 UEFI plan has no BIOS boot partition: {json}"
+        );
         assert_eq!(plan.partitions[0].name, "ESP", "the ESP comes first");
     }
 

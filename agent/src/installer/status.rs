@@ -360,7 +360,10 @@ mod tests {
             assert_eq!(RunResult::parse_line(&printed), Some(result.clone()));
             assert_eq!(RunResult::parse_line(&result.line()), Some(result));
         }
-        assert_eq!(RunResult::parse_line("nixos-kexec: [3/9] partition done in 1.0s"), None);
+        assert_eq!(
+            RunResult::parse_line("nixos-kexec: [3/9] partition done in 1.0s"),
+            None
+        );
         assert_eq!(RunResult::parse_line("nixos-kexec: result: maybe"), None);
     }
 

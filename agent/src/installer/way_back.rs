@@ -145,7 +145,10 @@ const STAY_POLL: Duration = Duration::from_secs(1);
 
 /// `nixos-kexec stay`, in the installer: cancels the way back's reboot.
 pub fn ask_to_stay(stay_file: &Path) -> Result<()> {
-    if crate::installer::status::StatusFile::installer().read()?.is_none() {
+    if crate::installer::status::StatusFile::installer()
+        .read()?
+        .is_none()
+    {
         return Err(user_error(
             "no installer runs here, so nothing would reboot.",
             "run nixos-kexec stay on the installer, logged in as root over SSH.",
@@ -155,7 +158,9 @@ pub fn ask_to_stay(stay_file: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(stay_file, b"").with_context(|| format!("writing {}", stay_file.display()))?;
-    console::line("stay: the installer will not reboot after a failure; reboot it yourself when done (reboot -f)");
+    console::line(
+        "stay: the installer will not reboot after a failure; reboot it yourself when done (reboot -f)",
+    );
     Ok(())
 }
 
@@ -300,6 +305,10 @@ mod tests {
         });
         let started = Instant::now();
         assert_eq!(count_down(Duration::from_secs(60), &stay), CountDown::StayAsked);
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -292,8 +292,14 @@ pub fn follow(
         .with_context(|| format!("starting `{line}`"))?;
     let (sender, lines) = std::sync::mpsc::channel();
     for (stream, output) in [
-        (Stream::Stdout, child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>)),
-        (Stream::Stderr, child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)),
+        (
+            Stream::Stdout,
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
+        (
+            Stream::Stderr,
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
     ] {
         let output = output.context("capturing the output")?;
         let sender = sender.clone();
@@ -442,7 +448,10 @@ mod tests {
         seen.sort_by_key(|(_, line)| line.clone());
         assert_eq!(
             seen,
-            [(Stream::Stdout, "one".to_string()), (Stream::Stderr, "two".to_string())]
+            [
+                (Stream::Stdout, "one".to_string()),
+                (Stream::Stderr, "two".to_string())
+            ]
         );
         let status = follow(
             Command::new("sh").args(["-c", "read x; echo got $x; exit 3"]),

@@ -269,9 +269,14 @@ pub fn unpack(input: impl Read, dir: &Path) -> Result<usize> {
     let mut made = 0;
     loop {
         let mut header = [0u8; 110];
-        input.read_exact(&mut header).context("reading an archive entry's header")?;
+        input
+            .read_exact(&mut header)
+            .context("reading an archive entry's header")?;
         if &header[..6] != b"070701" {
-            bail!("not a newc cpio archive (magic {:?})", String::from_utf8_lossy(&header[..6]));
+            bail!(
+                "not a newc cpio archive (magic {:?})",
+                String::from_utf8_lossy(&header[..6])
+            );
         }
         let field = |index: usize| -> Result<u32> {
             let text = std::str::from_utf8(&header[6 + index * 8..14 + index * 8])
@@ -284,7 +289,9 @@ pub fn unpack(input: impl Read, dir: &Path) -> Result<usize> {
             bail!("an archive entry's name claims {name_size} bytes");
         }
         let mut name = vec![0u8; name_size];
-        input.read_exact(&mut name).context("reading an archive entry's name")?;
+        input
+            .read_exact(&mut name)
+            .context("reading an archive entry's name")?;
         read_so_far += 110 + name_size;
         skip_padding(&mut input, &mut read_so_far)?;
         let name = String::from_utf8(name.strip_suffix(&[0]).unwrap_or(&name).to_vec())
@@ -361,12 +368,18 @@ fn inside(dir: &Path, name: &str) -> Result<std::path::PathBuf> {
     }
     let target = dir.join(relative);
     if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
-        bail!("archive entry {name:?} passes through the link {}", target.display());
+        bail!(
+            "archive entry {name:?} passes through the link {}",
+            target.display()
+        );
     }
     let mut parent = target.parent();
     while let Some(path) = parent.filter(|p| *p != dir) {
         if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-            bail!("archive entry {name:?} passes through the link {}", path.display());
+            bail!(
+                "archive entry {name:?} passes through the link {}",
+                path.display()
+            );
         }
         parent = path.parent();
     }
@@ -528,7 +541,10 @@ mod tests {
         archive.file("link/through", 0o644, b"x".to_vec(), false);
         let dir = tempfile::tempdir().unwrap();
         let error = unpack(archive.to_bytes().as_bytes(), dir.path()).unwrap_err();
-        assert!(format!("{error:#}").contains("passes through the link"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("passes through the link"),
+            "{error:#}"
+        );
         assert!(unpack(&b"garbage"[..], dir.path()).is_err());
     }
 }

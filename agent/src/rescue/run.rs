@@ -630,7 +630,14 @@ pub fn run(options: &RunOptions, facts: &Facts, gathered: Gathered) -> Result<()
     let archive = handover.archive.to_bytes();
     let initrd_file = kexec::memfd_with(&[&initrd, archive.as_bytes()])?;
     if let Err(native) = kexec::load(&kernel, &initrd_file, &handover.cmdline) {
-        load_without_kexec_file_load(&kernel, &initrd, &archive, &initrd_file, &handover.cmdline, native)?;
+        load_without_kexec_file_load(
+            &kernel,
+            &initrd,
+            &archive,
+            &initrd_file,
+            &handover.cmdline,
+            native,
+        )?;
     }
     drop(archive);
     drop(initrd);
