@@ -26,6 +26,8 @@
 let
   tarballName = "nixos-kexec-bundle-${stdenv.hostPlatform.system}.tar.gz";
   # agent/src/rescue/kexec.rs, KERNEL_FILE.
+  # isAarch64: the platform predicate of nixpkgs' lib/systems/inspect.nix (cpu family arm,
+  # 64 bits), checked there through the code index on 2026-12-01.
   kernelFile = if stdenv.hostPlatform.isAarch64 then "Image" else "bzImage";
 in
 runCommand "nixos-kexec-bundle-${stdenv.hostPlatform.system}"
