@@ -112,7 +112,7 @@ pub fn installer(ssh: &Ssh, pin: &PinnedHostKeys, patience: Duration) -> Result<
         if last_contact.elapsed() >= patience {
             return Err(Lost { last_error, reached });
         }
-        // Once a minute while waiting, not at every attempt.
+        // Every twelfth attempt (a minute or more) while waiting, not at every one.
         if attempts % 12 == 1 {
             console::line(&format!(
                 "deploy: waiting for the installer's SSH with the pinned host key ({} s so far; last: {})",

@@ -431,12 +431,11 @@ fn remove_upload(ssh: &Ssh) {
 /// After a failure the installer keeps SSH up: says how to reach it, keeping the pinned
 /// known_hosts file for that.
 fn stranded(ssh: &Ssh, pin: PinnedHostKeys) {
-    let reach = ssh.command(Some(&pin), "nixos-kexec status");
+    let reach = runner::describe(&ssh.command(Some(&pin), "nixos-kexec status"));
+    pin.keep();
     console::line(&format!(
-        "deploy: the installer keeps its SSH server up (until the way back reboots it, when no disk was written); log in with: {}",
-        runner::describe(&reach)
+        "deploy: the installer keeps its SSH server up (until the way back reboots it, when no disk was written); log in with: {reach}"
     ));
-    std::mem::forget(pin);
 }
 
 /// Waits until the installed system (not the installer: it has no status file) answers with

@@ -136,6 +136,13 @@ impl PinnedHostKeys {
     pub fn path(&self) -> &Path {
         &self.file
     }
+
+    /// Leaves the file in place after deploy ends, for the ssh command deploy prints.
+    pub fn keep(self) -> PathBuf {
+        let file = self.file.clone();
+        std::mem::forget(self);
+        file
+    }
 }
 
 impl Drop for PinnedHostKeys {
