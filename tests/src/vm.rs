@@ -311,6 +311,13 @@ impl Vm {
         self
     }
 
+    /// Stops QEMU once `f` in [`Vm::run_with`] succeeds, for a VM that would run on (a server
+    /// a test talked to).
+    pub fn stop_after_interaction(mut self) -> Self {
+        self.stop_after_interaction = true;
+        self
+    }
+
     /// Whole run limit (default 300 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;

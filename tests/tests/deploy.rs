@@ -25,6 +25,12 @@ const GIB: u64 = 1 << 30;
 
 /// The rescue system: the network QEMU serves, set statically, and sshd; then it waits.
 fn rescue_init() -> String {
+    init_with_sshd("rescue-box")
+}
+
+/// `/init` of a system that sets up the network QEMU serves, names itself `hostname`, starts
+/// sshd and waits.
+fn init_with_sshd(hostname: &str) -> String {
     format!(
         r#"#!/bin/busybox sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -32,7 +38,7 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in virtio_pci virtio_net virtio_blk; do modprobe $m; done
 sleep 1
 {QEMU_USER_NETWORK}
-echo rescue-box > /proc/sys/kernel/hostname
+echo {hostname} > /proc/sys/kernel/hostname
 {START_SSHD}
 while true; do sleep 3600; done
 "#
@@ -83,6 +89,7 @@ struct Laptop {
     port: u16,
     config: String,
     rescue: PathBuf,
+    operator_pub: String,
 }
 
 impl Laptop {
@@ -125,6 +132,7 @@ impl Laptop {
             dir,
             port,
             rescue,
+            operator_pub: operator_pub.trim().to_string(),
         })
     }
 
@@ -379,4 +387,102 @@ fn a_failed_install_ends_deploy_with_the_last_lines_and_the_way_in() -> Result<(
         out.tail(20)
     );
     Ok(())
+}
+
+/// `--wait-for-boot`: after the installer's success and its reboot, deploy waits until the
+/// installed system answers SSH with the pinned host key.
+///
+/// TEST DOUBLE: the installed system. What the stand-in installs boots to its boot loader only
+/// (a NixOS closure from nixpkgs is the boundary this machine cannot cross), so a second VM
+/// stands for the booted system: Debian's sshd with the host key read from the installed disk
+/// and the operator's key, on the same forwarded port. deploy's side is the real one: it polls
+/// through QEMU's forward, refuses any other host key, and tells the installer (which has a
+/// status file) from the installed system.
+#[test]
+fn wait_for_boot_waits_for_the_installed_system_with_the_pinned_key() -> Result<()> {
+    let plain = dev_bundle()?;
+    let with_nix = dev_bundle_with_nix()?;
+    let laptop = Laptop::new()?;
+    let sent = bundle_with_stand_in(&with_nix, laptop.dir.path())?;
+    let agent = sent.join("nixos-kexec");
+    let bundle = sent.to_string_lossy().into_owned();
+    std::thread::scope(|scope| -> Result<()> {
+        let mut deploying = None;
+        // The installer reboots after its success; QEMU runs with -no-reboot, so the VM ends.
+        let installed = laptop
+            .rescue_vm(&plain, "deploy-wait-for-boot")
+            .timeout(Duration::from_secs(900))
+            .run_with(|console| {
+                console.wait_for("rescue: sshd started", Duration::from_secs(240))?;
+                let (laptop, agent, bundle) = (&laptop, &agent, &bundle);
+                deploying = Some(scope.spawn(move || {
+                    laptop.deploy(
+                        agent,
+                        &[
+                            "--bundle",
+                            bundle,
+                            "--disk",
+                            "serial:TARGET-DISK",
+                            "--hostname",
+                            "web1",
+                            "--wait-for-boot",
+                            "--ssh-timeout",
+                            "5m",
+                        ],
+                        Duration::from_secs(900),
+                    )
+                }));
+                Ok(())
+            })?;
+        ensure!(installed.exited_by_itself, "the installer should have rebooted");
+        installed.expect_success()?;
+        let deploying = deploying.context("deploy did not start")?;
+
+        // The booted system (the test double above), with the installed host key.
+        let root = extract_partition(&installed.disks[0], 3)?;
+        let host_key = laptop.dir.path().join("installed_host_key");
+        std::fs::write(&host_key, ext4_read_file(&root, "/etc/ssh/ssh_host_ed25519_key")?)?;
+        std::fs::set_permissions(&host_key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let booted = laptop.dir.path().join("booted.cpio");
+        add_sshd(
+            Cpio::new().file("init", 0o755, init_with_sshd("web1")),
+            &host_key,
+            &laptop.operator_pub,
+        )?
+        .write_to(&booted)?;
+        let mut deployed = None;
+        Vm::new(&plain)
+            .name("deploy-booted-system")
+            .memory_mib(512)
+            .extra_initrd(&booted)
+            .nic_with(MAC, &format!("hostfwd=tcp:127.0.0.1:{}-:22", laptop.port))
+            .timeout(Duration::from_secs(600))
+            .stop_after_interaction()
+            .run_with(|console| {
+                console.wait_for("rescue: sshd started", Duration::from_secs(240))?;
+                deployed = Some(
+                    deploying
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the deploy thread panicked"))??,
+                );
+                Ok(())
+            })?;
+        let deployed = deployed.context("deploy did not end")?;
+        ensure!(deployed.status.success(), "deploy --wait-for-boot:\n{}", deployed.describe());
+        for expected in [
+            "nixos-kexec: installer: result: success",
+            "nixos-kexec: deploy: [4/5] install done in ",
+            "nixos-kexec: deploy: [5/5] boot: waiting for the installed system to answer SSH with the pinned host key",
+            "nixos-kexec: deploy: the installed system answers: web1, kernel ",
+            "nixos-kexec: deploy: [5/5] boot done in ",
+        ] {
+            ensure!(has(&deployed, expected), "`{expected}` missing:\n{}", deployed.describe());
+        }
+        ensure!(
+            lines(&deployed).last().map(String::as_str) == Some("nixos-kexec: result: success"),
+            "{}",
+            deployed.describe()
+        );
+        Ok(())
+    })
 }
