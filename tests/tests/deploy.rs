@@ -468,7 +468,11 @@ fn wait_for_boot_waits_for_the_installed_system_with_the_pinned_key() -> Result<
                 Ok(())
             })?;
         let deployed = deployed.context("deploy did not end")?;
-        ensure!(deployed.status.success(), "deploy --wait-for-boot:\n{}", deployed.describe());
+        ensure!(
+            deployed.status.success(),
+            "deploy --wait-for-boot:\n{}",
+            deployed.describe()
+        );
         for expected in [
             "nixos-kexec: installer: result: success",
             "nixos-kexec: deploy: [4/5] install done in ",

@@ -233,7 +233,8 @@ fn flake_has_description_inputs_and_outputs() -> Result<()> {
 }
 
 /// A plan the agent would make on a machine like `machine`, from the kernel command line
-/// `cmdline` (for its `console=`), on a BIOS machine (so GRUB's lines apply) with one disk.
+/// `cmdline` (for its `console=`), with one disk: x86_64 on BIOS (so GRUB's lines apply),
+/// aarch64 on UEFI (the only firmware the agent installs ARM machines on).
 fn plan_for(
     machine: nixos_kexec::machine::platform::Machine,
     cmdline: &str,
@@ -247,13 +248,17 @@ fn plan_for(
         ..Config::assemble(None, &params)?
     };
     config.runtime_info.ssh_authorized_keys = vec!["ssh-ed25519 AAAA op@laptop".into()];
-    // The agent's fixture machine (one virtio disk), with this BIOS machine's firmware, RAM
-    // and platform.
+    // The agent's fixture machine (one virtio disk), with this machine's firmware, RAM and
+    // platform.
     let path = nixos_kexec_tests::workspace_root().join("agent/tests/fixtures/plan/input/facts.json");
     let mut facts: Facts = serde_json::from_str(
         &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
     )?;
-    facts.firmware = Firmware::Bios;
+    facts.firmware = if machine.arch == "aarch64" {
+        Firmware::Uefi
+    } else {
+        Firmware::Bios
+    };
     facts.ram_bytes = 1 << 30;
     facts.disks[0].size_bytes = 8 << 30;
     facts.nics.clear();
@@ -318,6 +323,7 @@ fn rendered_host_flakes_parse() -> Result<()> {
                 "virtualisation.hypervGuest.enable = true;",
                 "\"console=ttyAMA0,115200\"",
                 "nixpkgs.hostPlatform = lib.mkDefault \"aarch64-linux\";",
+                "firmware = \"uefi\";",
             ],
             vec!["grub.extraConfig", "updateMicrocode"],
         ),
