@@ -36,6 +36,14 @@ enum Command {
     /// The other end of deploy's upload: unpack the archive on stdin into DIR.
     #[command(hide = true)]
     Unpack { dir: std::path::PathBuf },
+    /// The other end of deploy --bundle-url: fetch the URL on stdin into FILE, kept only when
+    /// its SHA-256 is the one given.
+    #[command(hide = true)]
+    Fetch {
+        #[arg(long, value_parser = sha256)]
+        sha256: nixos_kexec::rescue::download::Sha256,
+        file: std::path::PathBuf,
+    },
     /// In the installer (logged in over SSH): the current step, then the console log as it
     /// grows, until the run ends (or Ctrl-C).
     Status {
@@ -53,6 +61,10 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+}
+
+fn sha256(text: &str) -> Result<nixos_kexec::rescue::download::Sha256, String> {
+    nixos_kexec::rescue::download::Sha256::parse(text).map_err(|e| nixos_kexec::error::one_line(&e))
 }
 
 /// Prints to stdout, tolerating a closed pipe (`nixos-kexec gather | head`).
@@ -90,6 +102,7 @@ fn run(command: Command) -> i32 {
             nixos_kexec::rescue::run::run(&options, &facts, gathered)
         }),
         Command::Deploy(options) => nixos_kexec::deploy::deploy(&options),
+        Command::Fetch { sha256, file } => nixos_kexec::rescue::download::fetch_from_stdin(sha256, &file),
         Command::Unpack { dir } => nixos_kexec::rescue::cpio::unpack(std::io::stdin().lock(), &dir).map(drop),
         Command::Stay => nixos_kexec::installer::way_back::ask_to_stay(std::path::Path::new(
             nixos_kexec::installer::way_back::STAY_FILE,

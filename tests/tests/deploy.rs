@@ -309,15 +309,37 @@ fn deploy_from_the_laptop_through_the_rescue_systems_sshd() -> Result<()> {
     Ok(())
 }
 
-/// The installer fails after the kexec (the plain bundle has no nixos-install, so the install
-/// step fails, after the wipe): deploy exits 1 with the installer's reason and last lines, and
-/// the ssh command it prints reaches the installer, with the pinned key, for a look.
+/// With `--bundle-url` the rescue system fetches the bundle from a web server (here on this
+/// host's loopback) instead of receiving it over SSH: a served file that is not the local
+/// bundle's is refused before anything runs. Then the installer fails after the kexec (the
+/// plain bundle has no nixos-install, so the install step fails, after the wipe): deploy exits
+/// 1 with the installer's reason and last lines, and the ssh command it prints reaches the
+/// installer, with the pinned key, for a look.
 #[test]
 fn a_failed_install_ends_deploy_with_the_last_lines_and_the_way_in() -> Result<()> {
     let plain = dev_bundle()?;
     let laptop = Laptop::new()?;
     let agent = plain.dir.join("nixos-kexec");
     let bundle = plain.dir.to_string_lossy().into_owned();
+    let served = FileServer::start(&plain.dir)?;
+    let tampered_dir = laptop.dir.path().join("tampered");
+    std::fs::create_dir(&tampered_dir)?;
+    std::fs::copy(&plain.bzimage, tampered_dir.join("bzImage"))?;
+    std::fs::write(tampered_dir.join("initrd"), b"not the bundle's initrd")?;
+    let tampered = FileServer::start(&tampered_dir)?;
+    let deploy_args = |url: String| {
+        vec![
+            "--bundle".to_string(),
+            bundle.clone(),
+            "--bundle-url".into(),
+            url,
+            "--disk".into(),
+            "serial:TARGET-DISK".into(),
+            "--hostname".into(),
+            "web1".into(),
+        ]
+    };
+    let mut refused = None;
     let mut failed = None;
     let mut looked = None;
     let out = laptop
@@ -326,16 +348,16 @@ fn a_failed_install_ends_deploy_with_the_last_lines_and_the_way_in() -> Result<(
         .grace(Duration::from_secs(1))
         .run_with(|console| {
             console.wait_for("rescue: sshd started", Duration::from_secs(240))?;
+            let args = deploy_args(format!("{}/", tampered.guest_url()));
+            refused = Some(laptop.deploy(
+                &agent,
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                Duration::from_secs(300),
+            )?);
+            let args = deploy_args(served.guest_url());
             let deployed = laptop.deploy(
                 &agent,
-                &[
-                    "--bundle",
-                    &bundle,
-                    "--disk",
-                    "serial:TARGET-DISK",
-                    "--hostname",
-                    "web1",
-                ],
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
                 Duration::from_secs(500),
             )?;
             let way_in = lines(&deployed).iter().find_map(|l| {
@@ -348,12 +370,44 @@ fn a_failed_install_ends_deploy_with_the_last_lines_and_the_way_in() -> Result<(
             failed = Some(deployed);
             Ok(())
         })?;
+    let refused = refused.context("deploy did not run")?;
+    ensure!(
+        refused.status.code() == Some(1)
+            && has(
+                &refused,
+                "nixos-kexec: error: fetching the bundle's initrd on the rescue system: "
+            )
+            && refused.combined().contains("/initrd (23 bytes) has SHA-256 ")
+            && !has(&refused, "nixos-kexec: deploy: [2/4] plan"),
+        "a served initrd that is not the local bundle's must stop deploy before the plan:\n{}",
+        refused.describe()
+    );
     let failed = failed.context("deploy did not run")?;
     ensure!(
         failed.status.code() == Some(1),
         "a failed install exits 1:\n{}",
         failed.describe()
     );
+    // Every file of the bundle came from the web server, checked against the local one.
+    let fetched: Vec<String> = served
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    for name in ["bzImage", "initrd"] {
+        ensure!(
+            fetched.contains(&format!("GET /{name}")),
+            "the rescue system did not fetch {name}: {fetched:?}"
+        );
+        ensure!(
+            lines(&failed).iter().any(|l| l.starts_with(&format!(
+                "nixos-kexec: rescue: fetched {}/{name}: ",
+                served.guest_url()
+            )) && l.ends_with("as expected")),
+            "no line for the fetched {name}:\n{}",
+            failed.describe()
+        );
+    }
     for expected in [
         "nixos-kexec: deploy: [3/4] kexec done in ",
         "nixos-kexec: installer: [8/10] install ...",

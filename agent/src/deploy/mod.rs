@@ -10,8 +10,10 @@ pub mod upload;
 
 use crate::console;
 use crate::error::user_error;
+use crate::input::http::Url;
 use crate::installer::status::RunResult;
 use crate::machine::runner::{self, Flow, Stream};
+use crate::rescue::download::Sha256;
 use crate::rescue::run::RunOptions;
 use anyhow::{bail, Context, Result};
 use ssh::{command_line, Destination, PinnedHostKeys, Ssh};
@@ -43,6 +45,11 @@ pub struct DeployOptions {
     /// same (pinned) host key.
     #[arg(long)]
     pub wait_for_boot: bool,
+    /// Have the rescue system fetch the bundle's files from this URL (a directory holding
+    /// the files of --bundle: bzImage or Image, initrd, kernel-params) instead of copying them
+    /// from here; each must have the SHA-256 of the same file in --bundle.
+    #[arg(long, value_parser = typed(Url::parse))]
+    pub bundle_url: Option<Url>,
     /// How long to wait for the installer, or the installed system, to answer SSH.
     #[arg(long, default_value = "10m", value_parser = typed(parse_timeout))]
     pub ssh_timeout: Duration,
@@ -113,6 +120,16 @@ pub fn deploy(options: &DeployOptions) -> Result<()> {
     };
     let agent = agent_for(&options.run.bundle)?;
     let bundle = bundle_files(&options.run.bundle)?;
+    let source = match &options.bundle_url {
+        None => BundleSource::Copied,
+        Some(url) => BundleSource::Fetched {
+            url,
+            digests: bundle
+                .iter()
+                .map(|(_, path)| Sha256::of_file(path))
+                .collect::<Result<_>>()?,
+        },
+    };
     // Everything read from the laptop before anything is sent.
     let upload = upload::prepare(&options.run)?;
     for fingerprint in &upload.fingerprints {
@@ -124,14 +141,18 @@ pub fn deploy(options: &DeployOptions) -> Result<()> {
         (false, true) => 5,
     });
 
-    stages.begin(
-        "copy",
-        &format!(
+    let what = match &source {
+        BundleSource::Copied => format!(
             "the agent, the bundle and your files to {}:{REMOTE_DIR}",
             ssh.destination
         ),
-    );
-    copy(&ssh, &agent, &bundle, &upload)?;
+        BundleSource::Fetched { url, .. } => format!(
+            "the agent and your files to {}:{REMOTE_DIR}; the rescue system fetches the bundle from {url}",
+            ssh.destination
+        ),
+    };
+    stages.begin("copy", &what);
+    copy(&ssh, &agent, &bundle, &source, &upload)?;
     stages.done();
 
     stages.begin("plan", "nixos-kexec run --dry-run on the rescue system");
@@ -287,9 +308,24 @@ fn elf_machine(path: &Path) -> Result<&'static str> {
     })
 }
 
-/// Sends the agent, the bundle and the archive of the operator's files into [`REMOTE_DIR`]
-/// (made anew, root's only).
-fn copy(ssh: &Ssh, agent: &Path, bundle: &[(&'static str, PathBuf)], upload: &Upload) -> Result<()> {
+/// How the bundle's files reach the rescue system.
+enum BundleSource<'a> {
+    /// Sent over the SSH connection from this machine.
+    Copied,
+    /// Fetched by the rescue system from `url`, each checked against its digest here (in the
+    /// order of the bundle's files).
+    Fetched { url: &'a Url, digests: Vec<Sha256> },
+}
+
+/// Sends the agent, the bundle (or has the rescue system fetch it) and the archive of the
+/// operator's files into [`REMOTE_DIR`] (made anew, root's only).
+fn copy(
+    ssh: &Ssh,
+    agent: &Path,
+    bundle: &[(&'static str, PathBuf)],
+    source: &BundleSource,
+    upload: &Upload,
+) -> Result<()> {
     let script = format!(
         "set -e; umask 077; rm -rf {dir}; mkdir -p {dir}/bundle {dir}/files; cat > {agent}; chmod 700 {agent}; uname -m",
         dir = REMOTE_DIR,
@@ -306,8 +342,17 @@ fn copy(ssh: &Ssh, agent: &Path, bundle: &[(&'static str, PathBuf)], upload: &Up
             format!("pass --bundle with a bundle for {machine}."),
         ));
     }
-    for (name, path) in bundle {
-        send(ssh, &format!("cat > {REMOTE_BUNDLE}/{name}"), path)?;
+    match source {
+        BundleSource::Copied => {
+            for (name, path) in bundle {
+                send(ssh, &format!("cat > {REMOTE_BUNDLE}/{name}"), path)?;
+            }
+        }
+        BundleSource::Fetched { url, digests } => {
+            for ((name, _), digest) in bundle.iter().zip(digests) {
+                fetch_there(ssh, &url.join_file(name), *digest, name).inspect_err(|_| remove_upload(ssh))?;
+            }
+        }
     }
     let archive = upload.archive.to_bytes();
     runner::run_with_input(
@@ -316,6 +361,52 @@ fn copy(ssh: &Ssh, agent: &Path, bundle: &[(&'static str, PathBuf)], upload: &Up
     )
     .context("unpacking your files on the rescue system")?;
     Ok(())
+}
+
+/// Has the rescue system fetch `url` into the bundle's file `name`, checked against `digest`
+/// there; prints what it says. The URL travels on stdin: a token in it stays out of process
+/// lists and of the command line the runner records.
+fn fetch_there(ssh: &Ssh, url: &Url, digest: Sha256, name: &str) -> Result<()> {
+    use std::io::Write;
+    let (stdin, mut writer) = std::io::pipe().context("making a pipe for the bundle URL")?;
+    writer
+        .write_all(format!("{}\n", url.unredacted()).as_bytes())
+        .context("writing the bundle URL to the pipe")?;
+    drop(writer);
+    let mut said = Vec::new();
+    let command = command_line(&[
+        REMOTE_AGENT,
+        "fetch",
+        "--sha256",
+        &digest.to_string(),
+        &format!("{REMOTE_BUNDLE}/{name}"),
+    ]);
+    let status = runner::follow(
+        &mut ssh.command(None, &command),
+        Stdio::from(stdin),
+        &mut |_, line| {
+            let line = follow::strip(line);
+            console::line(&format!("rescue: {line}"));
+            said.push(line.to_string());
+            Flow::Continue
+        },
+    )?;
+    if status.is_some_and(|s| s.success()) {
+        return Ok(());
+    }
+    let problem = said.iter().rev().find_map(|l| l.strip_prefix("error: "));
+    let fix = said.iter().rev().find_map(|l| l.strip_prefix("fix: "));
+    match (problem, fix) {
+        (Some(problem), Some(fix)) => Err(user_error(
+            format!("fetching the bundle's {name} on the rescue system: {problem}"),
+            fix,
+        )),
+        _ => bail!(
+            "fetching {url} on {} failed: {}",
+            ssh.destination,
+            said.last().map(String::as_str).unwrap_or("no output")
+        ),
+    }
 }
 
 /// Runs `script` (a POSIX shell script, whatever the login shell is) with `file` on its stdin;

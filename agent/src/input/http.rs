@@ -178,18 +178,21 @@ pub fn redact(text: &str) -> String {
     format!("{scheme}{authority}{path}{query}")
 }
 
-/// Shown redacted (see [`redact`]); the request itself uses the whole path and query.
-impl std::fmt::Display for Url {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Url {
+    /// The whole URL, query included: for handing it on to another program, never to show.
+    pub fn unredacted(&self) -> String {
         let scheme = match self.scheme {
             Scheme::Http => "http",
             Scheme::Https => "https",
         };
-        f.write_str(&redact(&format!(
-            "{scheme}://{}{}",
-            self.host_header(),
-            self.path
-        )))
+        format!("{scheme}://{}{}", self.host_header(), self.path)
+    }
+}
+
+/// Shown redacted (see [`redact`]); the request itself uses the whole path and query.
+impl std::fmt::Display for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact(&self.unredacted()))
     }
 }
 
@@ -317,6 +320,47 @@ pub fn post_json(url: &Url, body: &[u8], options: &Options, report: &mut dyn FnM
     })
 }
 
+/// A file fetched whole by [`download`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downloaded {
+    pub bytes: u64,
+    pub sha256: [u8; 32],
+}
+
+/// GETs `url` into `file` (made anew on each attempt), following redirects and retrying
+/// transient failures from the start; returns the file's length and SHA-256. Only a 2xx
+/// answer is written; any other is final, as is a file that cannot be written.
+pub fn download(
+    url: &Url,
+    file: &std::path::Path,
+    options: &Options,
+    report: &mut dyn FnMut(&str),
+) -> Result<Downloaded> {
+    with_retries("GET", url, options, report, |tls| {
+        let (_, downloaded) = following_redirects(url, &Request::Download, options, tls, |head, reader| {
+            if !(200..=299).contains(&head.status) {
+                return Err(Failure::Final(user_error(
+                    format!("{url} answered {} {}.", head.status, head.reason),
+                    "check the URL: it names a directory holding the bundle's files.",
+                )));
+            }
+            let cannot_write = |e: std::io::Error| {
+                Failure::Final(anyhow::Error::new(e).context(format!("writing {}", file.display())))
+            };
+            let mut out = std::fs::File::create(file).map_err(cannot_write)?;
+            let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+            let bytes = read_body(reader, &head.headers, &mut |piece| {
+                digest.update(piece);
+                out.write_all(piece).map_err(cannot_write)
+            })?;
+            let mut sha256 = [0u8; 32];
+            sha256.copy_from_slice(digest.finish().as_ref());
+            Ok(Downloaded { bytes, sha256 })
+        })?;
+        Ok(downloaded)
+    })
+}
+
 /// Makes attempts at `url` until one succeeds or fails for good, waiting longer after each
 /// transient failure; `method` names the request in the lines for `report`. When every attempt
 /// failed transiently, the error is an [`Unreachable`].
@@ -369,16 +413,36 @@ fn get_following_redirects(
     options: &Options,
     tls: &mut Option<crate::input::tls::Client>,
 ) -> Result<(Url, Response), Failure> {
+    following_redirects(url, &Request::Get, options, tls, |head, reader| {
+        read_body_to_vec(reader, &head.headers).map(|body| Response {
+            status: head.status,
+            reason: head.reason,
+            headers: head.headers,
+            body,
+        })
+    })
+}
+
+/// GETs `url`, following redirects, and hands the final answer's head and its unread body to
+/// `finish`. Transient statuses (408, 429, 5xx) are transient failures; any other status goes
+/// to `finish`.
+fn following_redirects<T>(
+    url: &Url,
+    request: &Request,
+    options: &Options,
+    tls: &mut Option<crate::input::tls::Client>,
+    finish: impl FnOnce(Head, &mut dyn BufRead) -> Result<T, Failure>,
+) -> Result<(Url, T), Failure> {
     let mut current = url.clone();
     for _ in 0..=MAX_REDIRECTS {
-        let response = send_once(&current, &Request::Get, options, tls)?;
-        match response.status {
+        let (head, mut reader) = open(&current, request, options, tls)?;
+        match head.status {
             301 | 302 | 303 | 307 | 308 => {
-                let location = response.header("location").ok_or_else(|| {
+                let location = header(&head.headers, "location").ok_or_else(|| {
                     Failure::Final(user_error(
                         format!(
                             "{current} answered {} {} without a Location.",
-                            response.status, response.reason
+                            head.status, head.reason
                         ),
                         "fix the server's redirect, or use the final URL.",
                     ))
@@ -388,12 +452,12 @@ fn get_following_redirects(
                 current = next;
             }
             408 | 429 | 500..=599 => {
-                return Err(Failure::Transient(format!(
-                    "{} {}",
-                    response.status, response.reason
-                )))
+                return Err(Failure::Transient(format!("{} {}", head.status, head.reason)))
             }
-            _ => return Ok((current, response)),
+            _ => {
+                let answer = finish(head, &mut reader)?;
+                return Ok((current, answer));
+            }
         }
     }
     Err(Failure::Final(user_error(
@@ -427,18 +491,37 @@ impl<T: Read + Write> Stream for T {}
 /// What a request sends.
 enum Request<'a> {
     Get,
+    /// A GET of a file of any type, perhaps large.
+    Download,
     /// A JSON document as the body.
     PostJson(&'a [u8]),
 }
 
-/// One request on a fresh connection (`Connection: close`). `tls` holds the client once the
-/// CA certificates are loaded.
+/// One request on a fresh connection (`Connection: close`), its answer read whole.
 fn send_once(
     url: &Url,
     request: &Request,
     options: &Options,
     tls: &mut Option<crate::input::tls::Client>,
 ) -> Result<Response, Failure> {
+    let (head, mut reader) = open(url, request, options, tls)?;
+    let body = read_body_to_vec(&mut reader, &head.headers)?;
+    Ok(Response {
+        status: head.status,
+        reason: head.reason,
+        headers: head.headers,
+        body,
+    })
+}
+
+/// Sends one request on a fresh connection (`Connection: close`) and reads the answer's head;
+/// the body is left in the reader. `tls` holds the client once the CA certificates are loaded.
+fn open(
+    url: &Url,
+    request: &Request,
+    options: &Options,
+    tls: &mut Option<crate::input::tls::Client>,
+) -> Result<(Head, BufReader<Box<dyn Stream>>), Failure> {
     if url.scheme == Scheme::Https && tls.is_none() {
         // Before connecting: a bundle without CA certificates is not a network problem.
         *tls = Some(crate::input::tls::load_client(&options.trust).map_err(Failure::Final)?);
@@ -456,10 +539,12 @@ fn send_once(
         (Scheme::Https, Some(client)) => Box::new(client.connect(&url.host, tcp)?),
         _ => Box::new(tcp),
     };
-    let (method, body_headers, body): (_, _, &[u8]) = match request {
-        Request::Get => ("GET", String::new(), &[]),
+    let (method, accept, body_headers, body): (_, _, _, &[u8]) = match request {
+        Request::Get => ("GET", "application/json", String::new(), &[]),
+        Request::Download => ("GET", "*/*", String::new(), &[]),
         Request::PostJson(body) => (
             "POST",
+            "application/json",
             format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
                 body.len()
@@ -468,14 +553,16 @@ fn send_once(
         ),
     };
     let head = format!(
-        "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: nixos-kexec/{}\r\nAccept: application/json\r\n{body_headers}Connection: close\r\n\r\n",
+        "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: nixos-kexec/{}\r\nAccept: {accept}\r\n{body_headers}Connection: close\r\n\r\n",
         url.path,
         url.host_header(),
         env!("CARGO_PKG_VERSION")
     );
     stream.write_all(head.as_bytes()).map_err(io)?;
     stream.write_all(body).map_err(io)?;
-    read_response(BufReader::new(stream))
+    let mut reader = BufReader::new(stream);
+    let head = read_head(&mut reader)?;
+    Ok((head, reader))
 }
 
 /// A connection that gives up at `until`: each read and write waits at most `io_timeout` and
@@ -538,11 +625,9 @@ impl Write for Deadline {
     }
 }
 
-fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<String, Failure> {
+fn read_line(reader: &mut dyn BufRead, budget: &mut usize) -> Result<String, Failure> {
     let mut line = Vec::new();
-    let n = reader
-        .by_ref()
-        .take(*budget as u64 + 1)
+    let n = Read::take(&mut *reader, *budget as u64 + 1)
         .read_until(b'\n', &mut line)
         .map_err(|e| Failure::Transient(format!("reading the response: {e}")))?;
     if n > *budget {
@@ -560,11 +645,29 @@ fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<String, Fa
     Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
+/// An answer's status line and headers.
+struct Head {
+    status: u16,
+    reason: String,
+    headers: Vec<(String, String)>,
+}
+
 /// Parses a response from the server (exposed to the tests through [`parse_response`]).
 fn read_response(mut reader: impl BufRead) -> Result<Response, Failure> {
+    let head = read_head(&mut reader)?;
+    let body = read_body_to_vec(&mut reader, &head.headers)?;
+    Ok(Response {
+        status: head.status,
+        reason: head.reason,
+        headers: head.headers,
+        body,
+    })
+}
+
+fn read_head(reader: &mut dyn BufRead) -> Result<Head, Failure> {
     let mut budget = MAX_HEADER_BYTES;
-    let (status, reason, headers) = loop {
-        let status_line = read_line(&mut reader, &mut budget)?;
+    loop {
+        let status_line = read_line(reader, &mut budget)?;
         let mut parts = status_line.splitn(3, ' ');
         let version = parts.next().unwrap_or("");
         let status = parts.next().and_then(|s| s.parse::<u16>().ok());
@@ -577,7 +680,7 @@ fn read_response(mut reader: impl BufRead) -> Result<Response, Failure> {
         let reason = parts.next().unwrap_or("").trim().to_string();
         let mut headers = Vec::new();
         loop {
-            let line = read_line(&mut reader, &mut budget)?;
+            let line = read_line(reader, &mut budget)?;
             if line.is_empty() {
                 break;
             }
@@ -587,47 +690,85 @@ fn read_response(mut reader: impl BufRead) -> Result<Response, Failure> {
         }
         // 1xx answers (100 Continue) precede the real one.
         if !(100..200).contains(&status) {
-            break (status, reason, headers);
+            return Ok(Head {
+                status,
+                reason,
+                headers,
+            });
         }
-    };
-    let mut response = Response {
-        status,
-        reason,
-        headers,
-        body: Vec::new(),
-    };
-    let chunked = response
-        .header("transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    response.body = if chunked {
-        read_chunked(&mut reader)?
-    } else if let Some(length) = response.header("content-length") {
-        let length: usize = length
+    }
+}
+
+/// A small body (runtime info, a cache's answer), whole, at most [`MAX_BODY`] bytes.
+fn read_body_to_vec(reader: &mut dyn BufRead, headers: &[(String, String)]) -> Result<Vec<u8>, Failure> {
+    let mut body = Vec::new();
+    read_body(reader, headers, &mut |bytes| {
+        if body.len() + bytes.len() > MAX_BODY {
+            return Err(too_big());
+        }
+        body.extend_from_slice(bytes);
+        Ok(())
+    })?;
+    Ok(body)
+}
+
+/// Reads the body that `headers` describe (`Content-Length`, chunked, or up to the close) into
+/// `sink`, piece by piece; returns its length. The sink's errors are the caller's, passed on.
+fn read_body(
+    reader: &mut dyn BufRead,
+    headers: &[(String, String)],
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), Failure>,
+) -> Result<u64, Failure> {
+    let chunked =
+        header(headers, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        return read_chunked(reader, sink);
+    }
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut total = 0u64;
+    if let Some(length) = header(headers, "content-length") {
+        let length: u64 = length
             .parse()
             .map_err(|_| Failure::Transient(format!("bad Content-Length {}", quote_start(length))))?;
-        if length > MAX_BODY {
-            return Err(too_big());
+        while total < length {
+            let want = buffer
+                .len()
+                .min(usize::try_from(length - total).unwrap_or(usize::MAX));
+            let n = match reader.read(&mut buffer[..want]) {
+                Ok(0) => 0,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Failure::Transient(format!(
+                        "the body ended early (expected {length} bytes, got {total}): {e}"
+                    )))
+                }
+            };
+            if n == 0 {
+                return Err(Failure::Transient(format!(
+                    "the body ended early (expected {length} bytes, got {total})"
+                )));
+            }
+            sink(&buffer[..n])?;
+            total += n as u64;
         }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).map_err(|e| {
-            Failure::Transient(format!("the body ended early (expected {length} bytes): {e}"))
-        })?;
-        body
-    } else {
-        let mut body = Vec::new();
-        match reader.take(MAX_BODY as u64 + 1).read_to_end(&mut body) {
-            Ok(_) => {}
+        return Ok(total);
+    }
+    loop {
+        match reader.read(&mut buffer) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                sink(&buffer[..n])?;
+                total += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // A TLS server that closes without close_notify: common, and like curl we take
-            // the body as complete; the runtime-info parser rejects a truncated document.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            // the body as complete; what reads it (the runtime-info parser, a download's
+            // SHA-256) rejects a truncated one.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
             Err(e) => return Err(Failure::Transient(format!("reading the body: {e}"))),
         }
-        if body.len() > MAX_BODY {
-            return Err(too_big());
-        }
-        body
-    };
-    Ok(response)
+    }
 }
 
 /// What the server sent, quoted for a message: at most its first characters, so a server
@@ -651,13 +792,17 @@ fn too_big() -> Failure {
     ))
 }
 
-fn read_chunked(reader: &mut impl BufRead) -> Result<Vec<u8>, Failure> {
-    let mut body = Vec::new();
+fn read_chunked(
+    reader: &mut dyn BufRead,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), Failure>,
+) -> Result<u64, Failure> {
     let mut budget = MAX_HEADER_BYTES;
+    let mut total = 0u64;
+    let mut buffer = vec![0u8; 64 << 10];
     loop {
         let line = read_line(reader, &mut budget)?;
         let size_text = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16)
+        let size = u64::from_str_radix(size_text, 16)
             .map_err(|_| Failure::Transient(format!("bad chunk size {}", quote_start(&line))))?;
         if size == 0 {
             // Trailers, then the empty line; a server that just closes is fine too.
@@ -666,16 +811,18 @@ fn read_chunked(reader: &mut impl BufRead) -> Result<Vec<u8>, Failure> {
                     break;
                 }
             }
-            return Ok(body);
+            return Ok(total);
         }
-        if body.len().checked_add(size).is_none_or(|total| total > MAX_BODY) {
-            return Err(too_big());
+        let mut left = size;
+        while left > 0 {
+            let want = buffer.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            reader
+                .read_exact(&mut buffer[..want])
+                .map_err(|e| Failure::Transient(format!("a chunk ended early: {e}")))?;
+            sink(&buffer[..want])?;
+            left -= want as u64;
+            total += want as u64;
         }
-        let start = body.len();
-        body.resize(start + size, 0);
-        reader
-            .read_exact(&mut body[start..])
-            .map_err(|e| Failure::Transient(format!("a chunk ended early: {e}")))?;
         let end = read_line(reader, &mut budget)?;
         if !end.is_empty() {
             return Err(Failure::Transient("no line break after a chunk".into()));
@@ -692,7 +839,7 @@ pub fn parse_response(bytes: &[u8]) -> Result<Response> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::net::TcpListener;
     use std::sync::{Arc, Mutex};
@@ -863,11 +1010,11 @@ mod tests {
         let _ = stream.write_all(response);
     }
 
-    fn serve(responses: Vec<String>, limit: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+    pub(crate) fn serve(responses: Vec<String>, limit: usize) -> (String, Arc<Mutex<Vec<String>>>) {
         serve_with(responses, limit, None)
     }
 
-    fn quick() -> Options {
+    pub(crate) fn quick() -> Options {
         Options {
             connect_timeout: Duration::from_secs(2),
             io_timeout: Duration::from_secs(2),
@@ -1073,6 +1220,130 @@ mod tests {
                 "{status} must not be retried or followed"
             );
         }
+    }
+
+    pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        out
+    }
+
+    /// A body larger than one read, so it is streamed in pieces (printable, as `serve` sends
+    /// strings).
+    fn big_body() -> Vec<u8> {
+        (0..200_000u32).map(|i| (33 + i * 7 % 94) as u8).collect()
+    }
+
+    fn raw(head: &str, body: &[u8]) -> String {
+        format!("{head}{}", String::from_utf8_lossy(body))
+    }
+
+    #[test]
+    fn downloads_stream_to_a_file_with_their_digest() {
+        let body = big_body();
+        let chunked = {
+            let mut b = Vec::new();
+            for piece in body.chunks(70_001) {
+                b.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                b.extend_from_slice(piece);
+                b.extend_from_slice(b"\r\n");
+            }
+            b.extend_from_slice(b"0\r\n\r\n");
+            b
+        };
+        for (what, response) in [
+            (
+                "Content-Length",
+                raw(
+                    &format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()),
+                    &body,
+                ),
+            ),
+            (
+                "chunked",
+                raw("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", &chunked),
+            ),
+            ("until close", raw("HTTP/1.1 200 OK\r\n\r\n", &body)),
+        ] {
+            let (base, seen) = serve(vec![response], 1);
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("initrd");
+            let url = Url::parse(&format!("{base}/bundle/initrd")).unwrap();
+            let got = download(&url, &file, &quick(), &mut |_| {}).unwrap();
+            assert_eq!(got.bytes, body.len() as u64, "{what}");
+            assert_eq!(got.sha256, sha256(&body), "{what}");
+            assert!(std::fs::read(&file).unwrap() == body, "{what}");
+            let requests = seen.lock().unwrap();
+            assert!(
+                requests[0].starts_with("GET /bundle/initrd HTTP/1.1\r\n"),
+                "{requests:?}"
+            );
+            assert!(requests[0].contains("Accept: */*"), "{requests:?}");
+        }
+    }
+
+    #[test]
+    fn downloads_follow_redirects_and_retry_from_the_start() {
+        let body = big_body();
+        let full = raw(
+            &format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()),
+            &body,
+        );
+        // Cut short: the connection closes after half the body.
+        let cut = raw(
+            &format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()),
+            &body[..body.len() / 2],
+        );
+        let (base, seen) = serve(
+            vec![
+                "HTTP/1.1 302 Found\r\nLocation: /mirror/initrd\r\nContent-Length: 0\r\n\r\n".into(),
+                cut,
+                "HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n".into(),
+                "HTTP/1.1 302 Found\r\nLocation: /mirror/initrd\r\nContent-Length: 0\r\n\r\n".into(),
+                full,
+            ],
+            5,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("initrd");
+        let mut retries = Vec::new();
+        let got = download(
+            &Url::parse(&format!("{base}/initrd")).unwrap(),
+            &file,
+            &quick(),
+            &mut |line| retries.push(line.to_string()),
+        )
+        .unwrap();
+        assert_eq!(got.sha256, sha256(&body));
+        assert!(
+            std::fs::read(&file).unwrap() == body,
+            "the retry did not start the file anew"
+        );
+        assert_eq!(retries.len(), 2, "{retries:?}");
+        assert!(retries[0].contains("ended early"), "{retries:?}");
+        assert!(retries[1].contains("503"), "{retries:?}");
+        assert_eq!(seen.lock().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn a_download_answered_404_fails_at_once_and_names_the_url() {
+        let (base, seen) = serve(
+            vec!["HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot here!".into()],
+            5,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("initrd");
+        let error = download(
+            &Url::parse(&format!("{base}/x/initrd")).unwrap(),
+            &file,
+            &quick(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        let text = crate::error::one_line(&error);
+        assert!(text.contains("/x/initrd answered 404 Not Found"), "{text}");
+        assert!(!file.exists(), "a 404 page was written as the file");
+        assert_eq!(seen.lock().unwrap().len(), 1, "a 404 was retried");
     }
 }
 

@@ -1,6 +1,7 @@
 //! The rescue side: gather runtime info about the running system and kexec into the installer.
 
 pub mod cpio;
+pub mod download;
 pub mod gather;
 pub mod kexec;
 pub mod kexec_arm64;
