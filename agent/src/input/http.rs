@@ -505,13 +505,7 @@ fn send_once(
     tls: &mut Option<crate::input::tls::Client>,
 ) -> Result<Response, Failure> {
     let (head, mut reader) = open(url, request, options, tls)?;
-    let body = read_body_to_vec(&mut reader, &head.headers)?;
-    Ok(Response {
-        status: head.status,
-        reason: head.reason,
-        headers: head.headers,
-        body,
-    })
+    head.with_body_from(&mut reader)
 }
 
 /// Sends one request on a fresh connection (`Connection: close`) and reads the answer's head;
@@ -652,16 +646,22 @@ struct Head {
     headers: Vec<(String, String)>,
 }
 
+impl Head {
+    /// The whole answer: this head and the body that follows it in `reader`.
+    fn with_body_from(self, reader: &mut dyn BufRead) -> Result<Response, Failure> {
+        let body = read_body_to_vec(reader, &self.headers)?;
+        Ok(Response {
+            status: self.status,
+            reason: self.reason,
+            headers: self.headers,
+            body,
+        })
+    }
+}
+
 /// Parses a response from the server (exposed to the tests through [`parse_response`]).
 fn read_response(mut reader: impl BufRead) -> Result<Response, Failure> {
-    let head = read_head(&mut reader)?;
-    let body = read_body_to_vec(&mut reader, &head.headers)?;
-    Ok(Response {
-        status: head.status,
-        reason: head.reason,
-        headers: head.headers,
-        body,
-    })
+    read_head(&mut reader)?.with_body_from(&mut reader)
 }
 
 fn read_head(reader: &mut dyn BufRead) -> Result<Head, Failure> {
