@@ -24,7 +24,8 @@ impl Sha256 {
                 "give the digest as sha256sum prints it.",
             )
         };
-        if text.len() != 64 || !text.is_ascii() {
+        // Checked here, not left to from_str_radix, which also takes a sign ("+f").
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         let mut digest = [0u8; 32];
@@ -155,6 +156,7 @@ mod tests {
             &empty[1..],
             &format!("{empty}0"),
             &format!("{}zz", &empty[2..]),
+            &format!("{}+f", &empty[2..]),
             &"é".repeat(32),
         ] {
             assert!(Sha256::parse(bad).is_err(), "{bad:?}");
