@@ -40,3 +40,8 @@ pub fn one_line(err: &anyhow::Error) -> String {
     };
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
+
+/// A clap value parser from one of our input parsers, its error as the one line `main` prints.
+pub fn typed<T>(parse: fn(&str) -> anyhow::Result<T>) -> impl Fn(&str) -> Result<T, String> + Clone {
+    move |text| parse(text).map_err(|e| one_line(&e))
+}

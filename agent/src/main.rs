@@ -40,7 +40,7 @@ enum Command {
     /// its SHA-256 is the one given.
     #[command(hide = true)]
     Fetch {
-        #[arg(long, value_parser = sha256)]
+        #[arg(long, value_parser = nixos_kexec::error::typed(nixos_kexec::rescue::download::Sha256::parse))]
         sha256: nixos_kexec::rescue::download::Sha256,
         file: std::path::PathBuf,
     },
@@ -61,10 +61,6 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
-}
-
-fn sha256(text: &str) -> Result<nixos_kexec::rescue::download::Sha256, String> {
-    nixos_kexec::rescue::download::Sha256::parse(text).map_err(|e| nixos_kexec::error::one_line(&e))
 }
 
 /// Prints to stdout, tolerating a closed pipe (`nixos-kexec gather | head`).

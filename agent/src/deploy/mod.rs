@@ -9,7 +9,7 @@ pub mod ssh;
 pub mod upload;
 
 use crate::console;
-use crate::error::user_error;
+use crate::error::{typed, user_error};
 use crate::input::http::Url;
 use crate::installer::status::RunResult;
 use crate::machine::runner::{self, Flow, Stream};
@@ -55,10 +55,6 @@ pub struct DeployOptions {
     pub ssh_timeout: Duration,
     #[command(flatten)]
     pub run: RunOptions,
-}
-
-fn typed<T>(parse: fn(&str) -> Result<T>) -> impl Fn(&str) -> std::result::Result<T, String> + Clone {
-    move |text| parse(text).map_err(|e| crate::error::one_line(&e))
 }
 
 fn parse_timeout(text: &str) -> Result<Duration> {

@@ -5,7 +5,7 @@ use super::cpio::Archive;
 use super::gather::{self, Gathered};
 use super::kexec;
 use crate::console;
-use crate::error::user_error;
+use crate::error::{typed, user_error};
 use crate::input::access_token::{self, AccessToken, TokenHost};
 use crate::input::binary_cache::{PublicKey, StorePath, Substituter};
 use crate::input::cmdline::{Params, COMMAND_LINE_SIZE};
@@ -83,11 +83,6 @@ pub struct RunOptions {
     /// Print the command line, the appended archive (secrets masked) and the plan; load nothing.
     #[arg(long)]
     pub dry_run: bool,
-}
-
-/// A clap value parser from one of our input parsers, its error as the one line `main` prints.
-fn typed<T>(parse: fn(&str) -> Result<T>) -> impl Fn(&str) -> std::result::Result<T, String> + Clone {
-    move |text| parse(text).map_err(|e| crate::error::one_line(&e))
 }
 
 /// How the runtime info travels to the installer.
