@@ -414,12 +414,7 @@ fn get_following_redirects(
     tls: &mut Option<crate::input::tls::Client>,
 ) -> Result<(Url, Response), Failure> {
     following_redirects(url, &Request::Get, options, tls, |head, reader| {
-        read_body_to_vec(reader, &head.headers).map(|body| Response {
-            status: head.status,
-            reason: head.reason,
-            headers: head.headers,
-            body,
-        })
+        head.with_body_from(reader)
     })
 }
 
@@ -721,41 +716,36 @@ fn read_body(
 ) -> Result<u64, Failure> {
     let chunked =
         header(headers, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    if chunked {
-        return read_chunked(reader, sink);
-    }
+    // One buffer for the whole body, however many chunks it comes in.
     let mut buffer = vec![0u8; 64 << 10];
-    let mut total = 0u64;
+    if chunked {
+        return read_chunked(reader, &mut buffer, sink);
+    }
     if let Some(length) = header(headers, "content-length") {
         let length: u64 = length
             .parse()
             .map_err(|_| Failure::Transient(format!("bad Content-Length {}", quote_start(length))))?;
-        while total < length {
-            let want = buffer
-                .len()
-                .min(usize::try_from(length - total).unwrap_or(usize::MAX));
-            let n = match reader.read(&mut buffer[..want]) {
-                Ok(0) => 0,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(Failure::Transient(format!(
-                        "the body ended early (expected {length} bytes, got {total}): {e}"
-                    )))
-                }
-            };
-            if n == 0 {
-                return Err(Failure::Transient(format!(
-                    "the body ended early (expected {length} bytes, got {total})"
-                )));
-            }
-            sink(&buffer[..n])?;
-            total += n as u64;
+        let got = pump(&mut Read::take(reader, length), &mut buffer, sink)?;
+        if got < length {
+            return Err(Failure::Transient(format!(
+                "the body ended early (expected {length} bytes, got {got})"
+            )));
         }
-        return Ok(total);
+        return Ok(got);
     }
+    pump(reader, &mut buffer, sink)
+}
+
+/// Hands everything `reader` gives, up to its end, to `sink` in pieces of at most `buffer`'s
+/// size; returns how much.
+fn pump(
+    reader: &mut dyn Read,
+    buffer: &mut [u8],
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), Failure>,
+) -> Result<u64, Failure> {
+    let mut total = 0u64;
     loop {
-        match reader.read(&mut buffer) {
+        match reader.read(buffer) {
             Ok(0) => return Ok(total),
             Ok(n) => {
                 sink(&buffer[..n])?;
@@ -763,7 +753,8 @@ fn read_body(
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // A TLS server that closes without close_notify: common, and like curl we take
-            // the body as complete; what reads it (the runtime-info parser, a download's
+            // what came as all there is; a caller that knows the length says it ended early,
+            // and what reads a close-delimited body (the runtime-info parser, a download's
             // SHA-256) rejects a truncated one.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
             Err(e) => return Err(Failure::Transient(format!("reading the body: {e}"))),
@@ -794,11 +785,11 @@ fn too_big() -> Failure {
 
 fn read_chunked(
     reader: &mut dyn BufRead,
+    buffer: &mut [u8],
     sink: &mut dyn FnMut(&[u8]) -> Result<(), Failure>,
 ) -> Result<u64, Failure> {
     let mut budget = MAX_HEADER_BYTES;
     let mut total = 0u64;
-    let mut buffer = vec![0u8; 64 << 10];
     loop {
         let line = read_line(reader, &mut budget)?;
         let size_text = line.split(';').next().unwrap_or("").trim();
@@ -813,16 +804,13 @@ fn read_chunked(
             }
             return Ok(total);
         }
-        let mut left = size;
-        while left > 0 {
-            let want = buffer.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-            reader
-                .read_exact(&mut buffer[..want])
-                .map_err(|e| Failure::Transient(format!("a chunk ended early: {e}")))?;
-            sink(&buffer[..want])?;
-            left -= want as u64;
-            total += want as u64;
+        let got = pump(&mut Read::take(&mut *reader, size), buffer, sink)?;
+        if got < size {
+            return Err(Failure::Transient(format!(
+                "a chunk ended early (expected {size} bytes, got {got})"
+            )));
         }
+        total += got;
         let end = read_line(reader, &mut budget)?;
         if !end.is_empty() {
             return Err(Failure::Transient("no line break after a chunk".into()));
@@ -918,6 +906,15 @@ pub(crate) mod tests {
             .to_string();
         assert_eq!(error, r#"not an HTTP/1.x status line: "SSH-2.0-OpenSSH""#);
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort").is_err());
+        let cut = |answer: &[u8]| parse_response(answer).unwrap_err().to_string();
+        assert_eq!(
+            cut(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort"),
+            "the body ended early (expected 9 bytes, got 5)"
+        );
+        assert_eq!(
+            cut(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"),
+            "a chunk ended early (expected 5 bytes, got 2)"
+        );
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
         let huge = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
         assert!(parse_response(huge.as_bytes()).is_err());
